@@ -1,0 +1,169 @@
+"""The one domain model: what the engine serves and what both REST façades show.
+
+Names follow the FreeNAS v1.0 iSCSI resources (shared/seeds/002_*) and iSCSI's own
+vocabulary: a *portal group* (FreeNAS "portal") has a tag and listen addresses, an
+*initiator group* ("authorizedinitiator") limits who may log in, an *auth group*
+is the set of CHAP credentials sharing one tag ("authcredential"), a *target node*
+("target") is exported through *target groups* ("targetgroup": target x portal group
+x initiator group x auth group), and *LUN maps* ("targettoextent") put *extents* at
+LUNs of a target.
+
+The objects are plain dataclasses so that the engine can read a consistent snapshot
+and the store can persist them without an ORM.  Invariants (uniqueness, references)
+are checked by the config service, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DEFAULT_BASENAME = "iqn.2026-11.org.pyscsi-target"
+
+AUTH_METHODS = ("None", "Auto", "CHAP", "CHAP Mutual")
+EXTENT_TYPES = ("File", "Disk")
+RPM_VALUES = ("Unknown", "SSD", "5400", "7200", "10000", "15000")
+BLOCK_SIZES = (512, 1024, 2048, 4096)
+
+
+@dataclass
+class GlobalConfig:
+    id: int = 1
+    basename: str = DEFAULT_BASENAME
+    isns_servers: str = ""
+    pool_avail_threshold: int | None = None
+
+
+@dataclass
+class PortalGroup:
+    id: int
+    tag: int
+    # "IP:PORT" strings, IPv6 as "[addr]:port", exactly as the FreeNAS API shows them.
+    listen: list[str] = field(default_factory=list)
+    comment: str = ""
+    discovery_auth_method: str = "None"
+    discovery_auth_group: int | None = None  # an AuthCredential.tag
+
+
+@dataclass
+class InitiatorGroup:
+    id: int
+    tag: int
+    initiators: str = "ALL"  # "ALL" or whitespace-separated initiator names
+    auth_network: str = "ALL"  # "ALL" or whitespace-separated IPs/CIDRs
+    comment: str = ""
+
+
+@dataclass
+class AuthCredential:
+    id: int
+    tag: int  # the auth group number; several credentials may share one tag
+    user: str
+    secret: str
+    peeruser: str = ""
+    peersecret: str = ""
+
+
+@dataclass
+class Target:
+    id: int
+    name: str  # short name or a full iqn./eui./naa. name
+    alias: str | None = None
+    # Hitachi NAS v9 view (shared/seeds/000_*): not in the FreeNAS document.
+    comment: str = ""
+    access_config: str = ""  # "host[(ro|rw)], ..." ; blank = everyone read-write
+    virtual_server_id: int = 1
+    # Appended to the IQN after a regenerateGUN so initiators see a new name.
+    gun_generation: int = 0
+
+
+@dataclass
+class TargetGroup:
+    id: int
+    target: int
+    portal_group: int
+    initiator_group: int | None = None
+    auth_group: int | None = None  # an AuthCredential.tag
+    auth_type: str = "None"  # "None", "Auto", "CHAP", "CHAP Mutual"
+    initial_digest: str = "Auto"
+
+
+@dataclass
+class Extent:
+    id: int
+    name: str
+    type: str = "File"  # "File" or "Disk"
+    path: str = ""  # file path (File) or resolved /dev path (Disk)
+    disk: str = ""  # the API's device name for Disk extents ("ada1", "zvol/tank/x")
+    filesize: str = "0"  # as given: bytes or "10MB"; "0" = size of the existing file
+    blocksize: int = 512
+    pblocksize: bool = False  # True disables physical block size reporting
+    rpm: str = "SSD"
+    serial: str = ""
+    naa: str = ""  # "0x" + 16 hex digits
+    ro: bool = False
+    insecure_tpc: bool = True
+    xen: bool = False
+    avail_threshold: int | None = None
+    comment: str = ""
+
+
+@dataclass
+class LunMap:
+    id: int
+    target: int
+    extent: int
+    lunid: int
+
+
+@dataclass
+class ConfigModel:
+    """A whole configuration; the engine reconciles itself against one of these."""
+
+    global_config: GlobalConfig = field(default_factory=GlobalConfig)
+    portal_groups: dict[int, PortalGroup] = field(default_factory=dict)
+    initiator_groups: dict[int, InitiatorGroup] = field(default_factory=dict)
+    auth_credentials: dict[int, AuthCredential] = field(default_factory=dict)
+    targets: dict[int, Target] = field(default_factory=dict)
+    target_groups: dict[int, TargetGroup] = field(default_factory=dict)
+    extents: dict[int, Extent] = field(default_factory=dict)
+    lun_maps: dict[int, LunMap] = field(default_factory=dict)
+    service_enabled: bool = True  # FreeNAS services/iscsitarget srv_enable
+
+    def copy(self) -> ConfigModel:
+        return dataclasses.replace(
+            self,
+            global_config=dataclasses.replace(self.global_config),
+            portal_groups={k: dataclasses.replace(v, listen=list(v.listen)) for k, v in self.portal_groups.items()},
+            initiator_groups={k: dataclasses.replace(v) for k, v in self.initiator_groups.items()},
+            auth_credentials={k: dataclasses.replace(v) for k, v in self.auth_credentials.items()},
+            targets={k: dataclasses.replace(v) for k, v in self.targets.items()},
+            target_groups={k: dataclasses.replace(v) for k, v in self.target_groups.items()},
+            extents={k: dataclasses.replace(v) for k, v in self.extents.items()},
+            lun_maps={k: dataclasses.replace(v) for k, v in self.lun_maps.items()},
+        )
+
+    # --- derived views the engine uses -------------------------------------------------
+
+    def target_iqn(self, target: Target) -> str:
+        name = target.name
+        if not name.startswith(("iqn.", "eui.", "naa.")):
+            name = f"{self.global_config.basename}:{name}"
+        if target.gun_generation:
+            name = f"{name}.g{target.gun_generation}"
+        return name
+
+    def auth_group(self, tag: int | None) -> list[AuthCredential]:
+        if tag is None:
+            return []
+        return [c for c in self.auth_credentials.values() if c.tag == tag]
+
+    def groups_of_target(self, target_id: int) -> list[TargetGroup]:
+        return [g for g in self.target_groups.values() if g.target == target_id]
+
+    def luns_of_target(self, target_id: int) -> dict[int, Extent]:
+        return {
+            m.lunid: self.extents[m.extent]
+            for m in self.lun_maps.values()
+            if m.target == target_id and m.extent in self.extents
+        }
