@@ -1,0 +1,99 @@
+"""Contract between login/negotiation and the full-feature-phase machine and engine.
+
+The login machine (login.py) is sans-IO: it takes LoginRequest PDUs and returns
+LoginResponse PDUs.  What it needs from the outside world (which targets exist, who
+may log in, CHAP secrets, TSIH assignment) it asks a ``LoginPolicy``, which the engine
+implements per accepted connection.  On success it leaves a ``LoginResult``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..config.model import AuthCredential
+
+
+class LoginReject(Exception):  # noqa: N818 - it is a status, not only an error
+    """Ends a login with a status class/detail (RFC 7143 11.13.5)."""
+
+    def __init__(self, status_class: int, status_detail: int, reason: str = "") -> None:
+        super().__init__(reason or f"login status {status_class:#04x}{status_detail:02x}")
+        self.status_class = status_class
+        self.status_detail = status_detail
+
+
+@dataclass
+class SessionParams:
+    """Negotiated operational values (RFC 7143 section 13), typed.  Defaults are the RFC's."""
+
+    max_connections: int = 1
+    initial_r2t: bool = True
+    immediate_data: bool = True
+    max_burst_length: int = 262144
+    first_burst_length: int = 65536
+    default_time2wait: int = 2
+    default_time2retain: int = 20
+    max_outstanding_r2t: int = 1
+    data_pdu_in_order: bool = True
+    data_sequence_in_order: bool = True
+    error_recovery_level: int = 0
+    # Connection-scoped
+    header_digest: bool = False
+    data_digest: bool = False
+    max_recv_dsl: int = 8192  # what we declared: the largest data segment we accept
+    max_xmit_dsl: int = 8192  # the initiator's MaxRecvDataSegmentLength: the largest we may send
+    # Extensions many initiators send; kept for observability.
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TargetInfo:
+    """What the engine tells the login machine about one target node."""
+
+    target_id: int
+    iqn: str
+    alias: str | None
+    auth_method: str  # "None", "Auto", "CHAP", "CHAP Mutual" (of the target group serving this portal)
+    credentials: list[AuthCredential]  # the auth group's credentials (CHAP user/secret, peer user/secret)
+
+
+@dataclass
+class LoginResult:
+    session_type: str  # "Normal" or "Discovery"
+    initiator_name: str
+    initiator_alias: str | None
+    target: TargetInfo | None  # None for discovery
+    isid: int
+    tsih: int
+    cid: int
+    cmdsn: int  # the CmdSN the first FFP command will carry
+    statsn: int  # the StatSN of the next response the target sends
+    params: SessionParams
+
+
+class LoginPolicy(Protocol):
+    """Implemented by the engine for each accepted connection (peer address known there)."""
+
+    portal_group_tag: int
+
+    def lookup_target(self, name: str) -> TargetInfo | None:
+        """None -> 0x0203 target not found (not served on this portal group either)."""
+
+    def initiator_allowed(self, target: TargetInfo, initiator_name: str) -> bool:
+        """Initiator group (names + networks) and access config; False -> 0x0202."""
+
+    def discovery_auth(self) -> tuple[str, list[AuthCredential]]:
+        """The portal group's discovery auth method and its auth group's credentials."""
+
+    def complete_login(self, result: LoginResult) -> int:
+        """Bind the new session (reinstating one with the same ISID) or add a connection.
+
+        Called just before the final login response; returns the TSIH to put in it, or
+        raises LoginReject (e.g. 0x020a session does not exist, 0x0206 too many
+        connections)."""
+
+    def send_targets(self, initiator_name: str, which: str) -> list[tuple[str, list[str]]]:
+        """SendTargets: (iqn, ["addr:port,tpgt", ...]) for each target visible to the initiator.
+
+        ``which`` is "All", a target name, or "" (the session's own target)."""
