@@ -1,0 +1,103 @@
+"""Command line: ``pyscsi-target serve`` and ``pyscsi-target api-key create``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get("PYSCSI_TARGET_STATE_DIR")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/pyscsi-target")
+    return Path.home() / ".local" / "state" / "pyscsi-target"
+
+
+def _hostport(default_port: int):
+    def parse(text: str) -> tuple[str, int]:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            host, port = text, str(default_port)
+        host = host.strip("[]")
+        try:
+            value = int(port)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
+        if not host or not 0 < value < 65536:
+            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+        return host, value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyscsi-target", description="An iSCSI target server (RFC 7143, SPC-4/SBC-3).")
+    p.add_argument("--version", action="version", version=f"pyscsi-target {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the target and its management API")
+    s.add_argument("--state-dir", type=Path, default=None,
+                   help="configuration database and default extent root "
+                        "(default $PYSCSI_TARGET_STATE_DIR, /var/lib/pyscsi-target as root, else ~/.local/state)")
+    s.add_argument("--portal", action="append", type=_hostport(3260), default=None, metavar="HOST:PORT",
+                   help="listen address of the default portal group when the state dir is new "
+                        "(repeatable; default 0.0.0.0:3260)")
+    s.add_argument("--api", type=_hostport(8080), default=("127.0.0.1", 8080), metavar="HOST:PORT",
+                   help="REST API listen address (default 127.0.0.1:8080)")
+    s.add_argument("--api-cert", type=Path, help="serve the API over TLS with this certificate (PEM)")
+    s.add_argument("--api-key-file", type=Path, help="private key for --api-cert (PEM)")
+    s.add_argument("--extent-root", action="append", type=Path, default=None, metavar="DIR",
+                   help="directory file extents may live under (repeatable; default STATE_DIR/extents)")
+    s.add_argument("--demo", action="store_true",
+                   help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    k = sub.add_parser("api-key", help="manage REST API keys")
+    ksub = k.add_subparsers(dest="key_command", required=True)
+    kc = ksub.add_parser("create", help="create an API key and print it (it is stored hashed)")
+    kc.add_argument("--state-dir", type=Path, default=None)
+    kc.add_argument("--virtual-server", type=int, action="append", default=None, metavar="N",
+                    help="limit the key to this virtual server (repeatable; default: all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    state_dir: Path = (args.state_dir or default_state_dir()).resolve()
+    if args.command == "api-key":
+        from .config.store import api_key_create
+
+        print(api_key_create(state_dir, args.virtual_server or []))
+        return 0
+
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if bool(args.api_cert) != bool(args.api_key_file):
+        print("pyscsi-target: --api-cert and --api-key-file go together", file=sys.stderr)
+        return 2
+    from .daemon import DaemonOptions, run
+
+    opts = DaemonOptions(
+        state_dir=state_dir,
+        portals=args.portal or [("0.0.0.0", 3260)],
+        api=args.api,
+        api_cert=args.api_cert,
+        api_key_file=args.api_key_file,
+        extent_roots=[r.resolve() for r in args.extent_root] if args.extent_root else [state_dir / "extents"],
+        demo=args.demo,
+    )
+    return run(opts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
