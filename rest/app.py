@@ -1,0 +1,159 @@
+"""The management HTTP application: both façades, authentication, OpenAPI document.
+
+``make_app(service, store)`` builds the aiohttp application; ``start_api`` serves it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from pyscsi_target.config.service import ConfigService
+from pyscsi_target.config.store import ConfigStore, admin_credentials
+
+from . import freenas, hnas, openapi
+from .common import ADMIN_KEY, SERVICE_KEY, STORE_KEY, json_response
+
+log = logging.getLogger(__name__)
+
+REALM = "pyscsi-target"
+MAX_BODY = 1 << 20  # 1 MiB: every legitimate body is tiny; larger ones get 413
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _is_v9(request: web.Request) -> bool:
+    return request.path.startswith("/v9/")
+
+
+def _unauthorized(request: web.Request) -> web.Response:
+    body = (
+        {"errorMsg": "Unauthorized - the credentials or API key were either missing or invalid"}
+        if _is_v9(request)
+        else {"error": "Authentication credentials were not provided or are invalid."}
+    )
+    return json_response(body, 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
+
+
+def _check_password(app: web.Application, user: str, password: str) -> bool:
+    admin_user, admin_password = app[ADMIN_KEY]
+    ok_user = hmac.compare_digest(user.encode("utf-8", "surrogateescape"), admin_user.encode())
+    ok_pw = hmac.compare_digest(password.encode("utf-8", "surrogateescape"), admin_password.encode())
+    return ok_user and ok_pw
+
+
+def authenticate(request: web.Request) -> list[int] | None | bool:
+    """[] or a list of allowed virtual servers if authenticated ([] = all), False if not."""
+    app = request.app
+    header = request.headers.get("Authorization", "")
+    if header[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8", "surrogateescape")
+        except (binascii.Error, ValueError):
+            return False
+        user, sep, password = decoded.partition(":")
+        return [] if sep and _check_password(app, user, password) else False
+    if _is_v9(request):
+        key = request.headers.get("X-Api-Key")
+        if key:
+            allowed = app[STORE_KEY].check_api_key(key)
+            return False if allowed is None else allowed
+        sub_user = request.headers.get("X-Subsystem-User")
+        sub_pw = request.headers.get("X-Subsystem-Password")
+        if sub_user is not None and sub_pw is not None:
+            return [] if _check_password(app, sub_user, sub_pw) else False
+    return False
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
+    protected = request.path.startswith(("/api/v1.0/", "/v9/"))
+    if protected:
+        allowed = authenticate(request)
+        if allowed is False:
+            return _unauthorized(request)
+        request["allowed_vs"] = allowed
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        if _is_v9(request):
+            if exc.status == 404:
+                return hnas.not_found()
+            return json_response({"errorCode": hnas.ERR_GENERIC, "errorMsg": exc.reason}, exc.status)
+        body = {"error": exc.reason}
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return json_response(body, exc.status, headers)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        if _is_v9(request):
+            return hnas.server_error("Internal error")
+        return json_response({"error": "Internal server error."}, 500)
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    # FreeNAS (tastypie) answers with Vary: Accept; caches between clients and us rely on it.
+    vary = response.headers.get("Vary")
+    if not vary:
+        response.headers["Vary"] = "Accept"
+    elif "accept" not in vary.lower():
+        response.headers["Vary"] = f"{vary}, Accept"
+
+
+async def _openapi_handler(request: web.Request) -> web.Response:
+    return json_response(openapi.document())
+
+
+def make_app(
+    service: ConfigService,
+    store: ConfigStore | None = None,
+    *,
+    extent_roots: list[Path | str] | None = None,
+    admin: tuple[str, str] | None = None,
+) -> web.Application:
+    """The REST application.
+
+    ``store`` defaults to ``service.store``; ``extent_roots``, when given, replaces the
+    service's extent roots; ``admin`` (user, password) defaults to ``admin_credentials()``.
+    """
+    store = store or service.store
+    if extent_roots is not None:
+        service.set_extent_roots(extent_roots)
+    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
+    app[SERVICE_KEY] = service
+    app[STORE_KEY] = store
+    app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
+    app.on_response_prepare.append(_on_prepare)
+    app.router.add_get("/api/openapi.json", _openapi_handler)
+    freenas.setup_routes(app)
+    hnas.setup_routes(app)
+    return app
+
+
+async def start_api(
+    app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None
+) -> web.AppRunner:
+    """Serve ``app``; the caller stops it with ``await runner.cleanup()``."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+    await site.start()
+    log.info("REST API listening on %s://%s:%d", "https" if ssl_context else "http", host, port)
+    return runner
+
+
+def ssl_context_from_files(cert: Path | str, key: Path | str | None = None) -> ssl.SSLContext:
+    """A server TLS context for ``--api-cert``/``--api-key-file``."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key) if key else None)
+    return ctx
