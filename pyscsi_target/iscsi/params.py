@@ -70,6 +70,37 @@ class LoginResult:
     cmdsn: int  # the CmdSN the first FFP command will carry
     statsn: int  # the StatSN of the next response the target sends
     params: SessionParams
+    # False when the login added/reinstated a connection of an existing session (TSIH != 0):
+    # then only the connection-scoped fields of ``params`` were negotiated and the
+    # session-wide ones must be taken from the existing session.
+    leading: bool = True
+
+
+@dataclass
+class TargetValues:
+    """What this target offers/declares in operational negotiation (our side of each key).
+
+    The negotiated result is in ``SessionParams``; these are only our bounds:
+    numerical-min keys end at min(initiator, ours), DefaultTime2Wait at max(...),
+    InitialR2T (OR) and ImmediateData (AND) follow the initiator because we allow both.
+    The FFP engine must size its receive path for ``max_recv_dsl`` (declared to every
+    initiator as MaxRecvDataSegmentLength) and accept up to ``first_burst_length`` bytes of
+    unsolicited data per command."""
+
+    max_recv_dsl: int = 262144
+    max_burst_length: int = 16 * 1024 * 1024
+    first_burst_length: int = 262144
+    max_outstanding_r2t: int = 16
+    max_connections: int = 1  # no MC/S: always negotiated down to 1
+    initial_r2t: bool = False  # we accept unsolicited data if the initiator wants it
+    immediate_data: bool = True
+    default_time2wait: int = 2
+    default_time2retain: int = 20
+    error_recovery_level: int = 0
+    data_pdu_in_order: bool = True  # we need in-order Data-Out PDUs and sequences
+    data_sequence_in_order: bool = True
+    header_digests: tuple[str, ...] = ("CRC32C", "None")  # values we accept, any order
+    data_digests: tuple[str, ...] = ("CRC32C", "None")
 
 
 class LoginPolicy(Protocol):

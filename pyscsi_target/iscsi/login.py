@@ -1,0 +1,407 @@
+"""The login phase of one connection (RFC 7143 6.3, 11.12-11.13), sans-IO.
+
+Use::
+
+    m = LoginMachine(policy)                 # one per accepted connection
+    for pdu in pdus_from_the_wire:           # every PDU, until m.done or m.failed
+        for rsp in m.receive(pdu):
+            send(rsp)                        # LoginResponse PDUs, no digests during login
+        if m.failed:                         # a status-class != 0 response was sent:
+            close_after_flush()              # RFC 7143 11.13.5: the target drops the connection
+        elif m.done:
+            start_full_feature_phase(m.result)   # LoginResult: params, TSIH, CmdSN, StatSN...
+
+``receive`` never raises: malformed or unexpected input becomes a login reject
+(``failed``), an internal error becomes 0x0300.  The adapter owns the login timeout
+(RFC leaves it to the implementation) and the framing limit: during login the PDU
+data segment is at most 8192 bytes (the default MaxRecvDataSegmentLength), so the
+PDUReader must use max_data=8192 until ``done``, then ``result.params.max_recv_dsl``.
+Header/data digests negotiated here start with the first PDU after the final response.
+
+What the machine does:
+
+- stages: security (CSG 0, optional) -> operational (CSG 1, optional) -> full feature
+  (NSG 3); it follows the initiator's transit requests and holds T=0 while CHAP is
+  incomplete;
+- C bit: request text spread over several PDUs is accumulated (an empty response with
+  T=0 acknowledges each partial PDU, RFC 7143 6.3.x), up to 64 KiB in total; a response
+  longer than 8192 bytes is sent in pieces with C=1 and the initiator fetches the rest
+  with empty requests;
+- checks: version (0x0205), ISID/TSIH/CID constant over the login, CSG/NSG sequencing,
+  T and C not both set, non-login PDUs (0x020b), keys offered twice, security keys in
+  the operational stage, InitiatorName/TargetName/SessionType only in the first request
+  (all 0x0200 unless noted); missing InitiatorName or TargetName -> 0x0207, bad
+  SessionType -> 0x0209, unknown target -> 0x0203, initiator not allowed -> 0x0202,
+  authentication failure -> 0x0201; the policy may raise any LoginReject (0x0204
+  target removed, 0x0206 too many connections, 0x0208, 0x020a no such session, 0x0301
+  service unavailable, 0x0302 out of resources ...);
+- AuthMethod: the target's (or the portal's discovery) method decides what we accept:
+  "None" -> None only, "CHAP" / "CHAP Mutual" -> CHAP only (mutual demands the
+  initiator's CHAP_I/CHAP_C), "Auto" -> CHAP or None, in the initiator's order (None
+  only if the auth group has no credentials).  Skipping the security stage, or never
+  offering AuthMethod, counts as None;
+- StatSN: the first response carries the initiator's ExpStatSN, each further response
+  +1; ExpCmdSN is the request's CmdSN (login requests are immediate) and MaxCmdSN
+  opens a window of ``cmdsn_window`` commands;
+- the first response of a Normal session declares TargetPortalGroupTag (and
+  TargetAlias when set); the first operational-stage response (or the final one)
+  declares our MaxRecvDataSegmentLength;
+- ``policy.complete_login(result)`` is called just before the final response (T=1,
+  NSG=3) and its TSIH is put there.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+
+from ..config.model import AuthCredential
+from .chap import ChapError, ChapServer
+from .negotiation import (
+    MAX_ISCSI_NAME,
+    Negotiator,
+    TextError,
+    check_duplicates,
+    encode_pairs,
+    is_security_key,
+    parse_pairs,
+    valid_iscsi_name,
+)
+from .params import LoginPolicy, LoginReject, LoginResult, TargetInfo, TargetValues
+from .pdu import PDU, LoginRequest, LoginResponse
+
+log = logging.getLogger(__name__)
+
+LOGIN_DSL = 8192  # RFC 7143 6.1/13.12: data segments during login use the default 8192
+MAX_LOGIN_TEXT = 64 * 1024  # total request text accepted over one login
+MAX_LOGIN_PDUS = 128  # bounds loops of empty requests
+ISCSI_VERSION = 0x00
+
+# Status class / detail (RFC 7143 11.13.5)
+SUCCESS = (0x00, 0x00)
+INITIATOR_ERROR = (0x02, 0x00)
+AUTH_FAILURE = (0x02, 0x01)
+AUTHORIZATION_FAILURE = (0x02, 0x02)
+NOT_FOUND = (0x02, 0x03)
+TARGET_REMOVED = (0x02, 0x04)
+UNSUPPORTED_VERSION = (0x02, 0x05)
+TOO_MANY_CONNECTIONS = (0x02, 0x06)
+MISSING_PARAMETER = (0x02, 0x07)
+CANT_INCLUDE_IN_SESSION = (0x02, 0x08)
+SESSION_TYPE_NOT_SUPPORTED = (0x02, 0x09)
+SESSION_DOES_NOT_EXIST = (0x02, 0x0A)
+INVALID_DURING_LOGIN = (0x02, 0x0B)
+TARGET_ERROR = (0x03, 0x00)
+SERVICE_UNAVAILABLE = (0x03, 0x01)
+OUT_OF_RESOURCES = (0x03, 0x02)
+
+_FIRST_ONLY = ("InitiatorName", "TargetName", "SessionType")
+
+
+def _reject(status: tuple[int, int], reason: str) -> LoginReject:
+    return LoginReject(status[0], status[1], reason)
+
+
+def allowed_auth_methods(method: str, credentials: list[AuthCredential]) -> tuple[str, ...]:
+    """AuthMethod values acceptable for a configured auth method."""
+    if method == "None":
+        return ("None",)
+    if method in ("CHAP", "CHAP Mutual"):
+        return ("CHAP",)
+    if method == "Auto":
+        return ("CHAP", "None") if credentials else ("None",)
+    raise _reject(TARGET_ERROR, f"unknown configured auth method {method!r}")
+
+
+class LoginMachine:
+    """One connection's login; see the module docstring for the protocol it implements."""
+
+    def __init__(self, policy: LoginPolicy, *, values: TargetValues | None = None,
+                 cmdsn_window: int = 32,
+                 random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
+        self.policy = policy
+        self.values = values or TargetValues()
+        self.cmdsn_window = max(1, cmdsn_window)
+        self._random = random_bytes
+        self.result: LoginResult | None = None
+        self.done = False
+        self.failed = False
+        self.status: tuple[int, int] | None = None  # the final status class/detail
+        self.reason = ""  # why it failed (safe to log)
+        # Identity fixed by the first request.
+        self._isid: bytes | None = None
+        self._tsih_req = 0
+        self._cid = 0
+        self._statsn = 0
+        self._cmdsn = 0
+        self._stage: int | None = None
+        self._pdus = 0
+        # Request text accumulation (C bit) and our pending response pieces.
+        self._rx = bytearray()
+        self._rx_total = 0
+        self._tx_rest = b""
+        self._tx_transit = False
+        self._tx_nsg = 0
+        self._tsih = 0
+        self._seen: set[str] = set()
+        # Session identity, once the first complete request was read.
+        self._neg: Negotiator | None = None
+        self.initiator_name = ""
+        self.session_type = "Normal"
+        self.target: TargetInfo | None = None
+        self._auth_cfg = "None"
+        self._auth_allowed: tuple[str, ...] = ("None",)
+        self._credentials: list[AuthCredential] = []
+        self._auth_selected: str | None = None
+        self._chap: ChapServer | None = None
+        self._declared = False
+
+    # -- public -------------------------------------------------------------------------
+
+    def receive(self, pdu: PDU) -> list[PDU]:
+        """Feed one received PDU; returns the PDUs to send (see module docstring)."""
+        if self.failed or self.done:
+            return []
+        try:
+            return self._receive(pdu)
+        except LoginReject as e:
+            return [self._fail(pdu, (e.status_class, e.status_detail), str(e))]
+        except TextError as e:
+            return [self._fail(pdu, INITIATOR_ERROR, f"malformed login text: {e}")]
+        except ChapError as e:
+            return [self._fail(pdu, AUTH_FAILURE, f"CHAP: {e}")]
+        except Exception as e:  # a bug or a misbehaving policy must not kill the server
+            log.exception("login: internal error")
+            return [self._fail(pdu, TARGET_ERROR, f"internal error: {type(e).__name__}")]
+
+    # -- request handling ---------------------------------------------------------------
+
+    def _receive(self, pdu: PDU) -> list[PDU]:
+        if not isinstance(pdu, LoginRequest):
+            raise _reject(INVALID_DURING_LOGIN, f"{type(pdu).__name__} received during login")
+        self._pdus += 1
+        if self._pdus > MAX_LOGIN_PDUS:
+            raise _reject(INITIATOR_ERROR, "too many login PDUs")
+        if pdu.version_min > ISCSI_VERSION or pdu.version_max < pdu.version_min:
+            raise _reject(UNSUPPORTED_VERSION,
+                          f"version range {pdu.version_min:#x}..{pdu.version_max:#x} excludes {ISCSI_VERSION:#x}")
+        if self._isid is None:
+            self._isid = bytes(pdu.isid)
+            self._tsih_req = pdu.tsih
+            self._cid = pdu.cid
+            self._statsn = pdu.expstatsn
+        elif (bytes(pdu.isid), pdu.tsih, pdu.cid) != (self._isid, self._tsih_req, self._cid):
+            raise _reject(INITIATOR_ERROR, "ISID, TSIH or CID changed during login")
+        if pdu.transit and pdu.cont:
+            raise _reject(INITIATOR_ERROR, "T and C bits both set")
+        csg = pdu.csg
+        if csg not in (0, 1):
+            raise _reject(INITIATOR_ERROR, f"invalid CSG {csg}")
+        if self._stage is None:
+            self._stage = csg
+        elif csg != self._stage:
+            raise _reject(INITIATOR_ERROR, f"CSG {csg} but the login is in stage {self._stage}")
+        if pdu.transit and (pdu.nsg not in (1, 3) or pdu.nsg <= csg):
+            raise _reject(INITIATOR_ERROR, f"invalid transit from stage {csg} to {pdu.nsg}")
+        self._cmdsn = pdu.cmdsn
+
+        if self._tx_rest:
+            # The initiator fetches the rest of our long response with empty requests.
+            if pdu.data or pdu.cont or pdu.transit:
+                raise _reject(INITIATOR_ERROR, "expected an empty request for the rest of a long response")
+            return [self._next_chunk(pdu)]
+
+        self._rx_total += len(pdu.data)
+        if self._rx_total > MAX_LOGIN_TEXT:
+            raise _reject(INITIATOR_ERROR, f"login text exceeds {MAX_LOGIN_TEXT} bytes")
+        self._rx += pdu.data
+        if pdu.cont:
+            return [self._response(pdu, b"", transit=False, nsg=0)]
+        text = bytes(self._rx)
+        self._rx.clear()
+        pairs = parse_pairs(text)
+        check_duplicates(pairs, self._seen)
+        return self._handle(pdu, pairs)
+
+    def _handle(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[PDU]:
+        out: list[tuple[str, str]] = []
+        if self._neg is None:
+            out += self._begin(pdu, pairs)
+        else:
+            late = [k for k, _v in pairs if k in _FIRST_ONLY]
+            if late:
+                raise _reject(INITIATOR_ERROR, f"{late[0]} is only allowed in the first login request")
+        neg = self._neg
+        assert neg is not None
+        stage = self._stage
+        sec = {k: v for k, v in pairs if is_security_key(k)}
+        ops = [(k, v) for k, v in pairs if not is_security_key(k)]
+        if sec:
+            if stage != 0:
+                raise _reject(INITIATOR_ERROR, f"security key {next(iter(sec))} in the operational stage")
+            out += self._auth_step(sec)
+        # Operational keys are answered in whichever stage they arrive (RFC 7143 6.3).
+        out += neg.respond(ops)
+        if stage == 1 and not self._declared:
+            out += neg.declarations()
+            self._declared = True
+        transit, nsg = False, 0
+        if pdu.transit and (stage != 0 or self._auth_complete()):
+            transit, nsg = True, pdu.nsg
+        if transit and nsg == 3:
+            if not self._declared:
+                out += neg.declarations()
+                self._declared = True
+            self._complete()
+        return [self._response(pdu, encode_pairs(out), transit=transit, nsg=nsg)]
+
+    def _begin(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """First complete request: who is logging in, to what, and how must they authenticate."""
+        d = dict(pairs)
+        name = d.get("InitiatorName")
+        if name is None:
+            raise _reject(MISSING_PARAMETER, "no InitiatorName in the first login request")
+        if not valid_iscsi_name(name):
+            raise _reject(INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}")
+        self.initiator_name = name
+        stype = d.get("SessionType", "Normal")
+        if stype not in ("Normal", "Discovery"):
+            raise _reject(SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}")
+        self.session_type = stype
+        out: list[tuple[str, str]] = []
+        if stype == "Discovery":
+            method, creds = self.policy.discovery_auth()
+        else:
+            tname = d.get("TargetName")
+            if tname is None:
+                raise _reject(MISSING_PARAMETER, "no TargetName in the first login request of a Normal session")
+            target = self.policy.lookup_target(tname) if len(tname.encode()) <= MAX_ISCSI_NAME else None
+            if target is None:
+                raise _reject(NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found")
+            if not self.policy.initiator_allowed(target, name):
+                raise _reject(AUTHORIZATION_FAILURE, f"initiator {name!r} may not log in to {target.iqn}")
+            self.target = target
+            method, creds = target.auth_method, target.credentials
+            if self._tsih_req == 0:
+                # RFC 7143 13.9: the first response of a Normal session's leading login.
+                out.append(("TargetPortalGroupTag", str(self.policy.portal_group_tag)))
+                if target.alias:
+                    out.append(("TargetAlias", target.alias))
+        self._auth_cfg = method
+        self._credentials = list(creds)
+        self._auth_allowed = allowed_auth_methods(method, self._credentials)
+        if self._stage == 1 and "None" not in self._auth_allowed:
+            raise _reject(AUTH_FAILURE, f"authentication ({method}) required but the security stage was skipped")
+        self._neg = Negotiator(self.values, leading=self._tsih_req == 0, session_type=stype)
+        return out
+
+    # -- authentication -----------------------------------------------------------------
+
+    def _auth_step(self, sec: dict[str, str]) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        if "AuthMethod" in sec:
+            offer = sec.pop("AuthMethod").split(",")
+            choice = next((m for m in offer if m in self._auth_allowed), None)
+            if choice is None:
+                raise _reject(AUTH_FAILURE, f"AuthMethod={','.join(offer)[:128]} but {self._auth_cfg} is required")
+            self._auth_selected = choice
+            out.append(("AuthMethod", choice))
+            if choice == "CHAP":
+                self._chap = ChapServer(self._credentials, mutual_required=self._auth_cfg == "CHAP Mutual",
+                                        random_bytes=self._random)
+        if sec:  # CHAP_* keys
+            if self._chap is None:
+                raise _reject(AUTH_FAILURE, f"{next(iter(sec))} sent but CHAP was not negotiated")
+            out += self._chap.step(sec)
+        return out
+
+    def _auth_complete(self) -> bool:
+        """May the login leave the security stage?  (Raises if it never can.)"""
+        if self._auth_selected is None:
+            if "None" not in self._auth_allowed:
+                raise _reject(AUTH_FAILURE, f"authentication ({self._auth_cfg}) required but no AuthMethod offered")
+            self._auth_selected = "None"
+        if self._auth_selected == "None":
+            return True
+        return self._chap is not None and self._chap.done
+
+    # -- completion and responses -------------------------------------------------------
+
+    def _complete(self) -> None:
+        neg = self._neg
+        assert neg is not None and self._isid is not None
+        result = LoginResult(
+            session_type=self.session_type,
+            initiator_name=self.initiator_name,
+            initiator_alias=neg.declared.get("InitiatorAlias"),
+            target=self.target,
+            isid=int.from_bytes(self._isid, "big"),
+            tsih=self._tsih_req,
+            cid=self._cid,
+            cmdsn=self._cmdsn,
+            statsn=0,  # set when the final response is sent
+            params=neg.session_params(),
+            leading=self._tsih_req == 0,
+        )
+        tsih = self.policy.complete_login(result)
+        if not isinstance(tsih, int) or not 1 <= tsih <= 0xFFFF:
+            raise _reject(TARGET_ERROR, f"policy returned TSIH {tsih!r}")
+        result.tsih = tsih
+        self._tsih = tsih
+        self.result = result
+
+    def _response(self, pdu: LoginRequest, data: bytes, *, transit: bool, nsg: int) -> PDU:
+        self._tx_rest = data
+        self._tx_transit, self._tx_nsg = transit, nsg
+        return self._next_chunk(pdu)
+
+    def _next_chunk(self, pdu: LoginRequest) -> PDU:
+        chunk, self._tx_rest = self._tx_rest[:LOGIN_DSL], self._tx_rest[LOGIN_DSL:]
+        more = bool(self._tx_rest)
+        transit = self._tx_transit and not more
+        final = transit and self._tx_nsg == 3
+        assert self._stage is not None
+        rsp = LoginResponse(
+            transit=int(transit), cont=int(more), csg=self._stage, nsg=self._tx_nsg if transit else 0,
+            version_max=ISCSI_VERSION, version_active=ISCSI_VERSION, isid=self._isid,
+            tsih=self._tsih if final else self._tsih_req, itt=pdu.itt, statsn=self._statsn,
+            expcmdsn=pdu.cmdsn, maxcmdsn=(pdu.cmdsn + self.cmdsn_window - 1) & 0xFFFFFFFF,
+            status_class=0, status_detail=0,
+        )
+        rsp.data = chunk
+        self._statsn = (self._statsn + 1) & 0xFFFFFFFF
+        if transit:
+            if final:
+                assert self.result is not None
+                self.result.statsn = self._statsn
+                self.done = True
+                self.status = SUCCESS
+                log.info("login: %s -> %s (%s session), TSIH %d, CID %d, auth %s%s",
+                         self.initiator_name, self.target.iqn if self.target else "-", self.session_type,
+                         self._tsih, self._cid, self._auth_selected,
+                         f" user {self._chap.user!r}{' mutual' if self._chap.mutual else ''}" if self._chap else "")
+            else:
+                self._stage = self._tx_nsg
+        return rsp
+
+    def _fail(self, pdu: PDU, status: tuple[int, int], reason: str) -> PDU:
+        self.failed = True
+        self.status = status
+        self.reason = reason
+        log.warning("login rejected (status %#04x%02x) initiator %s: %s", status[0], status[1],
+                    self.initiator_name or "?", reason)
+        req = pdu if isinstance(pdu, LoginRequest) else None
+        cmdsn = getattr(pdu, "cmdsn", 0) if req is None else req.cmdsn
+        if self._isid is None and req is not None:
+            self._statsn = req.expstatsn
+        rsp = LoginResponse(
+            transit=0, cont=0, csg=(req.csg if req is not None else (self._stage or 0)) & 3, nsg=0,
+            version_max=ISCSI_VERSION, version_active=ISCSI_VERSION,
+            isid=bytes(req.isid) if req is not None else (self._isid or bytes(6)),
+            tsih=req.tsih if req is not None else self._tsih_req, itt=getattr(pdu, "itt", 0),
+            statsn=self._statsn, expcmdsn=cmdsn, maxcmdsn=cmdsn,
+            status_class=status[0], status_detail=status[1],
+        )
+        self._statsn = (self._statsn + 1) & 0xFFFFFFFF
+        return rsp
