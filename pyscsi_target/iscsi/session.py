@@ -1,0 +1,128 @@
+"""Sans-IO iSCSI session state (RFC 7143 sections 4.2.2, 7): the command numbering window.
+
+A session numbers its non-immediate commands with CmdSN.  The target accepts those in
+[ExpCmdSN, MaxCmdSN] and *delivers* them in CmdSN order: a command that arrives early
+is held until the gap before it is filled.  MaxCmdSN opens the window by the free
+command slots (``queue_depth`` minus commands still in progress), so the window is the
+flow control an initiator honours; it never moves backwards.
+
+SCSI commands are set up (task-table entry, immediate data copied into their buffer)
+as soon as they arrive, even out of order, so that unsolicited Data-Out that follows
+an early command finds it; only their delivery (R2Ts, submission) waits for the order.
+Other PDU types that arrive early are held as copies.
+
+The session also owns the task table (ITT -> command) and the identity the SCSI layer
+sees (the Nexus).  MaxConnections is negotiated to 1, so a session has one connection
+at a time (connection reinstatement replaces it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..scsi.task import Nexus
+from .params import LoginResult, SessionParams, TargetInfo
+
+if TYPE_CHECKING:
+    from .connection import Cmd, Connection
+
+SERIAL_MASK = 0xFFFFFFFF
+_HALF = 1 << 31
+
+
+def sn_lt(a: int, b: int) -> bool:
+    """Serial number arithmetic a < b (RFC 1982, 32 bits)."""
+    return a != b and ((b - a) & SERIAL_MASK) < _HALF
+
+
+def sn_le(a: int, b: int) -> bool:
+    return a == b or ((b - a) & SERIAL_MASK) < _HALF
+
+
+DEFAULT_QUEUE_DEPTH = 128
+
+
+class Session:
+    """One iSCSI session: identity, CmdSN window, task table and its connection."""
+
+    def __init__(
+        self,
+        result: LoginResult,
+        tsih: int,
+        nexus: Nexus | None,
+        device: Any = None,
+        queue_depth: int = DEFAULT_QUEUE_DEPTH,
+        peers: Callable[[], Iterable[Session]] | None = None,
+    ) -> None:
+        self.tsih = tsih
+        self.isid = result.isid
+        self.initiator_name = result.initiator_name
+        self.initiator_alias = result.initiator_alias
+        self.target: TargetInfo | None = result.target
+        self.discovery = result.session_type == "Discovery"
+        self.params: SessionParams = result.params
+        self.nexus = nexus
+        self.device = device  # the target's ScsiDevice (None in discovery sessions)
+        self.queue_depth = queue_depth
+        # Sessions on the same target (LUN/target scoped task management reaches them).
+        self._peers = peers
+        self.exp_cmdsn = result.cmdsn & SERIAL_MASK
+        self.max_cmdsn = (self.exp_cmdsn + queue_depth - 1) & SERIAL_MASK
+        self.active = 0  # non-immediate SCSI commands accepted and not yet finished
+        self.held: dict[int, Any] = {}  # CmdSN -> early PDU copy or Cmd (not yet in order)
+        self.tasks: dict[int, Cmd] = {}  # ITT -> command in progress
+        self.discard_cmdsn: set[int] = set()  # ABORT TASK arrived before the command
+        self.connection: Connection | None = None
+        self.closed = False
+        self.created_ops = 0  # commands delivered, for observability
+
+    # --- peers -----------------------------------------------------------------------
+
+    def peers(self) -> Iterable[Session]:
+        """Every live session on this session's target, this one included."""
+        if self._peers is None:
+            return (self,)
+        return self._peers()
+
+    # --- CmdSN window -----------------------------------------------------------------
+
+    def in_window(self, cmdsn: int) -> bool:
+        return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)
+
+    def advance(self) -> None:
+        """ExpCmdSN moves past one consumed command."""
+        self.exp_cmdsn = (self.exp_cmdsn + 1) & SERIAL_MASK
+        self.update_window()
+
+    def update_window(self) -> None:
+        free = self.queue_depth - self.active - len(self.held)
+        new_max = (self.exp_cmdsn + max(free, 0) - 1) & SERIAL_MASK
+        if sn_lt(self.max_cmdsn, new_max):  # never shrink what was already granted
+            self.max_cmdsn = new_max
+
+    def task_finished(self, cmd: Cmd) -> None:
+        if self.tasks.get(cmd.itt) is cmd:
+            del self.tasks[cmd.itt]
+        if cmd.counted:
+            cmd.counted = False
+            self.active -= 1
+            self.update_window()
+
+    def describe(self) -> dict[str, Any]:
+        """Observability snapshot."""
+        conn = self.connection
+        return {
+            "tsih": self.tsih,
+            "isid": f"{self.isid:012x}",
+            "initiator": self.initiator_name,
+            "initiator_alias": self.initiator_alias,
+            "target": self.target.iqn if self.target else None,
+            "type": "Discovery" if self.discovery else "Normal",
+            "exp_cmdsn": self.exp_cmdsn,
+            "max_cmdsn": self.max_cmdsn,
+            "tasks": len(self.tasks),
+            "peer": conn.peer if conn else None,
+            "header_digest": self.params.header_digest,
+            "data_digest": self.params.data_digest,
+        }

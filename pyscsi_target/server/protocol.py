@@ -1,0 +1,272 @@
+"""asyncio adapter: one ``BufferedProtocol`` per TCP connection.
+
+The transport receives straight into the PDUReader's buffer (one recv per batch).  All
+PDUs of a batch are handled, their responses collected, and written with one
+``writelines`` at the end; completions that come later (thread-pool I/O) are coalesced
+into one flush per loop iteration.  Timers live here, not in the sans-IO core: a login
+timeout, and a NOP-In keepalive that pings an idle connection and drops it when the
+ping goes unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..iscsi import pdu as P
+from ..iscsi.connection import Connection
+from ..iscsi.pdu import PduError, PDUReader
+
+if TYPE_CHECKING:
+    from .engine import Engine, Listener
+
+log = logging.getLogger(__name__)
+
+LOGIN_MAX_DATA = 8192  # MaxRecvDataSegmentLength before negotiation (RFC 7143 13.12)
+
+
+class IscsiProtocol(asyncio.BufferedProtocol):
+    def __init__(self, engine: Engine, listener: Listener) -> None:
+        self.engine = engine
+        self.listener = listener
+        self.reader = PDUReader(max_data=LOGIN_MAX_DATA)
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.login: Any = None
+        self.policy: Any = None
+        self.peer = ""
+        self._login_out: list[Any] = []
+        self._close_after_flush = False
+        self._in_batch = False
+        self._flush_scheduled = False
+        self._paused_writing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+        self._logout_deadline: float | None = None
+        self.loop = asyncio.get_event_loop()
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from ..iscsi.login import LoginMachine
+
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        peer_ip, local_ip, local_port = str(peer[0]), str(sock[0]), int(sock[1])
+        if local_ip.startswith("::ffff:") and "." in local_ip:
+            local_ip = local_ip[7:]  # an IPv4 client on a dual-stack socket
+        self.peer = f"[{peer_ip}]:{peer[1]}" if ":" in peer_ip else f"{peer_ip}:{peer[1]}"
+        self.engine.connections.add(self)
+        self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
+        self.login = LoginMachine(self.policy)
+        self._last_rx = self.loop.time()
+        self._timer = self.loop.call_later(self.engine.login_timeout, self._login_timeout)
+        log.debug("connection from %s", self.peer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._last_rx = self.loop.time()
+        self._in_batch = True
+        try:
+            events = self.reader.buffer_updated(nbytes)
+            while True:
+                switched = False
+                for ev in events:
+                    conn = self.conn
+                    if conn is None:
+                        switched = self._login_event(ev)
+                        if switched or self._close_after_flush:
+                            break
+                    else:
+                        conn.handle(ev)
+                        if conn.closing:
+                            break
+                if switched:
+                    # Digests and MaxRecvDataSegmentLength change from the next PDU on:
+                    # reparse what is left of the buffer with the new settings.
+                    events = self.reader.buffer_updated(0)
+                    continue
+                break
+        except PduError as e:
+            log.info("%s: unframeable input (%s), dropping", self.peer, e)
+            self._close_after_flush = True
+        except Exception:  # noqa: BLE001 - one bad connection must not take the server down
+            log.exception("%s: internal error, dropping connection", self.peer)
+            self._close_after_flush = True
+        finally:
+            self._in_batch = False
+            self._flush()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self.conn
+        if conn is not None:
+            conn.connection_lost()
+        self.engine.connection_closed(self)
+        log.debug("connection %s closed (%s)", self.peer, exc or "clean")
+
+    def pause_writing(self) -> None:
+        # The peer is not reading: stop taking new commands until our output drains.
+        self._paused_writing = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- login phase ----------------------------------------------------------------------
+
+    def _login_event(self, ev: Any) -> bool:
+        """Handle one event before full feature phase; True once login completed."""
+        if not isinstance(ev, P.LoginRequest):
+            # Only Login Requests are allowed before full feature phase (RFC 7143 6.2).
+            log.info("%s: %r before login completed, dropping", self.peer, ev)
+            self._close_after_flush = True
+            return False
+        if isinstance(ev.data, memoryview):
+            ev.data = bytes(ev.data)
+        responses = self.login.receive(ev)
+        for rsp in responses:
+            self._login_out.extend(rsp.to_buffers())
+            if getattr(rsp, "status_class", 0):
+                self._close_after_flush = True  # a login reject ends the connection
+        result = getattr(self.login, "result", None)
+        if result is None or self._close_after_flush:
+            return False
+        self._enter_ffp(result)
+        return True
+
+    def _enter_ffp(self, result: Any) -> None:
+        session = self.policy.session
+        if session is None:
+            # The login machine finished without complete_login: cannot happen with a
+            # conforming LoginMachine; refuse rather than serve an unbound session.
+            log.error("%s: login finished without a session", self.peer)
+            self._close_after_flush = True
+            return
+        params = result.params
+        conn = Connection(
+            session,
+            cid=result.cid,
+            statsn=result.statsn,
+            policy=self.policy,
+            peer=self.peer,
+            notify=self._notify,
+            on_event=self._on_event,
+            text_handler=self._text_handler(),
+        )
+        self.conn = conn
+        r = self.reader
+        r.header_digest = params.header_digest
+        r.data_digest = params.data_digest
+        r.max_data = params.max_recv_dsl
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(self.engine.nop_interval, self._keepalive)
+        log.info("%s: %s session %s tsih %d (%s)", self.peer, result.session_type, result.initiator_name,
+                 session.tsih, session.target.iqn if session.target else "discovery")
+
+    def _text_handler(self) -> Any:
+        try:
+            from ..iscsi import text as T
+        except ImportError:
+            return None
+        fn = getattr(T, "ffp_text_handler", None)
+        return fn
+
+    def _login_timeout(self) -> None:
+        self._timer = None
+        if self.conn is None and self.transport is not None:
+            log.info("%s: login timed out", self.peer)
+            self.transport.abort()
+
+    # --- full feature phase ---------------------------------------------------------------
+
+    def _keepalive(self) -> None:
+        self._timer = None
+        conn = self.conn
+        if conn is None or conn.closed or self.transport is None:
+            return
+        now = self.loop.time()
+        if self._logout_deadline is not None and now >= self._logout_deadline:
+            log.info("%s: no logout after the async logout request, dropping", self.peer)
+            self.close(abort_tasks=True, hard=True)
+            return
+        idle = now - self._last_rx
+        if conn.ping_ttt is not None and idle >= self.engine.nop_timeout:
+            log.warning("%s: NOP-In ping unanswered for %.0fs, dropping connection", self.peer, idle)
+            self.close(abort_tasks=True, hard=True)
+            return
+        if idle >= self.engine.nop_interval and conn.ping_ttt is None:
+            conn.ping()
+            self._flush()
+        delay = self.engine.nop_interval if conn.ping_ttt is None else self.engine.nop_timeout
+        if self._logout_deadline is not None:
+            delay = min(delay, max(0.05, self._logout_deadline - now))
+        self._timer = self.loop.call_later(delay, self._keepalive)
+
+    def _notify(self) -> None:
+        """Output produced outside a receive batch: flush once this loop iteration."""
+        if self._in_batch or self._flush_scheduled:
+            return
+        self._flush_scheduled = True
+        self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
+    def _on_event(self, event: str, conn: Connection) -> None:
+        if event == "cold_reset" and conn.session.target is not None:
+            iqn = conn.session.target.iqn
+            self.loop.call_soon(self.engine.target_cold_reset, iqn)
+
+    def _flush(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        out = self._login_out
+        if out:
+            self._login_out = []
+        conn = self.conn
+        if conn is not None and conn.out:
+            out = out + conn.take_output() if out else conn.take_output()
+        if out and not t.is_closing():
+            t.writelines(out)
+        if self._close_after_flush or (conn is not None and conn.closing):
+            t.close()  # close() still sends what is buffered
+
+    def request_logout(self, within: int) -> None:
+        """Shutdown: Async Message asking the initiator to log out within ``within`` s."""
+        conn = self.conn
+        if conn is None:
+            self.close()
+            return
+        conn.request_logout(within)
+        self._logout_deadline = self.loop.time() + within
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(within, self._keepalive)
+        self._flush()
+
+    def close(self, abort_tasks: bool = False, hard: bool = False) -> None:
+        if self.conn is not None and abort_tasks:
+            self.conn.abort_all()
+        if hard and self.transport is not None:
+            self.transport.abort()  # a dead peer would never drain our buffer
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
