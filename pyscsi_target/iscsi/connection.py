@@ -26,6 +26,7 @@ from crc32c import crc32c
 
 from ..scsi.task import ScsiTask, TaskAttr, TmfResult
 from . import pdu as P
+from .params import SessionParams
 from .pdu import (
     PDU,
     RESERVED_TAG,
@@ -164,7 +165,7 @@ class Connection:
         local: tuple[str, int] | None = None,
         notify: Callable[[], None] | None = None,
         on_event: Callable[[str, Connection], None] | None = None,
-        text_handler: Callable[[Connection, list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+        conn_params: SessionParams | None = None,
     ) -> None:
         self.session = session
         self.cid = cid
@@ -175,11 +176,14 @@ class Connection:
         self.local = local
         self.notify = notify or (lambda: None)
         self.on_event = on_event or (lambda _ev, _c: None)
-        self.text_handler = text_handler
+        self._text_handler: Any = None
         p = session.params
-        self.hd = p.header_digest
-        self.dd = p.data_digest
-        self.max_xmit = p.max_xmit_dsl
+        # Digests and data segment sizes are per connection (a reinstated connection
+        # negotiates its own); the rest is session-wide.
+        cp = self.conn_params = conn_params or p
+        self.hd = cp.header_digest
+        self.dd = cp.data_digest
+        self.max_xmit = cp.max_xmit_dsl
         self.max_burst = p.max_burst_length
         self.first_burst = p.first_burst_length
         self.initial_r2t = p.initial_r2t
@@ -191,7 +195,6 @@ class Connection:
         self.closed = False
         self._ttt = 0
         self.ping_ttt: int | None = None  # outstanding target NOP-In ping
-        self._text: dict[int, tuple[int, bytes, int]] = {}  # ITT -> (TTT, pending response, sent)
         self._aborted_itts: set[int] = set()
         self.logout_requested = False
         session.connection = self
@@ -794,10 +797,7 @@ class Connection:
             # Not here.  If its CmdSN is still ahead of us the command has not arrived:
             # answer "function complete" and drop it when it comes (RFC 7143 11.5.1).
             ref = pdu.refcmdsn
-            if s.in_window(ref) and ref not in s.held and not pdu.immediate and sn_lt(ref, pdu.cmdsn):
-                s.discard_cmdsn.add(ref)
-                return TMF_RSP_COMPLETE
-            if pdu.immediate and s.in_window(ref) and ref not in s.held:
+            if s.in_window(ref) and ref not in s.held:
                 s.discard_cmdsn.add(ref)
                 return TMF_RSP_COMPLETE
             return TMF_RSP_NO_TASK
@@ -859,68 +859,25 @@ class Connection:
     # --- Text ---------------------------------------------------------------------------
 
     def _text_req(self, pdu: P.TextRequest) -> None:
-        s = self.session
-        pending = self._text.get(pdu.itt)
-        if pdu.ttt != RESERVED_TAG:
-            # Continuation of a long response we split (RFC 7143 11.10.4).
-            if pending is None or pending[0] != pdu.ttt:
-                self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
-                return
-            self._send_text_chunk(pdu.itt, pdu.lun)
-            return
-        if pending is not None:
-            del self._text[pdu.itt]  # a new exchange with the same ITT resets it
-        if pdu.cont:
-            # Multi-PDU text requests: SendTargets fits in one PDU; refuse the rest.
-            self.reject(RejectReason.PROTOCOL_ERROR, pdu)
-            return
-        try:
-            pairs = P.parse_text(pdu.data)
-        except ValueError:
-            self.reject(RejectReason.PROTOCOL_ERROR, pdu)
-            return
-        reply: list[tuple[str, str]] = []
-        if self.text_handler is not None:
-            reply = self.text_handler(self, pairs)
-        else:
-            for key, value in pairs:
-                if key == "SendTargets":
-                    if s.discovery or value in ("", s.target.iqn if s.target else ""):
-                        which = value if s.discovery else (value or "")
-                        reply.extend(self._send_targets(which))
-                    elif value == "All" and not s.discovery:
-                        # Normal sessions see only their own target (RFC 7143 12.3 allows this).
-                        reply.extend(self._send_targets(s.target.iqn if s.target else ""))
-                    else:
-                        reply.extend(self._send_targets(value))
-                else:
-                    reply.append((key, "NotUnderstood"))
-        body = P.build_text(reply)
-        self._text[pdu.itt] = (RESERVED_TAG, body, 0)
-        self._send_text_chunk(pdu.itt, pdu.lun)
+        """Text exchange (SendTargets, redeclarations): the login engineer's TextHandler
+        does the keys, continuation and splitting; we stamp and send."""
+        th = self._text_handler
+        if th is None:
+            from .text import TextHandler
 
-    def _send_targets(self, which: str) -> list[tuple[str, str]]:
-        if self.policy is None:
-            return []
-        out: list[tuple[str, str]] = []
-        for iqn, addrs in self.policy.send_targets(self.session.initiator_name, which):
-            out.append(("TargetName", iqn))
-            out.extend(("TargetAddress", a) for a in addrs)
-        return out
-
-    def _send_text_chunk(self, itt: int, lun: int) -> None:
-        _ttt, body, sent = self._text[itt]
-        chunk = body[sent : sent + self.max_xmit]
-        sent += len(chunk)
-        more = sent < len(body)
-        ttt = self._next_ttt() if more else RESERVED_TAG
-        if more:
-            self._text[itt] = (ttt, body, sent)
-        else:
-            del self._text[itt]
-        rsp = self._stamp(P.TextResponse(itt=itt, ttt=ttt, lun=lun, final=0 if more else 1, cont=1 if more else 0))
-        rsp.data = chunk
-        self._send_pdu(rsp)
+            s = self.session
+            th = self._text_handler = TextHandler(
+                self.policy,
+                session_type="Discovery" if s.discovery else "Normal",
+                initiator_name=s.initiator_name,
+                target_iqn=s.target.iqn if s.target else None,
+                params=self.conn_params,
+            )
+        if isinstance(pdu.data, memoryview):
+            pdu.data = bytes(pdu.data)
+        for rsp in th.receive(pdu):
+            self._send_pdu(self._stamp(rsp))
+        self.max_xmit = self.conn_params.max_xmit_dsl  # MaxRecvDataSegmentLength may be redeclared
 
     # --- Logout / async -----------------------------------------------------------------
 
@@ -978,4 +935,4 @@ class Connection:
         self.closed = True
         self.abort_all()
         self.out = []
-        self._text.clear()
+        self._text_handler = None

@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 3260
 
 
-class EngineError(Exception):
-    """A configuration the engine cannot put into effect (e.g. a portal that cannot bind)."""
+class EngineError(OSError):
+    """A configuration the engine cannot put into effect (e.g. a portal that cannot bind).
+
+    An OSError so that callers treating bind failures as such (the daemon) see it."""
 
 
 def parse_listen(addr: str) -> tuple[str, int]:

@@ -60,7 +60,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.peer = f"[{peer_ip}]:{peer[1]}" if ":" in peer_ip else f"{peer_ip}:{peer[1]}"
         self.engine.connections.add(self)
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
-        self.login = LoginMachine(self.policy)
+        self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth)
         self._last_rx = self.loop.time()
         self._timer = self.loop.call_later(self.engine.login_timeout, self._login_timeout)
         log.debug("connection from %s", self.peer)
@@ -136,15 +136,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return False
         if isinstance(ev.data, memoryview):
             ev.data = bytes(ev.data)
-        responses = self.login.receive(ev)
-        for rsp in responses:
+        login = self.login
+        for rsp in login.receive(ev):
             self._login_out.extend(rsp.to_buffers())
-            if getattr(rsp, "status_class", 0):
-                self._close_after_flush = True  # a login reject ends the connection
-        result = getattr(self.login, "result", None)
-        if result is None or self._close_after_flush:
+        if login.failed:
+            self._close_after_flush = True  # a login reject ends the connection (RFC 7143 11.13.5)
             return False
-        self._enter_ffp(result)
+        if not login.done:
+            return False
+        self._enter_ffp(login.result)
         return True
 
     def _enter_ffp(self, result: Any) -> None:
@@ -164,7 +164,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             peer=self.peer,
             notify=self._notify,
             on_event=self._on_event,
-            text_handler=self._text_handler(),
+            conn_params=params,
         )
         self.conn = conn
         r = self.reader
@@ -176,14 +176,6 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._timer = self.loop.call_later(self.engine.nop_interval, self._keepalive)
         log.info("%s: %s session %s tsih %d (%s)", self.peer, result.session_type, result.initiator_name,
                  session.tsih, session.target.iqn if session.target else "discovery")
-
-    def _text_handler(self) -> Any:
-        try:
-            from ..iscsi import text as T
-        except ImportError:
-            return None
-        fn = getattr(T, "ffp_text_handler", None)
-        return fn
 
     def _login_timeout(self) -> None:
         self._timer = None
