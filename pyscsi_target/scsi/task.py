@@ -99,3 +99,38 @@ class ScsiTask:
         self.xfer_len = 0
         self.aborted = False  # set when a TMF aborted it: the transport sends no response
         self.transport_ref: object = None  # the transport's own per-command state
+
+
+# --- LUN addressing (SAM-5 4.7) -------------------------------------------------------
+#
+# ``ScsiTask.lun`` is the LUN as the SCSI layer numbers it: 0..16383 for peripheral or
+# flat addressed LUNs and 0xC101 for the REPORT LUNS well-known LUN.  A transport may also
+# pass the raw 64-bit LUN field of its PDU (any value >= 1 << 16); ScsiDevice.submit
+# decodes that with decode_lun.
+
+WLUN_REPORT_LUNS = 0xC101
+LUN_UNSUPPORTED = -1
+
+
+def decode_lun(field: int) -> int:
+    """The LUN number of a 64-bit SAM LUN field, or LUN_UNSUPPORTED."""
+    if field & 0x0000FFFFFFFFFFFF:  # second and later levels: no hierarchy here
+        return LUN_UNSUPPORTED
+    b0, b1 = (field >> 56) & 0xFF, (field >> 48) & 0xFF
+    method = b0 >> 6
+    if method == 0:  # peripheral device addressing, bus 0 only
+        return b1 if b0 == 0 else LUN_UNSUPPORTED
+    if method == 1:  # flat space
+        return ((b0 & 0x3F) << 8) | b1
+    if b0 == 0xC1:  # well-known logical unit
+        return 0xC100 | b1
+    return LUN_UNSUPPORTED
+
+
+def encode_lun(lun: int) -> bytes:
+    """The 8-byte LUN field REPORT LUNS returns for ``lun``."""
+    if lun >= 0xC100:
+        return bytes((0xC1, lun & 0xFF)) + bytes(6)
+    if lun < 256:
+        return bytes((0x00, lun)) + bytes(6)
+    return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)

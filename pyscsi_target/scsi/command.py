@@ -1,0 +1,51 @@
+"""Command descriptors shared by the dispatch tables of spc, sbc, pr and tpc."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntFlag
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyscsi_target.scsi.lu import LogicalUnit
+    from pyscsi_target.scsi.task import ScsiTask
+
+Handler = Callable[["LogicalUnit", "ScsiTask"], None]
+
+
+class F(IntFlag):
+    NONE = 0
+    UA_EXEMPT = 1  # INQUIRY, REPORT LUNS, REQUEST SENSE: never report a unit attention
+    WRITE = 2  # modifies the medium: refused on write-protected LUs
+    MEDIUM = 4  # touches the medium: NOT READY while stopped or sanitizing
+    PR_READ = 8  # conflicts under exclusive-access persistent reservations
+    PR_WRITE = 16  # conflicts under write-exclusive and exclusive-access reservations
+    PR_ALLOWED = 32  # allowed whatever persistent reservation exists
+    RESV_ALLOWED = 64  # allowed from other nexuses under a RESERVE(6/10) reservation
+    SANITIZE_OK = 128  # allowed while a sanitize operation runs
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    opcode: int
+    sa: int | None  # service action, or None for opcodes without service actions
+    name: str
+    handler: Handler
+    usage: bytes  # CDB usage data for REPORT SUPPORTED OPERATION CODES (byte 0 = opcode)
+    flags: F = F.NONE
+    timeout: int = 30  # nominal/recommended command timeout in seconds (RSOC RCTD)
+
+    @property
+    def cdb_len(self) -> int:
+        return len(self.usage)
+
+
+def usage(*mask: int) -> bytes:
+    return bytes(mask)
+
+
+def cdb_group_len(opcode: int) -> int:
+    """CDB length implied by the opcode's group code (SPC-4 4.2.5.1)."""
+    group = opcode >> 5
+    return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 16)

@@ -1,0 +1,492 @@
+"""Reservations: PERSISTENT RESERVE IN/OUT (SPC-4 5.12, 6.15, 6.16) and RESERVE/RELEASE.
+
+Registrations are per I_T nexus, i.e. (SCSI initiator port name, relative target port),
+so two sessions of one initiator with different ISIDs are different registrants and a
+reinstated session (same ISID) keeps its registration.  With APTPL the whole state is
+saved through a :class:`PrStore` (the state database) and restored when the LU opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pyscsi_target.scsi import sense as S
+from pyscsi_target.scsi.command import Command, F, usage
+
+if TYPE_CHECKING:
+    from pyscsi_target.scsi.lu import ITKey, LogicalUnit
+    from pyscsi_target.scsi.task import ScsiTask
+
+log = logging.getLogger(__name__)
+
+# Reservation types
+WE = 1  # write exclusive
+EA = 3  # exclusive access
+WE_RO = 5  # write exclusive, registrants only
+EA_RO = 6
+WE_AR = 7  # write exclusive, all registrants
+EA_AR = 8
+TYPES = (WE, EA, WE_RO, EA_RO, WE_AR, EA_AR)
+ALL_REGISTRANTS = (WE_AR, EA_AR)
+
+INVALID_RELEASE_OF_PR = (0x26, 0x04)
+
+
+class PrStore(Protocol):
+    """Durable storage for APTPL state, keyed by the LU's NAA (hex)."""
+
+    def load(self, key: str) -> bytes | None: ...
+
+    def save(self, key: str, data: bytes | None) -> None: ...
+
+
+@dataclass(slots=True)
+class Reservation:
+    holder: ITKey  # the I_T nexus that reserved (for all-registrants types: any registrant)
+    type: int
+
+
+class PersistentReservations:
+    def __init__(self, lu: LogicalUnit, store: PrStore | None) -> None:
+        self.lu = lu
+        self.store = store
+        self.regs: dict[ITKey, int] = {}
+        self.reservation: Reservation | None = None
+        self.generation = 0
+        self.aptpl = False
+        self._load()
+
+    # --- persistence -----------------------------------------------------------------
+
+    @property
+    def _key(self) -> str:
+        return self.lu.naa.hex()
+
+    def _load(self) -> None:
+        if self.store is None:
+            return
+        try:
+            raw = self.store.load(self._key)
+        except Exception:  # noqa: BLE001 - a broken store must not keep the LU offline
+            log.exception("loading PR state of %s", self._key)
+            return
+        if not raw:
+            return
+        try:
+            doc = json.loads(raw)
+            self.regs = {(r["port"], int(r["tpg"])): int(r["key"]) for r in doc["registrations"]}
+            res = doc.get("reservation")
+            if res:
+                self.reservation = Reservation((res["port"], int(res["tpg"])), int(res["type"]))
+            self.generation = int(doc.get("generation", 0))
+            self.aptpl = True
+        except (ValueError, KeyError, TypeError):
+            log.error("corrupt PR state for %s ignored", self._key)
+
+    def _persist(self) -> None:
+        if self.store is None:
+            return
+        if not self.aptpl:
+            self.store.save(self._key, None)
+            return
+        res = self.reservation
+        doc = {
+            "registrations": [{"port": p, "tpg": t, "key": k} for (p, t), k in self.regs.items()],
+            "reservation": {"port": res.holder[0], "tpg": res.holder[1], "type": res.type} if res else None,
+            "generation": self.generation,
+        }
+        self.store.save(self._key, json.dumps(doc).encode())
+
+    # --- queries ---------------------------------------------------------------------
+
+    def is_holder(self, key: ITKey) -> bool:
+        r = self.reservation
+        if r is None:
+            return False
+        if r.type in ALL_REGISTRANTS:
+            return key in self.regs
+        return r.holder == key
+
+    def conflicts(self, key: ITKey, flags: F) -> bool:
+        """Whether a command with ``flags`` from ``key`` conflicts (SPC-4 5.12.1 tables)."""
+        r = self.reservation
+        if r is None or flags & F.PR_ALLOWED or self.is_holder(key):
+            return False
+        write = bool(flags & F.PR_WRITE)
+        read = bool(flags & F.PR_READ)
+        if r.type in (WE_RO, WE_AR):
+            return write and key not in self.regs
+        if r.type in (EA_RO, EA_AR):
+            return (read or write) and key not in self.regs
+        if r.type == WE:
+            return write
+        return read or write  # EA
+
+    def _release(self, notify: bool, except_key: ITKey | None) -> None:
+        r = self.reservation
+        self.reservation = None
+        if notify and r is not None and r.type not in (WE, EA):
+            for k in self.regs:
+                if k != except_key:
+                    self.lu.add_ua(k, S.RESERVATIONS_RELEASED)
+
+    def _unregister(self, key: ITKey) -> None:
+        self.regs.pop(key, None)
+        r = self.reservation
+        if r is None:
+            return
+        if r.type in ALL_REGISTRANTS:
+            if not self.regs:
+                self.reservation = None
+            elif r.holder == key:
+                r.holder = next(iter(self.regs))
+        elif r.holder == key:
+            self._release(True, key)
+
+
+# --- PERSISTENT RESERVE IN ----------------------------------------------------------
+
+
+def _alloc16(task: ScsiTask) -> int:
+    return struct.unpack_from(">H", task.cdb, 7)[0]
+
+
+def transport_id(port: str) -> bytes:
+    """iSCSI TransportID, format 01 (initiator port name with ISID), padded to 4 bytes."""
+    name = port.encode() + b"\0"
+    name += bytes(-len(name) % 4)
+    if len(name) < 20:
+        name += bytes(20 - len(name))
+    return bytes((0x40 | 0x05, 0)) + struct.pack(">H", len(name)) + name
+
+
+def parse_transport_id(data: memoryview) -> tuple[str, bool]:
+    """(name or initiator port, has_isid) of an iSCSI TransportID; raises on others."""
+    if len(data) < 4:
+        raise S.param_list_length_error()
+    proto = data[0] & 0x0F
+    fmt = data[0] >> 6
+    if proto != 0x05 or fmt not in (0, 1):
+        raise S.invalid_param(24)
+    length = struct.unpack_from(">H", data, 2)[0]
+    if 4 + length > len(data):
+        raise S.param_list_length_error()
+    text = bytes(data[4 : 4 + length]).split(b"\0", 1)[0].decode("utf-8", "replace")
+    if fmt == 1:
+        name, sep, isid = text.partition(",i,")
+        if not sep:
+            raise S.invalid_param(28)
+        return f"{name.lower()},i,{isid.lower()}", True
+    return text.lower(), False
+
+
+def prin(lu: LogicalUnit, task: ScsiTask) -> None:
+    from pyscsi_target.scsi.lu import it_key
+
+    sa = task.cdb[1] & 0x1F
+    alloc = _alloc16(task)
+    pr = lu.pr
+    if sa == 0x00:  # READ KEYS
+        keys = b"".join(struct.pack(">Q", k) for k in pr.regs.values())
+        data = struct.pack(">II", pr.generation, len(keys)) + keys
+    elif sa == 0x01:  # READ RESERVATION
+        r = pr.reservation
+        if r is None:
+            data = struct.pack(">II", pr.generation, 0)
+        else:
+            key = 0 if r.type in ALL_REGISTRANTS else pr.regs.get(r.holder, 0)
+            body = struct.pack(">QIBBH", key, 0, 0, r.type & 0x0F, 0)
+            data = struct.pack(">II", pr.generation, len(body)) + body
+    elif sa == 0x02:  # REPORT CAPABILITIES
+        # CRH: RESERVE/RELEASE compatible reservation handling; PTPL_C: APTPL supported.
+        b2 = 0x10 | 0x01
+        b3 = 0x80 | (0x01 if pr.aptpl else 0)  # TMV, ALLOW COMMANDS 000, PTPL_A
+        mask = 0x80 | 0x40 | 0x20 | 0x08 | 0x02
+        data = struct.pack(">HBBBBH", 8, b2, b3, mask, 0x01, 0)
+    elif sa == 0x03:  # READ FULL STATUS
+        descs = []
+        for k, key in pr.regs.items():
+            holder = pr.is_holder(k)
+            r = pr.reservation
+            tid = transport_id(k[0])
+            d = struct.pack(
+                ">QIBBIHI",
+                key,
+                0,
+                0x01 if holder else 0,
+                (r.type & 0x0F) if (holder and r) else 0,
+                0,
+                k[1],
+                len(tid),
+            )
+            descs.append(d + tid)
+        body = b"".join(descs)
+        data = struct.pack(">II", pr.generation, len(body)) + body
+    else:
+        raise S.invalid_cdb(1, 4)
+    _ = it_key  # keep the import for type checkers
+    set_data_in(task, data, alloc)
+    lu.done(task)
+
+
+def set_data_in(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
+    n = min(len(data), alloc)
+    task.data_in = [memoryview(data)[:n]] if n else []
+    task.data_in_len = n
+
+
+# --- PERSISTENT RESERVE OUT --------------------------------------------------------
+
+
+def prout(lu: LogicalUnit, task: ScsiTask) -> None:
+    from pyscsi_target.scsi.lu import it_key
+
+    cdb = task.cdb
+    sa = cdb[1] & 0x1F
+    scope = cdb[2] >> 4
+    rtype = cdb[2] & 0x0F
+    plen = struct.unpack_from(">I", cdb, 5)[0]
+    task.xfer_len = plen
+    data = memoryview(task.data_out or b"")[:plen]
+    if sa > 0x07:
+        raise S.invalid_cdb(1, 4)
+    if sa == 0x07:
+        if plen < 24:
+            raise S.param_list_length_error()
+    elif plen != 24:
+        raise S.param_list_length_error()
+    if len(data) < plen:
+        raise S.param_list_length_error()
+    pr = lu.pr
+    me = it_key(task.nexus)
+    res_key, sark = struct.unpack_from(">QQ", data, 0)
+    mine = pr.regs.get(me)
+
+    if sa == 0x07:
+        _register_and_move(lu, task, me, res_key, sark, scope, rtype, data)
+        return
+
+    flags = data[20]
+    spec_i_pt, all_tg_pt, aptpl = flags & 0x08, flags & 0x04, flags & 0x01
+    if sa in (0x00, 0x06):  # REGISTER / REGISTER AND IGNORE EXISTING KEY
+        if spec_i_pt:
+            raise S.invalid_param(20, 3)  # SIP_C is 0
+        if all_tg_pt:
+            raise S.invalid_param(20, 2)  # ATP_C is 0
+        if sa == 0x00 and mine is None and res_key != 0:
+            raise S.ReservationConflict()
+        if sa == 0x00 and mine is not None and res_key != mine:
+            raise S.ReservationConflict()
+        if mine is None:
+            if sark != 0:
+                pr.regs[me] = sark
+        elif sark == 0:
+            pr._unregister(me)
+        else:
+            pr.regs[me] = sark
+        pr.aptpl = bool(aptpl)
+        pr.generation = (pr.generation + 1) & 0xFFFFFFFF
+        pr._persist()
+        lu.done(task)
+        return
+
+    # Every other service action needs a registered nexus with the matching key.
+    if mine is None or mine != res_key:
+        raise S.ReservationConflict()
+    if aptpl and sa != 0x07:
+        pass  # APTPL is only meaningful on REGISTER; ignored here as SPC-4 allows
+    if sa == 0x01:  # RESERVE
+        if scope != 0:
+            raise S.invalid_cdb(2, 7)
+        if rtype not in TYPES:
+            raise S.invalid_cdb(2, 3)
+        r = pr.reservation
+        if r is None:
+            pr.reservation = Reservation(me, rtype)
+            pr._persist()
+        elif not pr.is_holder(me) or r.type != rtype:
+            raise S.ReservationConflict()
+        lu.done(task)
+        return
+    if sa == 0x02:  # RELEASE
+        r = pr.reservation
+        if r is None or not pr.is_holder(me):
+            lu.done(task)
+            return
+        if scope != 0 or rtype != r.type:
+            raise S.CheckCondition(S.ILLEGAL_REQUEST, INVALID_RELEASE_OF_PR)
+        pr._release(True, me)
+        pr._persist()
+        lu.done(task)
+        return
+    if sa == 0x03:  # CLEAR
+        for k in list(pr.regs):
+            if k != me:
+                lu.add_ua(k, S.RESERVATIONS_PREEMPTED)
+        pr.regs.clear()
+        pr.reservation = None
+        pr.generation = (pr.generation + 1) & 0xFFFFFFFF
+        pr._persist()
+        lu.done(task)
+        return
+    if sa in (0x04, 0x05):  # PREEMPT / PREEMPT AND ABORT
+        _preempt(lu, task, me, sark, scope, rtype, abort=sa == 0x05)
+        return
+    raise S.invalid_cdb(1, 4)
+
+
+def _remove_regs(lu: LogicalUnit, key_value: int, me: ITKey) -> list[ITKey]:
+    pr = lu.pr
+    gone = [k for k, v in pr.regs.items() if v == key_value and k != me]
+    for k in gone:
+        del pr.regs[k]
+        lu.add_ua(k, S.REGISTRATIONS_PREEMPTED)
+    return gone
+
+
+def _preempt(lu: LogicalUnit, task: ScsiTask, me: ITKey, sark: int, scope: int, rtype: int, abort: bool) -> None:
+    pr = lu.pr
+    r = pr.reservation
+    gone: list[ITKey]
+    if r is not None and (scope != 0 or rtype not in TYPES):
+        raise S.invalid_cdb(2)
+    if r is None:
+        if sark == 0:
+            raise S.invalid_param(8)
+        gone = _remove_regs(lu, sark, me)
+        if not gone and sark != pr.regs.get(me):
+            raise S.ReservationConflict()
+    elif r.type in ALL_REGISTRANTS:
+        if sark == 0:
+            gone = [k for k in pr.regs if k != me]
+            for k in gone:
+                del pr.regs[k]
+                lu.add_ua(k, S.REGISTRATIONS_PREEMPTED)
+            pr.reservation = Reservation(me, rtype)
+        else:
+            gone = _remove_regs(lu, sark, me)
+            if not gone and sark != pr.regs.get(me):
+                raise S.ReservationConflict()
+    else:
+        holder_key = pr.regs.get(r.holder)
+        if sark == holder_key:
+            gone = _remove_regs(lu, sark, me)
+            old_type = r.type
+            pr.reservation = Reservation(me, rtype)
+            if old_type != rtype or r.holder != me:
+                for k in pr.regs:
+                    if k != me and k not in gone:
+                        lu.add_ua(k, S.RESERVATIONS_RELEASED)
+        else:
+            if sark == 0:
+                raise S.invalid_param(8)
+            gone = _remove_regs(lu, sark, me)
+            if not gone and sark != pr.regs.get(me):
+                raise S.ReservationConflict()
+    if abort and gone:
+        gone_set = set(gone)
+        from pyscsi_target.scsi.lu import it_key
+
+        lu.abort_tasks(lambda t: it_key(t.nexus) in gone_set and t is not task)
+    pr.generation = (pr.generation + 1) & 0xFFFFFFFF
+    pr._persist()
+    lu.done(task)
+
+
+def _register_and_move(
+    lu: LogicalUnit, task: ScsiTask, me: ITKey, res_key: int, sark: int, scope: int, rtype: int, data: memoryview
+) -> None:
+    pr = lu.pr
+    mine = pr.regs.get(me)
+    if mine is None or mine != res_key:
+        raise S.ReservationConflict()
+    r = pr.reservation
+    if r is None or not pr.is_holder(me) or r.type in ALL_REGISTRANTS:
+        raise S.ReservationConflict()
+    unreg, aptpl = data[17] & 0x02, data[17] & 0x01
+    rel_port = struct.unpack_from(">H", data, 18)[0]
+    tid_len = struct.unpack_from(">I", data, 20)[0]
+    if 24 + tid_len > len(data):
+        raise S.param_list_length_error()
+    if sark == 0:
+        raise S.invalid_param(8)
+    port, has_isid = parse_transport_id(data[24 : 24 + tid_len])
+    if has_isid:
+        dest = (port, rel_port)
+    else:
+        matches = [k for k in lu.nexuses if k[0].split(",i,")[0] == port and k[1] == rel_port]
+        if len(matches) != 1:
+            raise S.invalid_param(24)
+        dest = matches[0]
+    if dest == me:
+        raise S.invalid_param(24)
+    pr.regs[dest] = sark
+    pr.reservation = Reservation(dest, r.type)
+    if unreg:
+        pr.regs.pop(me, None)
+    pr.aptpl = bool(aptpl)
+    pr.generation = (pr.generation + 1) & 0xFFFFFFFF
+    pr._persist()
+    lu.done(task)
+
+
+# --- RESERVE / RELEASE (6) and (10) ---------------------------------------------------
+
+
+def reserve(lu: LogicalUnit, task: ScsiTask) -> None:
+    from pyscsi_target.scsi.lu import it_key
+
+    if task.cdb[0] == 0x56 and task.cdb[1] & 0x12:  # 3RDPTY / LONGID: third-party unsupported
+        raise S.invalid_cdb(1, 4 if task.cdb[1] & 0x10 else 1)
+    if task.cdb[0] == 0x16 and task.cdb[1] & 0x01:  # obsolete extent reservation
+        raise S.invalid_cdb(1, 0)
+    me = it_key(task.nexus)
+    if lu.pr.regs or lu.pr.reservation is not None:
+        raise S.ReservationConflict()
+    if lu.legacy_holder is not None and lu.legacy_holder != me:
+        raise S.ReservationConflict()
+    lu.legacy_holder = me
+    lu.done(task)
+
+
+def release(lu: LogicalUnit, task: ScsiTask) -> None:
+    from pyscsi_target.scsi.lu import it_key
+
+    if task.cdb[0] == 0x57 and task.cdb[1] & 0x12:
+        raise S.invalid_cdb(1, 4 if task.cdb[1] & 0x10 else 1)
+    me = it_key(task.nexus)
+    if lu.pr.reservation is not None:
+        raise S.ReservationConflict()
+    if lu.legacy_holder == me:
+        lu.legacy_holder = None
+    lu.done(task)  # releasing someone else's (or no) reservation is a no-op (SPC-2 7.21)
+
+
+COMMANDS = [
+    Command(0x5E, 0x00, "PERSISTENT RESERVE IN / READ KEYS", prin,
+            usage(0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_ALLOWED),
+    Command(0x5E, 0x01, "PERSISTENT RESERVE IN / READ RESERVATION", prin,
+            usage(0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_ALLOWED),
+    Command(0x5E, 0x02, "PERSISTENT RESERVE IN / REPORT CAPABILITIES", prin,
+            usage(0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_ALLOWED),
+    Command(0x5E, 0x03, "PERSISTENT RESERVE IN / READ FULL STATUS", prin,
+            usage(0x5E, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_ALLOWED),
+    *[
+        Command(0x5F, sa, f"PERSISTENT RESERVE OUT / {name}", prout,
+                usage(0x5F, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x07), F.PR_ALLOWED)
+        for sa, name in enumerate(
+            ("REGISTER", "RESERVE", "RELEASE", "CLEAR", "PREEMPT", "PREEMPT AND ABORT",
+             "REGISTER AND IGNORE EXISTING KEY", "REGISTER AND MOVE")
+        )
+    ],
+    Command(0x16, None, "RESERVE(6)", reserve, usage(0x16, 0, 0, 0, 0, 0x07), F.PR_WRITE),
+    Command(0x17, None, "RELEASE(6)", release, usage(0x17, 0, 0, 0, 0, 0x07), F.PR_WRITE | F.RESV_ALLOWED),
+    Command(0x56, None, "RESERVE(10)", reserve,
+            usage(0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x07), F.PR_WRITE),
+    Command(0x57, None, "RELEASE(10)", release,
+            usage(0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x07), F.PR_WRITE | F.RESV_ALLOWED),
+]
