@@ -19,7 +19,7 @@ from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
 from . import freenas, hnas, openapi
-from .common import ADMIN_KEY, SERVICE_KEY, STORE_KEY, json_response
+from .common import ADMIN_KEY, ALLOWED_VS_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +80,18 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         allowed = authenticate(request)
         if allowed is False:
             return _unauthorized(request)
-        request["allowed_vs"] = allowed
+        request[ALLOWED_VS_KEY] = allowed
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         if _is_v9(request):
             if exc.status == 404:
                 return hnas.not_found()
-            return json_response({"errorCode": hnas.ERR_GENERIC, "errorMsg": exc.reason}, exc.status)
-        body = {"error": exc.reason}
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return json_response(body, exc.status, headers)
+            return json_response({"errorCode": hnas.ERR_GENERIC, "errorMsg": exc.reason}, exc.status, headers)
+        return json_response({"error": exc.reason}, exc.status, headers)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         if _is_v9(request):

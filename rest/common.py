@@ -13,6 +13,8 @@ from pyscsi_target.config.store import ConfigStore
 SERVICE_KEY: web.AppKey[ConfigService] = web.AppKey("service", ConfigService)
 STORE_KEY: web.AppKey[ConfigStore] = web.AppKey("store", ConfigStore)
 ADMIN_KEY: web.AppKey[tuple[str, str]] = web.AppKey("admin", tuple)
+# Virtual servers the request's credentials may use ([] = all).
+ALLOWED_VS_KEY: web.RequestKey[list[int]] = web.RequestKey("allowed_vs", list)
 
 
 class BadJSON(Exception):

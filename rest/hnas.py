@@ -16,7 +16,7 @@ from aiohttp import web
 from pyscsi_target.config.model import ConfigModel, Target
 from pyscsi_target.config.service import ConfigError, ConfigService
 
-from .common import SERVICE_KEY, BadJSON, add_route, json_response, read_object
+from .common import ALLOWED_VS_KEY, SERVICE_KEY, BadJSON, add_route, json_response, read_object
 
 BASE = "/v9/storage/iscsi-targets"
 
@@ -136,7 +136,7 @@ def serialize(service: ConfigService, model: ConfigModel, t: Target) -> dict[str
 
 
 def _allowed(request: web.Request, vs: int) -> bool:
-    allowed = request.get("allowed_vs") or []
+    allowed = request.get(ALLOWED_VS_KEY) or []
     return not allowed or vs in allowed
 
 

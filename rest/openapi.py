@@ -160,6 +160,29 @@ FN_INPUTS: dict[str, S] = {
     },
 }
 
+# Whole-body examples that the server accepts on a fresh state dir (schemathesis starts from these).
+INPUT_EXAMPLES: dict[str, S] = {
+    "PortalInput": {"iscsi_target_portal_ips": ["127.0.0.1:3270"], "iscsi_target_portal_comment": "lab"},
+    "AuthorizedInitiatorInput": {
+        "iscsi_target_initiator_initiators": "ALL",
+        "iscsi_target_initiator_auth_network": "127.0.0.0/8",
+    },
+    "AuthCredentialInput": {
+        "iscsi_target_auth_tag": 1,
+        "iscsi_target_auth_user": "user",
+        "iscsi_target_auth_secret": "secretsecret",
+    },
+    "TargetInput": {"iscsi_target_name": "target0", "iscsi_target_alias": None},
+    "TargetGroupInput": {"iscsi_target": 1, "iscsi_target_portalgroup": 1, "iscsi_target_authtype": "None"},
+    "ExtentInput": {
+        "iscsi_target_extent_name": "extent0",
+        "iscsi_target_extent_type": "File",
+        "iscsi_target_extent_path": "extent0.img",
+        "iscsi_target_extent_filesize": "1MB",
+    },
+    "TargetToExtentInput": {"iscsi_target": 1, "iscsi_extent": 1, "iscsi_lunid": None},
+}
+
 RESOURCE_SCHEMAS = {
     "portal": "Portal",
     "authorizedinitiator": "AuthorizedInitiator",
@@ -468,7 +491,7 @@ def document() -> S:
     for name, props in FN_OBJECTS.items():
         schemas[name] = _obj(props, list(props))
     for name, props in FN_INPUTS.items():
-        schemas[name] = _obj(props)
+        schemas[name] = {**_obj(props), "example": INPUT_EXAMPLES[name]}
     schemas["FreeNASError"] = {
         "type": "object",
         "description": '{"field": ["message", ...]} ("__all__" for the whole object) or {"error": "message"}',
