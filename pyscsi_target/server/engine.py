@@ -344,6 +344,9 @@ class Engine:
                 ent = self._lus.get(ext.id)
                 if ent is not None:
                     luns[lun] = ent[0]
+            tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
+                           if g.portal_group in model.portal_groups})
+            rt.device.set_portal_groups(tags)
             ids = {lun: ext.id for lun, ext in model.luns_of_target(tid).items() if ext.id in self._lus}
             if ids != rt.luns or not rt.luns and luns:
                 rt.device.set_luns(luns)
@@ -357,6 +360,10 @@ class Engine:
         for s in list(self._sessions.values()):
             if s.target is not None and s.target.iqn == rt.iqn:
                 self._close_session(s, announce=True)
+        try:
+            rt.device.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing device of %s failed", rt.iqn)
 
     async def _apply_listeners(self, model: M.ConfigModel) -> None:
         wanted: dict[tuple[str, int], int] = {}

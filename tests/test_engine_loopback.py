@@ -1,0 +1,261 @@
+"""Engine end to end on loopback: a real asyncio server, the real login machine and SCSI
+layer, and a raw-PDU client speaking over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyscsi_target.config import model as M
+from pyscsi_target.iscsi import pdu as P
+from pyscsi_target.server.engine import Engine, EngineError, access_decision
+
+INITIATOR = "iqn.1994-05.com.example:loop"
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def make_model(tmp: Path, listen: list[str], **target_kw: Any) -> M.ConfigModel:
+    img = tmp / "lun0.img"
+    if not img.exists():
+        with open(img, "wb") as f:
+            f.truncate(16 << 20)
+    m = M.ConfigModel()
+    m.portal_groups[1] = M.PortalGroup(1, 1, listen)
+    m.targets[1] = M.Target(1, "loop", **target_kw)
+    m.target_groups[1] = M.TargetGroup(1, 1, 1)
+    m.extents[1] = M.Extent(1, "loop", "File", str(img), naa="0x6589cfc000000042", serial="loop42")
+    m.lun_maps[1] = M.LunMap(1, 1, 1, 0)
+    return m
+
+
+class Client:
+    """A minimal initiator: raw PDUs over an asyncio stream."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.r, self.w = reader, writer
+        self.cmdsn = 1
+        self.statsn = 0
+        self.itt = 0
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> Client:
+        r, w = await asyncio.open_connection(host, port)
+        return cls(r, w)
+
+    async def send(self, pdu: P.PDU) -> None:
+        self.w.write(pdu.to_bytes())
+        await self.w.drain()
+
+    async def recv(self, timeout: float = 5.0) -> P.PDU:
+        hdr = await asyncio.wait_for(self.r.readexactly(48), timeout)
+        ahs = hdr[4] * 4
+        dsl = int.from_bytes(hdr[5:8], "big")
+        rest = await asyncio.wait_for(self.r.readexactly(ahs + dsl + P.pad_len(dsl)), timeout)
+        pdu = P.decode(hdr + rest)
+        if hasattr(pdu, "statsn") and not isinstance(pdu, P.DataIn | P.R2T):
+            self.statsn = (pdu.statsn + 1) & 0xFFFFFFFF
+        return pdu
+
+    def next_itt(self) -> int:
+        self.itt += 1
+        return self.itt
+
+    async def login(self, target: str | None, isid: int = 0x400000000001, tsih: int = 0) -> P.LoginResponse:
+        keys = [("InitiatorName", INITIATOR)]
+        if target is None:
+            keys.append(("SessionType", "Discovery"))
+        else:
+            keys += [("TargetName", target), ("SessionType", "Normal")]
+        keys += [("HeaderDigest", "None"), ("DataDigest", "None"), ("MaxRecvDataSegmentLength", "65536"),
+                 ("InitialR2T", "Yes"), ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"),
+                 ("FirstBurstLength", "65536"), ("ErrorRecoveryLevel", "0")]
+        req = P.LoginRequest(transit=1, csg=1, nsg=3, isid=isid.to_bytes(6, "big"), tsih=tsih,
+                             itt=self.next_itt(), cid=0, cmdsn=self.cmdsn, expstatsn=0)
+        req.data = P.build_text(keys)
+        await self.send(req)
+        rsp = await self.recv()
+        assert isinstance(rsp, P.LoginResponse)
+        return rsp
+
+    async def scsi(self, cdb: bytes, *, read: int = 0, data: bytes = b"", edtl: int | None = None) -> list[P.PDU]:
+        itt = self.next_itt()
+        cmd = P.ScsiCommand(itt=itt, cmdsn=self.cmdsn, expstatsn=self.statsn, read=int(bool(read)),
+                            write=int(bool(data)), edtl=read or (len(data) if edtl is None else edtl),
+                            attr=1, cdb=cdb.ljust(16, b"\0"))
+        cmd.data = data
+        self.cmdsn += 1
+        await self.send(cmd)
+        out = []
+        while True:
+            p = await self.recv()
+            out.append(p)
+            if isinstance(p, P.ScsiResponse) or (isinstance(p, P.DataIn) and p.has_status):
+                return out
+
+    async def close(self) -> None:
+        self.w.close()
+        try:
+            await self.w.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def run(tmp: Path, body: Callable[[Engine, int], Awaitable[None]], listen: str = "127.0.0.1:0",
+        **target_kw: Any) -> None:
+    async def main() -> None:
+        eng = Engine(tmp, nop_interval=30, login_timeout=5)
+        await eng.apply(make_model(tmp, [listen], **target_kw))
+        port = eng.listen_addresses()[0][1]
+        try:
+            await asyncio.wait_for(body(eng, port), 30)
+        finally:
+            await eng.shutdown(grace=0.5)
+
+    asyncio.run(main())
+
+
+IQN = f"{M.DEFAULT_BASENAME}:loop"
+
+
+def test_discovery_and_io(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        rsp = await c.login(None)
+        assert rsp.status_class == 0 and rsp.transit and rsp.nsg == 3
+        t = P.TextRequest(itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn)
+        t.data = P.build_text([("SendTargets", "All")])
+        c.cmdsn += 1
+        await c.send(t)
+        txt = await c.recv()
+        assert isinstance(txt, P.TextResponse)
+        assert P.parse_text(txt.data) == [("TargetName", IQN), ("TargetAddress", f"127.0.0.1:{port},1")]
+        await c.send(P.LogoutRequest(reason=0, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn))
+        lo = await c.recv()
+        assert isinstance(lo, P.LogoutResponse) and lo.response == 0
+        await c.close()
+
+        c = await Client.connect("127.0.0.1", port)
+        rsp = await c.login(IQN)
+        assert rsp.status_class == 0 and rsp.tsih != 0
+        assert eng.session_count(1) == 1
+        # NOP-Out ping with data comes back
+        nop = P.NopOut(itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn)
+        nop.immediate = True
+        nop.data = b"ping!"
+        await c.send(nop)
+        nin = await c.recv()
+        assert isinstance(nin, P.NopIn) and bytes(nin.data) == b"ping!"
+        # INQUIRY: drain unit attentions first (TEST UNIT READY until GOOD)
+        for _ in range(4):
+            (r,) = await c.scsi(bytes(6))
+            if r.status == 0:
+                break
+        out = await c.scsi(bytes([0x12, 0, 0, 0, 96, 0]), read=96)
+        assert isinstance(out[-1], P.DataIn) and out[-1].status == 0
+        assert out[0].data[0] & 0x1F == 0  # direct access block device
+        # WRITE(10) one block with immediate data, READ(10) it back
+        block = bytes(range(256)) * 2
+        (w,) = await c.scsi(struct.pack(">BBIBHB", 0x2A, 0, 8, 0, 1, 0), data=block)
+        assert isinstance(w, P.ScsiResponse) and w.status == 0
+        rd = await c.scsi(struct.pack(">BBIBHB", 0x28, 0, 8, 0, 1, 0), read=512)
+        assert b"".join(bytes(p.data) for p in rd) == block
+        # an unknown opcode gets a Reject; the session goes on
+        bad = bytearray(48)
+        bad[0] = 0x1D
+        c.w.write(bytes(bad))
+        rej = await c.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.COMMAND_NOT_SUPPORTED
+        (r,) = await c.scsi(bytes(6))
+        assert r.status == 0
+        await c.send(P.LogoutRequest(reason=0, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn))
+        assert (await c.recv()).response == 0
+        await c.close()
+        for _ in range(50):
+            if eng.session_count(1) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert eng.session_count(1) == 0
+
+    run(tmp_path, body)
+
+
+def test_session_reinstatement_and_unknown_target(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        a = await Client.connect("127.0.0.1", port)
+        assert (await a.login(IQN)).status_class == 0
+        b = await Client.connect("127.0.0.1", port)
+        rsp = await b.login(IQN)  # same ISID, TSIH 0: the old session is closed
+        assert rsp.status_class == 0
+        assert await a.r.read() == b"" or a.r.at_eof()
+        assert eng.session_count(1) == 1
+        (r,) = await b.scsi(bytes(6))
+        assert r.status in (0, 2)
+        c = await Client.connect("127.0.0.1", port)
+        rsp = await c.login(IQN + "x")
+        assert (rsp.status_class, rsp.status_detail) == (2, 3)
+        d = await Client.connect("127.0.0.1", port)
+        rsp = await d.login(IQN, tsih=0x7777)  # no such session
+        assert (rsp.status_class, rsp.status_detail) == (2, 0x0A)
+        for cl in (b, c, d, a):
+            await cl.close()
+
+    run(tmp_path, body)
+
+
+def test_access_config_forbidden(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        rsp = await c.login(IQN)
+        assert (rsp.status_class, rsp.status_detail) == (2, 2)
+        await c.close()
+
+    run(tmp_path, body, access_config="10.0.0.0/8")
+
+
+def test_access_config_parsing() -> None:
+    assert access_decision("", "1.2.3.4") is False
+    assert access_decision("127.0.0.1(ro)", "127.0.0.1") is True
+    assert access_decision("10.0.0.0/8(rw); *(ro)", "10.1.1.1") is False
+    assert access_decision("10.0.0.0/8(rw); *(ro)", "192.168.1.1") is True
+    assert access_decision("10.0.0.0/8", "192.168.1.1") is None
+    assert access_decision("::1(ro)", "::1") is True
+
+
+@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback")
+def test_ipv6_portal(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("::1", port)
+        assert (await c.login(IQN)).status_class == 0
+        (r,) = await c.scsi(bytes(6))
+        assert r.status in (0, 2)
+        await c.close()
+
+    run(tmp_path, body, listen="[::1]:0")
+
+
+def test_bind_failure_is_clear(tmp_path: Path) -> None:
+    async def main() -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            eng = Engine(tmp_path)
+            with pytest.raises(EngineError, match=f"127.0.0.1:{port}"):
+                await eng.apply(make_model(tmp_path, [f"127.0.0.1:{port}"]))
+            await eng.shutdown(grace=0.1)
+
+    asyncio.run(main())
