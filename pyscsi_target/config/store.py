@@ -238,9 +238,13 @@ class StoreTransaction:
         """Reserve the next never-used id of ``kind`` (AUTOINCREMENT)."""
         if kind not in KINDS:
             raise KeyError(kind)
+        # Insert-and-delete bumps sqlite_sequence without leaving a placeholder row behind;
+        # the object row itself is written by sync() in the same transaction.
         cur = self.conn.execute(f"INSERT INTO {kind}(data) VALUES ('{{}}')")
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+        new_id = cur.lastrowid
+        assert new_id is not None
+        self.conn.execute(f"DELETE FROM {kind} WHERE id = ?", (new_id,))
+        return new_id
 
     def sync(self, old: ConfigModel, new: ConfigModel) -> None:
         """Write the difference between two models (rows of ``new`` that changed)."""

@@ -1,0 +1,117 @@
+"""ConfigService as a Python API: apply order, demo seeding, parsing helpers, Hitachi auth mapping."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from support.rest_harness import FakeEngine, aio
+
+from pyscsi_target.config.service import (
+    ConfigService,
+    ConflictError,
+    NotFoundError,
+    ValidationError,
+    format_listen,
+    is_local_address,
+    parse_listen,
+    parse_size,
+)
+from pyscsi_target.config.store import ConfigStore
+
+
+def _service(tmp_path: Path) -> tuple[ConfigService, FakeEngine]:
+    engine = FakeEngine()
+    return ConfigService(ConfigStore(tmp_path), engine), engine
+
+
+def test_parse_helpers() -> None:
+    assert parse_size("512") == 512
+    assert parse_size("10MB") == 10 << 20
+    assert parse_size("10mb") == 10 << 20
+    assert parse_size("1.5 KB") == 1536
+    assert parse_size("2TB") == 2 << 40
+    assert parse_size("1PB") == 1 << 50
+    assert parse_size("4K") == 4096 and parse_size("4KiB") == 4096
+    for bad in ("", "MB", "1.0000001KB", "-5", "1e9", "10 XB"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    assert parse_listen("0.0.0.0:3260") == ("0.0.0.0", 3260)
+    assert parse_listen("[::]:3260") == ("::", 3260)
+    assert parse_listen("[fe80:0::1]:1") == ("fe80::1", 1)
+    for bad in ("1.2.3.4", "::1:3260", "[::1]", "1.2.3.4:0", "1.2.3.4:65536", "a:1", "1.2.3.4:x"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+    assert format_listen("::1", 3260) == "[::1]:3260"
+    assert is_local_address("127.0.0.1") and is_local_address("0.0.0.0") and is_local_address("::")
+    assert not is_local_address("203.0.113.7")
+
+
+@aio
+async def test_every_change_is_persisted_then_applied(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260", "[::1]:3260"])
+    assert engine.last.portal_groups[1].listen == ["127.0.0.1:3260", "[::1]:3260"]
+    t = await service.create_target({"name": "t"})
+    assert engine.last.targets[t.id].name == "t"
+    # The engine got a copy: mutating it does not touch the service's model.
+    engine.last.targets[t.id].name = "mutated"
+    assert service.model.targets[t.id].name == "t"
+    assert ConfigStore(tmp_path).load().targets[t.id].name == "t"
+    with pytest.raises(NotFoundError):
+        await service.update_target(99, {"alias": "x"})
+    with pytest.raises(ValidationError) as err:
+        await service.create_target({"name": "Bad Name"})
+    assert set(err.value.errors) == {"name"}
+    with pytest.raises(ConflictError):
+        await service.create_target({"name": "t"})
+
+
+@aio
+async def test_demo_seed_is_idempotent(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260"], demo=True)
+    m = engine.last
+    assert [t.name for t in m.targets.values()] == ["demo"]
+    (extent,) = m.extents.values()
+    assert Path(extent.path) == tmp_path / "extents" / "demo.img"
+    assert Path(extent.path).stat().st_size == 1 << 30
+    assert m.luns_of_target(1) == {0: extent}
+    assert [(g.portal_group, g.initiator_group, g.auth_type) for g in m.target_groups.values()] == [(1, None, "None")]
+    service2 = ConfigService(ConfigStore(tmp_path), FakeEngine())
+    await service2.start(default_portals=["0.0.0.0:3260"], demo=True)
+    assert service2.model == service.model  # nothing added twice, default portals not re-seeded
+
+
+@aio
+async def test_concurrent_mutations_are_serialized(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260"])
+    results = await asyncio.gather(
+        *(service.create_target({"name": f"n{i % 5}"}) for i in range(20)), return_exceptions=True
+    )
+    ok = [r for r in results if not isinstance(r, Exception)]
+    assert len(ok) == 5 and all(isinstance(r, ConflictError) for r in results if isinstance(r, Exception))
+    assert sorted(t.id for t in ok) == [1, 2, 3, 4, 5]
+
+
+@aio
+async def test_hnas_auth_never_touches_a_shared_group(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260"])
+    shared = await service.create_auth_credential({"tag": 1, "user": "u", "secret": "sharedsecret"})
+    for name in ("a", "b"):
+        t = await service.create_target({"name": name})
+        await service.create_target_group({"target": t.id, "portal_group": 1, "auth_type": "CHAP", "auth_group": 1})
+    assert service.target_auth(service.model, 1) == (True, "sharedsecret")
+    await service.patch_hnas_target(1, {"secret": "own-secret-1"})
+    m = service.model
+    assert m.auth_credentials[shared.id].secret == "sharedsecret"
+    new_tag = m.target_groups[1].auth_group
+    assert new_tag != 1 and [c.user for c in m.auth_group(new_tag)] == ["a"]
+    assert service.target_auth(m, 1) == (True, "own-secret-1")
+    assert service.target_auth(m, 2) == (True, "sharedsecret")
+    # Deleting the target leaves other targets' state alone.
+    await service.delete_target(1)
+    assert service.target_auth(service.model, 2) == (True, "sharedsecret")
