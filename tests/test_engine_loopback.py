@@ -50,6 +50,7 @@ class Client:
         self.cmdsn = 1
         self.statsn = 0
         self.itt = 0
+        self.hd = self.dd = False  # digests, on once login negotiated them
 
     @classmethod
     async def connect(cls, host: str, port: int) -> Client:
@@ -57,15 +58,16 @@ class Client:
         return cls(r, w)
 
     async def send(self, pdu: P.PDU) -> None:
-        self.w.write(pdu.to_bytes())
+        self.w.write(pdu.to_bytes(self.hd, self.dd))
         await self.w.drain()
 
     async def recv(self, timeout: float = 5.0) -> P.PDU:
         hdr = await asyncio.wait_for(self.r.readexactly(48), timeout)
         ahs = hdr[4] * 4
         dsl = int.from_bytes(hdr[5:8], "big")
-        rest = await asyncio.wait_for(self.r.readexactly(ahs + dsl + P.pad_len(dsl)), timeout)
-        pdu = P.decode(hdr + rest)
+        extra = (4 if self.hd else 0) + (4 if self.dd and dsl else 0)
+        rest = await asyncio.wait_for(self.r.readexactly(ahs + dsl + P.pad_len(dsl) + extra), timeout)
+        pdu = P.decode(hdr + rest, self.hd, self.dd)  # raises if a digest is wrong
         if hasattr(pdu, "statsn") and not isinstance(pdu, P.DataIn | P.R2T):
             self.statsn = (pdu.statsn + 1) & 0xFFFFFFFF
         return pdu
@@ -74,13 +76,14 @@ class Client:
         self.itt += 1
         return self.itt
 
-    async def login(self, target: str | None, isid: int = 0x400000000001, tsih: int = 0) -> P.LoginResponse:
+    async def login(self, target: str | None, isid: int = 0x400000000001, tsih: int = 0,
+                    digest: str = "None") -> P.LoginResponse:
         keys = [("InitiatorName", INITIATOR)]
         if target is None:
             keys.append(("SessionType", "Discovery"))
         else:
             keys += [("TargetName", target), ("SessionType", "Normal")]
-        keys += [("HeaderDigest", "None"), ("DataDigest", "None"), ("MaxRecvDataSegmentLength", "65536"),
+        keys += [("HeaderDigest", digest), ("DataDigest", digest), ("MaxRecvDataSegmentLength", "65536"),
                  ("InitialR2T", "Yes"), ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"),
                  ("FirstBurstLength", "65536"), ("ErrorRecoveryLevel", "0")]
         req = P.LoginRequest(transit=1, csg=1, nsg=3, isid=isid.to_bytes(6, "big"), tsih=tsih,
@@ -89,6 +92,10 @@ class Client:
         await self.send(req)
         rsp = await self.recv()
         assert isinstance(rsp, P.LoginResponse)
+        if rsp.status_class == 0 and rsp.nsg == 3:
+            got = dict(P.parse_text(rsp.data))
+            self.hd = got.get("HeaderDigest") == "CRC32C"
+            self.dd = got.get("DataDigest") == "CRC32C"
         return rsp
 
     async def scsi(self, cdb: bytes, *, read: int = 0, data: bytes = b"", edtl: int | None = None) -> list[P.PDU]:
@@ -259,3 +266,48 @@ def test_bind_failure_is_clear(tmp_path: Path) -> None:
             await eng.shutdown(grace=0.1)
 
     asyncio.run(main())
+
+
+def test_digests_and_data_digest_error(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        assert (await c.login(IQN, digest="CRC32C")).status_class == 0
+        assert c.hd and c.dd
+        for _ in range(4):
+            (r,) = await c.scsi(bytes(6))
+            if r.status == 0:
+                break
+        block = bytes(range(256)) * 8  # 4 blocks
+        (w,) = await c.scsi(struct.pack(">BBIBHB", 0x2A, 0, 16, 0, 4, 0), data=block)
+        assert w.status == 0
+        rd = await c.scsi(struct.pack(">BBIBHB", 0x28, 0, 16, 0, 4, 0), read=len(block))
+        assert b"".join(bytes(p.data) for p in rd) == block
+        # A write whose only Data-Out has a bad data digest: Reject, then CHECK CONDITION
+        # ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR (ERL 0 recovery).
+        itt = c.next_itt()
+        cmd = P.ScsiCommand(itt=itt, cmdsn=c.cmdsn, expstatsn=c.statsn, write=1, final=1, edtl=512, attr=1,
+                            cdb=struct.pack(">BBIBHB", 0x2A, 0, 40, 0, 1, 0).ljust(16, b"\0"))
+        c.cmdsn += 1
+        await c.send(cmd)
+        r2t = await c.recv()
+        assert isinstance(r2t, P.R2T) and r2t.desired_length == 512
+        d = P.DataOut(itt=itt, ttt=r2t.ttt, datasn=0, offset=0, final=1)
+        d.data = bytes(512)
+        wire = bytearray(d.to_bytes(True, True))
+        wire[-1] ^= 0x5A
+        c.w.write(bytes(wire))
+        rej = await c.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.DATA_DIGEST_ERROR
+        rsp = await c.recv()
+        assert isinstance(rsp, P.ScsiResponse) and rsp.status == 2
+        assert bytes(rsp.data[2 + 12 : 2 + 14]) == b"\x47\x05" and rsp.data[2 + 2] == 0x0B
+        (r,) = await c.scsi(bytes(6))  # the session goes on
+        assert r.status == 0
+        # A header digest error drops the connection.
+        bad = bytearray(P.NopOut(itt=c.next_itt(), cmdsn=c.cmdsn).to_bytes(True, True))
+        bad[50] ^= 1
+        c.w.write(bytes(bad))
+        assert await asyncio.wait_for(c.r.read(), 5) == b""
+        await c.close()
+
+    run(tmp_path, body)

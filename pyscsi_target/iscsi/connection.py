@@ -685,6 +685,9 @@ class Connection:
             seq.exp_datasn = (pdu.datasn + 1) & SERIAL_MASK
             if pdu.offset >= seq.next_offset:
                 seq.next_offset = pdu.offset
+        elif cmd.failed is not None:
+            # Already doomed: absorb the rest of its data quietly, one Reject was enough.
+            seq.exp_datasn = (pdu.datasn + 1) & SERIAL_MASK
         elif pdu.datasn != seq.exp_datasn or pdu.offset != seq.next_offset or pdu.offset + n > seq.end:
             # Sequence error: DataSN or buffer offset out of order, or data beyond the burst.
             log.info("%s: Data-Out ITT %#x DataSN %d/%d offset %d/%d len %d: sequence error", self.peer,

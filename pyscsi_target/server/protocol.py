@@ -174,8 +174,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.engine.nop_interval, self._keepalive)
-        log.info("%s: %s session %s tsih %d (%s)", self.peer, result.session_type, result.initiator_name,
-                 session.tsih, session.target.iqn if session.target else "discovery")
+        log.info("%s: %s session %s tsih %d (%s) digests %s/%s MaxRecvDSL %d/%d", self.peer, result.session_type,
+                 result.initiator_name, session.tsih, session.target.iqn if session.target else "discovery",
+                 "CRC32C" if params.header_digest else "None", "CRC32C" if params.data_digest else "None",
+                 params.max_recv_dsl, params.max_xmit_dsl)
 
     def _login_timeout(self) -> None:
         self._timer = None
