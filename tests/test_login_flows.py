@@ -577,3 +577,13 @@ def test_statsn_sequence_follows_expstatsn():
     r3 = c.send([], csg=1, nsg=3, transit=1)
     assert (r1.statsn, r2.statsn, r3.statsn) == (0xFFFFFFFF, 0, 1)
     assert m.result.statsn == 2
+
+
+def test_policy_redirect_carries_target_address():
+    class Redirect(StaticPolicy):
+        def lookup_target(self, name):
+            raise LoginReject(1, 1, "moved", pairs=[("TargetAddress", "192.0.2.9:3260,2")])
+
+    m = LoginMachine(Redirect([]))
+    r = Client(m).send(first_keys(), csg=0)
+    assert status(r) == 0x0101 and kv(r) == {"TargetAddress": "192.0.2.9:3260,2"} and m.failed

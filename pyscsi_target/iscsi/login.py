@@ -34,7 +34,8 @@ What the machine does:
   SessionType -> 0x0209, unknown target -> 0x0203, initiator not allowed -> 0x0202,
   authentication failure -> 0x0201; the policy may raise any LoginReject (0x0204
   target removed, 0x0206 too many connections, 0x0208, 0x020a no such session, 0x0301
-  service unavailable, 0x0302 out of resources ...);
+  service unavailable, 0x0302 out of resources, or a 0x0101/0x0102 redirect whose
+  ``pairs`` carry the TargetAddress; we never redirect on our own);
 - AuthMethod: the target's (or the portal's discovery) method decides what we accept:
   "None" -> None only, "CHAP" / "CHAP Mutual" -> CHAP only (mutual demands the
   initiator's CHAP_I/CHAP_C), "Auto" -> CHAP or None, in the initiator's order (None
@@ -166,7 +167,7 @@ class LoginMachine:
         try:
             return self._receive(pdu)
         except LoginReject as e:
-            return [self._fail(pdu, (e.status_class, e.status_detail), str(e))]
+            return [self._fail(pdu, (e.status_class, e.status_detail), str(e), e.pairs)]
         except TextError as e:
             return [self._fail(pdu, INITIATOR_ERROR, f"malformed login text: {e}")]
         except ChapError as e:
@@ -208,7 +209,7 @@ class LoginMachine:
 
         if self._tx_rest:
             # The initiator fetches the rest of our long response with empty requests.
-            if pdu.data or pdu.cont or pdu.transit:
+            if pdu.data or pdu.cont:
                 raise _reject(INITIATOR_ERROR, "expected an empty request for the rest of a long response")
             return [self._next_chunk(pdu)]
 
@@ -385,7 +386,8 @@ class LoginMachine:
                 self._stage = self._tx_nsg
         return rsp
 
-    def _fail(self, pdu: PDU, status: tuple[int, int], reason: str) -> PDU:
+    def _fail(self, pdu: PDU, status: tuple[int, int], reason: str,
+              pairs: list[tuple[str, str]] | None = None) -> PDU:
         self.failed = True
         self.status = status
         self.reason = reason
@@ -403,6 +405,8 @@ class LoginMachine:
             statsn=self._statsn, expcmdsn=cmdsn, maxcmdsn=cmdsn,
             status_class=status[0], status_detail=status[1],
         )
+        if pairs:
+            rsp.data = encode_pairs(pairs)[:LOGIN_DSL]
         self._statsn = (self._statsn + 1) & 0xFFFFFFFF
         return rsp
 

@@ -17,10 +17,13 @@ from ..config.model import AuthCredential
 class LoginReject(Exception):  # noqa: N818 - it is a status, not only an error
     """Ends a login with a status class/detail (RFC 7143 11.13.5)."""
 
-    def __init__(self, status_class: int, status_detail: int, reason: str = "") -> None:
+    def __init__(self, status_class: int, status_detail: int, reason: str = "",
+                 pairs: list[tuple[str, str]] | None = None) -> None:
         super().__init__(reason or f"login status {status_class:#04x}{status_detail:02x}")
         self.status_class = status_class
         self.status_detail = status_detail
+        # Keys sent with the reject, e.g. TargetAddress for a redirect (class 0x01).
+        self.pairs = pairs or []
 
 
 @dataclass
