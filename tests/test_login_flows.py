@@ -587,3 +587,18 @@ def test_policy_redirect_carries_target_address():
     m = LoginMachine(Redirect([]))
     r = Client(m).send(first_keys(), csg=0)
     assert status(r) == 0x0101 and kv(r) == {"TargetAddress": "192.0.2.9:3260,2"} and m.failed
+
+
+def test_identity_keys_never_answered_on_non_leading_connection():
+    pol = policy()
+    m = LoginMachine(pol)
+    Client(m).send(first_keys(), csg=1, nsg=3, transit=1)
+    m2 = LoginMachine(pol)
+    r = Client(m2, tsih=m.result.tsih).send(first_keys(), csg=1, nsg=3, transit=1)
+    assert status(r) == 0 and kv(r) == {"MaxRecvDataSegmentLength": "262144"}
+
+
+def test_overlong_security_value():
+    m = LoginMachine(policy("CHAP"))
+    r = Client(m).send(first_keys(AuthMethod="CHAP," * 100), csg=0)
+    assert status(r) == 0x0200

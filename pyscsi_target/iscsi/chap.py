@@ -141,6 +141,8 @@ class ChapServer:
             response = decode_binary(keys["CHAP_R"])
         except ValueError as e:
             raise ChapError(f"user {user!r}: malformed CHAP_R ({e})") from None
+        if not self.credentials:
+            raise ChapError(f"user {user!r}: no CHAP credentials configured (empty auth group)")
         matched: AuthCredential | None = None
         # Check every candidate so that timing does not reveal which names exist.
         for cred in self.credentials:

@@ -60,6 +60,7 @@ from collections.abc import Callable
 from ..config.model import AuthCredential
 from .chap import ChapError, ChapServer
 from .negotiation import (
+    KEYS,
     MAX_ISCSI_NAME,
     Negotiator,
     TextError,
@@ -239,6 +240,9 @@ class LoginMachine:
         sec = {k: v for k, v in pairs if is_security_key(k)}
         ops = [(k, v) for k, v in pairs if not is_security_key(k)]
         if sec:
+            for k, v in sec.items():
+                if len(v.encode()) > KEYS[k].max_len:
+                    raise _reject(INITIATOR_ERROR, f"{k} value longer than {KEYS[k].max_len} bytes")
             if stage != 0:
                 raise _reject(INITIATOR_ERROR, f"security key {next(iter(sec))} in the operational stage")
             out += self._auth_step(sec)

@@ -156,6 +156,8 @@ DEFAULTS: dict[str, str] = {
     "RDMAExtensions": "No",
 }
 
+# Login identity declaratives: never answered, whatever the connection.
+_IDENTITY_KEYS = frozenset(("InitiatorName", "TargetName", "SessionType"))
 # We implement RFC 7143 (iSCSIProtocolLevel 1): no FastAbort/ResponseFence (RFC 7144 level 2).
 OUR_PROTOCOL_LEVEL = 1
 # Cap on extension/unknown keys kept in SessionParams.extra (observability only).
@@ -308,6 +310,12 @@ class Negotiator:
             return IRRELEVANT  # only reachable outside the security stage via text
         if kd.sender == "T":
             return REJECT  # the initiator may not send target-only keys
+        if key in _IDENTITY_KEYS:
+            # Validated by the login machine; never answered (declaratives), not renegotiable.
+            if ffp:
+                return REJECT
+            self.declared[key] = value
+            return None
         if ffp and kd.use not in (Use.ALL, Use.FFPO):
             return REJECT
         if not ffp and kd.use is Use.FFPO:
