@@ -45,7 +45,9 @@ LU_REGISTRY: dict[bytes, LogicalUnit] = {}
 
 RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "15000": 15000}
 
-MAX_XFER_BLOCKS_BYTES = 8 << 20  # MAXIMUM TRANSFER LENGTH in bytes (block limits VPD)
+# MAXIMUM TRANSFER LENGTH (block limits VPD): 65536 blocks whatever the block size (32 MiB
+# at 512 bytes, 256 MiB at 4 KiB) so that 4-byte transfer lengths are really usable.
+MAX_XFER_BLOCKS = 65536
 MAX_UNMAP_LBA_COUNT_BYTES = 256 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_WRITE_SAME_BYTES = 256 << 20

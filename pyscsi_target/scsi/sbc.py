@@ -41,7 +41,7 @@ def lba_len(cdb: bytes) -> tuple[int, int]:
 
 
 def _check_xfer(lu: LogicalUnit, n: int, byte: int) -> None:
-    if n << lu.block_shift > lumod.MAX_XFER_BLOCKS_BYTES:
+    if n > lumod.MAX_XFER_BLOCKS:
         raise S.invalid_cdb(byte)
 
 
@@ -311,13 +311,12 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
     sync = not lu.modes.wce
 
     def work() -> None:
-        if zero:
-            # All-zero data: deallocate when UNMAP is set (LBPRZ makes it read back as
-            # zeroes), else zero in place keeping the blocks mapped.
-            if do_unmap:
-                bs.discard(off, length)
-            else:
-                bs.write_zeroes(off, length)
+        if do_unmap:
+            # UNMAP=1: deallocate (SBC-3 5.42 lets the device server unmap instead of
+            # writing); with LBPRZ the blocks then read back as zeroes.
+            bs.discard(off, length)
+        elif zero:
+            bs.write_zeroes(off, length)  # keep the blocks mapped
         else:
             chunk_blocks = max(1, (1 << 20) >> shift)
             buf = pattern * min(n, chunk_blocks)
@@ -456,6 +455,11 @@ def write_atomic16(lu: LogicalUnit, task: ScsiTask) -> None:
         raise S.invalid_cdb(10)
     if n << lu.block_shift > lumod.MAX_ATOMIC_BYTES:
         raise S.invalid_cdb(12)
+    gran = max(1, 4096 >> lu.block_shift)
+    if lba % gran:
+        raise S.invalid_cdb(2)  # ATOMIC ALIGNMENT
+    if n % gran:
+        raise S.invalid_cdb(12)  # ATOMIC TRANSFER LENGTH GRANULARITY
     lu.check_range(lba, n)
     lu.writable(task)
     task.xfer_len = n << lu.block_shift
@@ -520,6 +524,11 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     sa = cdb[1] & 0x1F
     plen = _U16.unpack_from(cdb, 7)[0]
     task.xfer_len = plen
+    if cdb[1] & 0x40:
+        raise S.invalid_cdb(1, 6)
+    for i in range(2, 7):  # reserved bytes
+        if cdb[i]:
+            raise S.invalid_cdb(i)
     if sa == 0x1F:  # EXIT FAILURE MODE
         if plen:
             raise S.invalid_cdb(7)
@@ -539,8 +548,10 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
             bs.discard(0, size)
             bs.flush()
     else:
+        if plen < 5 or plen > lu.block_size + 4:
+            raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
         data = _data_view(task)[:plen]
-        if plen < 4 or len(data) < plen:
+        if len(data) < plen:
             raise S.param_list_length_error()
         invert = bool(data[0] & 0x80)
         count = data[0] & 0x1F
@@ -556,56 +567,48 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
         inv = bytes(b ^ 0xFF for b in block)
 
         def work() -> None:
-            chunk_blocks = max(1, (1 << 20) >> lu.block_shift)
+            # Each pass is flushed chunk by chunk: the pattern must reach the medium
+            # (not just the page cache) and dirty memory stays bounded.
+            chunk_blocks = max(1, (4 << 20) >> lu.block_shift)
             for i in range(count):
-                blk = inv if invert and i % 2 == 0 and count > 1 else block
-                if invert and count == 1:
-                    blk = block
+                # INVERT: the pattern is inverted between consecutive passes; the last
+                # pass writes it as given (SBC-3 5.30.2).
+                blk = inv if invert and (count - 1 - i) % 2 else block
                 buf = blk * chunk_blocks
                 pos = 0
                 while pos < size:
                     m = min(len(buf), size - pos)
-                    bs.write([memoryview(buf)[:m]], pos)
+                    bs.write([memoryview(buf)[:m]], pos, True)
                     pos += m
-            bs.flush()
 
     immed = bool(cdb[1] & 0x80)
-    lu.sanitizing = True
+    lu.sanitizing = True  # from now on medium access gets NOT READY, SANITIZE IN PROGRESS
 
-    def finished(_r: object) -> None:
-        lu.sanitizing = False
-        if not immed:
-            lu.done(task)
+    def guarded() -> BaseException | None:
+        try:
+            work()
+        except OSError as e:
+            return e
+        return None
 
-    def failed_or_done(fut_exc: BaseException | None) -> None:
+    def end(exc: BaseException | None) -> None:
         lu.sanitizing = False
-        lu.sanitize_failed = fut_exc is not None
+        lu.sanitize_failed = exc is not None  # until EXIT FAILURE MODE (SBC-3 4.11)
 
     if immed:
-        # Answer at once; the sanitize runs on and other commands see NOT READY until then.
-        def bg() -> None:
-            try:
-                work()
-            except BaseException as e:
-                lu.loop.call_soon_threadsafe(failed_or_done, e)
-                raise
-            lu.loop.call_soon_threadsafe(failed_or_done, None)
-
-        loop = lu.loop
-        loop.run_in_executor(None, bg)
+        # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires).
+        fut = lu.loop.run_in_executor(None, guarded)
+        fut.add_done_callback(lambda f: end(f.result() if not f.cancelled() else None))
         lu.done(task)
         return
 
-    def work_guarded() -> None:
-        try:
-            work()
-        except BaseException:
-            lu.sanitize_failed = True
-            raise
-        finally:
-            lu.sanitizing = False
+    def then(exc: BaseException | None) -> None:
+        end(exc)
+        if exc is not None:
+            raise S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
+        lu.done(task)
 
-    lu.exclusive(task, work_guarded)
+    lu.exclusive(task, guarded, then=then)
 
 
 _RW = F.MEDIUM | F.WRITE | F.PR_WRITE

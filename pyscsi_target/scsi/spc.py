@@ -113,9 +113,9 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         buf[5] = lumod.MAX_CAW_BLOCKS
         gran = 1 << lu.lbppbe
         struct.pack_into(">H", buf, 6, gran)
-        struct.pack_into(">I", buf, 8, lumod.MAX_XFER_BLOCKS_BYTES // bs)
+        struct.pack_into(">I", buf, 8, lumod.MAX_XFER_BLOCKS)
         struct.pack_into(">I", buf, 12, max(gran, (128 << 10) // bs))
-        struct.pack_into(">I", buf, 16, lumod.MAX_XFER_BLOCKS_BYTES // bs)  # max prefetch
+        struct.pack_into(">I", buf, 16, lumod.MAX_XFER_BLOCKS)  # max prefetch
         struct.pack_into(">I", buf, 20, lumod.MAX_UNMAP_LBA_COUNT_BYTES // bs)
         struct.pack_into(">I", buf, 24, lumod.MAX_UNMAP_DESCRIPTORS)
         # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
@@ -123,8 +123,9 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         struct.pack_into(">I", buf, 32, 0x80000000)  # UGAVALID, alignment 0
         struct.pack_into(">Q", buf, 36, 0)  # MAXIMUM WRITE SAME LENGTH: no limit
         struct.pack_into(">I", buf, 44, lumod.MAX_ATOMIC_BYTES // bs)
-        struct.pack_into(">I", buf, 48, 1)  # atomic alignment
-        struct.pack_into(">I", buf, 52, 1)  # atomic transfer length granularity
+        # Atomic writes are whole 4 KiB pages: aligned to and a multiple of them.
+        struct.pack_into(">I", buf, 48, max(1, 4096 // bs))  # atomic alignment
+        struct.pack_into(">I", buf, 52, max(1, 4096 // bs))  # atomic transfer length granularity
         return bytes(buf)
     if page == 0xB1:
         buf = bytearray(64)

@@ -108,12 +108,8 @@ def extended_copy(lu: LogicalUnit, task: ScsiTask) -> None:
         d = data[16 + 32 * i : 48 + 32 * i]
         if d[0] != CSCD_IDENT:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.UNSUPPORTED_TARGET_DESCRIPTOR_TYPE)
-        lu_id_type = (d[1] >> 6) & 0x03
-        nul = d[1] & 0x20
-        if lu_id_type != 0:
-            raise S.invalid_param(16 + 32 * i + 1, 7)
-        if nul:
-            raise _aborted()
+        # LU ID TYPE is ignored and NUL is obsolete in SPC-4: the designator alone
+        # names the logical unit.
         codeset, dtype, dlen = d[4] & 0x0F, d[5] & 0x0F, d[7]
         target = None
         if codeset == 0x01 and dtype == 0x03 and dlen in (8, 16):
