@@ -602,3 +602,15 @@ def test_overlong_security_value():
     m = LoginMachine(policy("CHAP"))
     r = Client(m).send(first_keys(AuthMethod="CHAP," * 100), csg=0)
     assert status(r) == 0x0200
+
+
+def test_oversized_login_pdu_is_initiator_error():
+    m = LoginMachine(policy())
+    reader = P.PDUReader(max_data=8192)
+    req = P.LoginRequest(isid=ISID, csg=0, itt=3, expstatsn=5)
+    req.data = encode_pairs(first_keys()) + b"X-pad=" + b"p" * 9000 + b"\0"
+    (ev,) = list(reader.feed(req.to_bytes()))
+    assert isinstance(ev, P.OversizedPDU)
+    (r,) = m.oversized(ev.pdu, ev.length)
+    assert (r.status_class, r.status_detail) == (2, 0) and r.itt == 3 and r.statsn == 5 and m.failed
+    assert m.oversized(ev.pdu, ev.length) == []

@@ -177,6 +177,14 @@ class LoginMachine:
             log.exception("login: internal error")
             return [self._fail(pdu, TARGET_ERROR, f"internal error: {type(e).__name__}")]
 
+    def oversized(self, pdu: PDU, length: int) -> list[PDU]:
+        """A login PDU whose data segment exceeded 8192 bytes (the framer skipped it):
+        RFC 7143 limits login data segments to the default MaxRecvDataSegmentLength, so
+        this is an initiator error (0x0200) rather than a silent drop."""
+        if self.failed or self.done:
+            return []
+        return [self._fail(pdu, INITIATOR_ERROR, f"login data segment of {length} bytes exceeds {LOGIN_DSL}")]
+
     # -- request handling ---------------------------------------------------------------
 
     def _receive(self, pdu: PDU) -> list[PDU]:
