@@ -311,3 +311,50 @@ def test_digests_and_data_digest_error(tmp_path: Path) -> None:
         await c.close()
 
     run(tmp_path, body)
+
+
+def test_malformed_before_login_dropped_parallel_session_unharmed(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        good = await Client.connect("127.0.0.1", port)
+        assert (await good.login(IQN)).status_class == 0
+        # A PDU other than Login before login: connection dropped.
+        bad = await Client.connect("127.0.0.1", port)
+        await bad.send(P.NopOut(itt=1, cmdsn=1))
+        assert await asyncio.wait_for(bad.r.read(), 5) == b""
+        # Random bytes: dropped too.
+        rnd = await Client.connect("127.0.0.1", port)
+        rnd.w.write(bytes((i * 37 + 11) & 0xFF for i in range(4096)))
+        assert await asyncio.wait_for(rnd.r.read(), 5) == b""
+        # A half-sent PDU then a close: nothing breaks.
+        half = await Client.connect("127.0.0.1", port)
+        half.w.write(P.NopOut(itt=1, cmdsn=1).to_bytes()[:20])
+        await half.close()
+        for _ in range(4):
+            (r,) = await good.scsi(bytes(6))
+            if r.status == 0:
+                break
+        assert r.status == 0
+        for cl in (bad, rnd, good):
+            await cl.close()
+
+    run(tmp_path, body)
+
+
+def test_shutdown_requests_logout(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = Engine(tmp_path, login_timeout=5)
+        await eng.apply(make_model(tmp_path, ["127.0.0.1:0"]))
+        port = eng.listen_addresses()[0][1]
+        c = await Client.connect("127.0.0.1", port)
+        assert (await c.login(IQN)).status_class == 0
+        assert len(eng.sessions()) == 1
+        stop = asyncio.create_task(eng.shutdown(grace=3))
+        msg = await c.recv()
+        assert isinstance(msg, P.AsyncMessage) and msg.event == 1 and msg.param3 == 3
+        await c.send(P.LogoutRequest(reason=0, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn))
+        assert (await c.recv()).response == 0
+        await asyncio.wait_for(stop, 5)
+        assert eng.sessions() == [] and eng.listen_addresses() == []
+        await c.close()
+
+    asyncio.run(main())

@@ -41,6 +41,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._in_batch = False
         self._flush_scheduled = False
         self._paused_writing = False
+        self._paused_reading = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._logout_deadline: float | None = None
@@ -117,13 +118,30 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         # The peer is not reading: stop taking new commands until our output drains.
         self._paused_writing = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read only while our output drains and the command backlog is bounded.
+
+        MaxCmdSN already limits numbered commands; immediate ones are not numbered, so a
+        flood of those is held off here by not reading."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        conn = self.conn
+        backlog = len(conn.session.tasks) if conn is not None else 0
+        limit = self.engine.queue_depth
+        if self._paused_reading:
+            if not self._paused_writing and backlog < limit:
+                self._paused_reading = False
+                t.resume_reading()
+        elif self._paused_writing or backlog >= 2 * limit:
+            self._paused_reading = True
+            t.pause_reading()
 
     # --- login phase ----------------------------------------------------------------------
 
@@ -240,6 +258,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             t.writelines(out)
         if self._close_after_flush or (conn is not None and conn.closing):
             t.close()  # close() still sends what is buffered
+        elif conn is not None and (self._paused_reading or len(conn.session.tasks) >= 2 * self.engine.queue_depth):
+            self._update_reading()
 
     def request_logout(self, within: int) -> None:
         """Shutdown: Async Message asking the initiator to log out within ``within`` s."""
