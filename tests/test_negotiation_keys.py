@@ -60,7 +60,7 @@ CASES = [
     ("TargetPortalGroupTag", "1", "Reject"),
     # FFP-only key during login
     ("SendTargets", "All", "Irrelevant"),
-    # obsolete markers (RFC 7143 13.26): never NotUnderstood
+    # obsolete markers (RFC 7143 13.25): never NotUnderstood
     ("IFMarker", "No", "No"), ("OFMarker", "Yes", "No"), ("OFMarker", "bogus", "Reject"),
     ("IFMarkInt", "2048~8192", "Reject"), ("OFMarkInt", "1", "Reject"),
     # iSER keys without RDMAExtensions
@@ -70,6 +70,8 @@ CASES = [
     # extensions and unknown keys
     ("X-com.example.Foo", "1", "NotUnderstood"), ("X#org.example.bar", "1", "NotUnderstood"),
     ("SomethingNew", "1", "NotUnderstood"),
+    # RFC 7143 13.26: a declarative, informational key
+    ("X#NodeArchitecture", "ExampleOS/v1234,ExampleInc_SW_Initiator/1.05a", None),
     # a reply constant is no offer: ignored
     ("MaxBurstLength", "NotUnderstood", None), ("ImmediateData", "Irrelevant", None),
 ]

@@ -24,7 +24,7 @@ What the machine does:
   (NSG 3); it follows the initiator's transit requests and holds T=0 while CHAP is
   incomplete;
 - C bit: request text spread over several PDUs is accumulated (an empty response with
-  T=0 acknowledges each partial PDU, RFC 7143 6.3.x), up to 64 KiB in total; a response
+  T=0 acknowledges each partial PDU, RFC 7143 11.12.2), up to 64 KiB in total; a response
   longer than 8192 bytes is sent in pieces with C=1 and the initiator fetches the rest
   with empty requests;
 - checks: version (0x0205), ISID/TSIH/CID constant over the login, CSG/NSG sequencing,

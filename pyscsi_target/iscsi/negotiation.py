@@ -13,14 +13,15 @@ Answering rules implemented here (RFC 7143 6.2-6.6, 13):
 - list keys: the first value of the initiator's list that we support; none -> Reject;
 - declarative keys: no answer (we record them); the target declares its own
   MaxRecvDataSegmentLength (``declarations``);
-- unknown keys, X- and X# extension keys -> ``NotUnderstood``;
+- unknown keys, X- and X# extension keys -> ``NotUnderstood``, except the RFC's own
+  declarative X#NodeArchitecture (13.26), which is recorded in ``extra``;
 - keys irrelevant in the context (session keys of a Discovery session, leading-only
   keys on a non-leading connection, FFP-only keys in login, iSER keys without
   RDMAExtensions, FirstBurstLength with InitialR2T=Yes and ImmediateData=No) ->
   ``Irrelevant``;
 - login-only keys offered in full feature phase and target-only keys sent by the
   initiator -> ``Reject``;
-- obsoleted RFC 3720 markers (RFC 7143 13.26): IFMarker/OFMarker -> ``No`` (the RFC's
+- obsoleted RFC 3720 markers (RFC 7143 13.25): IFMarker/OFMarker -> ``No`` (the RFC's
   permitted alternative to Reject that RFC 3720 initiators understand best),
   IFMarkInt/OFMarkInt -> ``Reject``; never NotUnderstood;
 - a key name longer than 63 bytes or with characters outside [A-Za-z0-9.-+@_], a pair
@@ -97,6 +98,7 @@ KEYS: dict[str, KeyDef] = {
     k.name: k
     for k in (
         # RFC 7143 13.1-13.26 (and 12 for the security keys).
+        KeyDef("X#NodeArchitecture", _D, _LO),
         KeyDef("HeaderDigest", Kind.LIST, _IO),
         KeyDef("DataDigest", Kind.LIST, _IO),
         KeyDef("MaxConnections", Kind.MIN, _LO, lo=1, hi=65535, discovery_irrelevant=True),
@@ -296,7 +298,7 @@ class Negotiator:
     def _answer(self, key: str, value: str, ffp: bool) -> str | None:
         kd = KEYS.get(key)
         if kd is None:
-            # Unknown, X- and X# extension keys (RFC 7143 6.2, 13.5.x).
+            # Unknown, X- and X# extension keys (RFC 7143 6.2, 13.22).
             if len(self.extra) < _MAX_EXTRA:
                 self.extra[key] = value[:MAX_VALUE]
             return NOT_UNDERSTOOD
@@ -319,7 +321,7 @@ class Negotiator:
         if self.session_type == "Discovery" and kd.discovery_irrelevant:
             return IRRELEVANT
         if kd.use is Use.LO and not self.leading:
-            return IRRELEVANT
+            return None if kd.kind is Kind.DECLARATIVE else IRRELEVANT
         if len(value.encode()) > kd.max_len:
             return REJECT
         kind = kd.kind
@@ -368,8 +370,9 @@ class Negotiator:
                 return REJECT
             self.declared[key] = str(n)
             return None
-        # InitiatorName, TargetName, SessionType (validated by the login machine), InitiatorAlias.
-        self.declared[key] = value
+        if key == "X#NodeArchitecture" and len(self.extra) < _MAX_EXTRA:
+            self.extra[key] = value  # informational (RFC 7143 13.26)
+        self.declared[key] = value  # InitiatorAlias, X#NodeArchitecture
         return None
 
     def declarations(self) -> list[tuple[str, str]]:
