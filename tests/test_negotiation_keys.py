@@ -216,6 +216,7 @@ def test_duplicates():
     check_duplicates([("A", "1"), ("B", "2")], seen)
     with pytest.raises(TextError):
         check_duplicates([("A", "3")], seen)
+    check_duplicates([("MaxRecvDataSegmentLength", "8192"), ("MaxRecvDataSegmentLength", "4096")], seen)
 
 
 @pytest.mark.parametrize("text,value", [("0", 0), ("42", 42), ("0x2A", 42), ("0xffffffffffffffff", 2**64 - 1),

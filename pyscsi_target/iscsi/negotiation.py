@@ -26,8 +26,8 @@ Answering rules implemented here (RFC 7143 6.2-6.6, 13):
   IFMarkInt/OFMarkInt -> ``Reject``; never NotUnderstood;
 - a key name longer than 63 bytes or with characters outside [A-Za-z0-9.-+@_], a pair
   without '=', a text that is not NUL-terminated, and a key offered twice in one login
-  (or one text negotiation) are protocol errors (``TextError``): login answers 0x0200,
-  a Text request gets a Reject PDU;
+  (or one text negotiation; only MaxRecvDataSegmentLength may be re-declared) are
+  protocol errors (``TextError``): login answers 0x0200, a Text request gets a Reject PDU;
 - values longer than 255 bytes (CHAP_C/CHAP_R: 8192) -> Reject.
 """
 
@@ -402,9 +402,14 @@ class Negotiator:
         )
 
 
+# Declaratives that may be re-declared (the last value counts); the UNH/Calsoft reading of
+# RFC 7143 6.3's "except for ... keys that explicitly allow repeated key declarations".
+REDECLARABLE = frozenset(("MaxRecvDataSegmentLength",))
+
+
 def check_duplicates(pairs: list[tuple[str, str]], seen: set[str]) -> None:
-    """RFC 7143 6.2: a key may be offered once per login / text negotiation."""
+    """RFC 7143 6.3: a key may be offered once per login / text negotiation."""
     for key, _v in pairs:
-        if key in seen:
+        if key in seen and key not in REDECLARABLE:
             raise TextError(f"key {key} offered twice")
         seen.add(key)
