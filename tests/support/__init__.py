@@ -1,0 +1,1 @@
+"""Test support: daemon fixture, tgtd helper, raw-PDU initiator, tool wrappers."""
