@@ -495,3 +495,99 @@ def test_async_logout_request() -> None:
     h.conn.request_logout(3)
     (msg,) = h.output()
     assert isinstance(msg, P.AsyncMessage) and msg.event == 1 and msg.param3 == 3 and msg.statsn == 100
+
+
+def test_data_in_gathers_across_scsi_buffers() -> None:
+    h = Harness(max_xmit_dsl=700, max_burst_length=262144)
+
+    def run(task: ScsiTask) -> None:
+        task.data_in = [b"a" * 300, bytearray(b"b" * 1000), memoryview(b"c" * 200)]
+        task.data_in_len = 1500
+        task.on_done(task)
+
+    h.dev.run = run  # type: ignore[method-assign]
+    out = h.send(h.cmd(rw10(0x28, 0, 3), read=True, edtl=1536))
+    assert [len(p.data) for p in out] == [700, 700, 100]
+    assert b"".join(bytes(p.data) for p in out) == b"a" * 300 + b"b" * 1000 + b"c" * 200
+    assert out[-1].has_status and out[-1].underflow and out[-1].residual == 36
+
+
+def test_bidi_command_residuals() -> None:
+    h = Harness(initial_r2t=True, immediate_data=True)
+
+    def run(task: ScsiTask) -> None:
+        assert task.bidi_read_len == 100 and bytes(task.data_out or b"") == b"x" * 512
+        task.xfer_len = 512
+        task.data_in = [b"r" * 64]
+        task.data_in_len = 64
+        task.on_done(task)
+
+    h.dev.run = run  # type: ignore[method-assign]
+    c = h.cmd(b"\x53", read=True, write=True, edtl=512, data=b"x" * 512)
+    c.ahs = [(P.AhsType.BIDI_READ_LENGTH, b"\0" + (100).to_bytes(4, "big"))]
+    out = h.send(c)
+    assert isinstance(out[0], P.DataIn) and not out[0].has_status and len(out[0].data) == 64
+    rsp = out[1]
+    assert isinstance(rsp, P.ScsiResponse) and rsp.bidi_underflow and rsp.bidi_residual == 36
+    assert not rsp.underflow and not rsp.overflow and rsp.expdatasn == 1
+
+
+def test_extended_cdb_ahs_reaches_scsi_layer() -> None:
+    h = Harness()
+    seen: list[bytes] = []
+
+    def run(task: ScsiTask) -> None:
+        seen.append(task.cdb)
+        task.on_done(task)
+
+    h.dev.run = run  # type: ignore[method-assign]
+    c = h.cmd(bytes(16))
+    c.cdb = bytes([0x7F]) + bytes(15)
+    c.ahs = [(P.AhsType.EXTENDED_CDB, b"\0" + bytes(range(1, 17)))]
+    (rsp,) = h.send(c)
+    assert rsp.status == 0 and seen[0] == bytes([0x7F]) + bytes(15) + bytes(range(1, 17))
+
+
+def test_non_scsi_pdus_held_in_cmdsn_order() -> None:
+    h = Harness()
+    a = h.cmd(bytes(6))
+    n = P.NopOut(itt=0x66, cmdsn=h.cmdsn)
+    h.cmdsn += 1
+    n.data = b"later"
+    assert h.send(n) == []  # CmdSN 11 before 10 arrived
+    out = h.send(a)
+    assert [type(p).__name__ for p in out] == ["ScsiResponse", "NopIn"]
+    assert bytes(out[1].data) == b"later"
+
+
+def test_duplicate_itt_rejected_and_cmdsn_consumed() -> None:
+    h = Harness()
+    h.dev.hold = True
+    a = h.cmd(bytes(6))
+    h.send(a)
+    dup = h.cmd(bytes(6))
+    dup.itt = a.itt
+    (rej,) = h.send(dup)
+    assert rej.reason == P.RejectReason.INVALID_PDU_FIELD
+    assert h.session.exp_cmdsn == 12
+
+
+def test_unsolicited_data_when_initial_r2t_yes_fails_command() -> None:
+    h = Harness(initial_r2t=True, immediate_data=True)
+    c = h.cmd(rw10(0x2A, 0, 2), write=True, edtl=2 * BS, data=bytes(BS), final=False)
+    out = h.send(c)
+    # No R2T: the command is doomed; its announced unsolicited burst is absorbed first.
+    assert out == []
+    (rsp,) = h.send(data_out(c.itt, P.RESERVED_TAG, 0, BS, bytes(BS), True))
+    assert rsp.status == 2 and rsp.data[2 + 12 : 2 + 14] == b"\x0c\x0c"
+
+
+def test_session_ends_tasks_on_connection_loss() -> None:
+    h = Harness()
+    h.dev.hold = True
+    h.send(h.cmd(bytes(6)))
+    assert len(h.session.tasks) == 1
+    h.conn.connection_lost()
+    assert h.session.tasks == {} and h.dev.pending[0].aborted
+    h.dev.finish()
+    assert h.conn.take_output() == []
