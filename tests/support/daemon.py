@@ -1,0 +1,205 @@
+"""Run the real pyscsi-target daemon as a subprocess for end-to-end tests.
+
+``Daemon`` starts ``python3 -m pyscsi_target serve --demo`` on free loopback ports with its
+own state dir, waits until the iSCSI portal and the REST API accept TCP, and on exit sends
+SIGTERM (clean shutdown path), then SIGKILL if it hangs.  The child also gets
+PR_SET_PDEATHSIG so a killed pytest never leaves a daemon behind.
+
+The REST admin password is fixed through ``PYSCSI_TARGET_ADMIN_PASSWORD`` so tests can
+configure CHAP, initiator groups etc. via the FreeNAS v1.0 API (``rest()``).
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .net import free_port, wait_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_IQN = "iqn.2026-11.org.pyscsi-target:demo"
+BASE_IQN = "iqn.2026-11.org.pyscsi-target"
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "pyscsi-test-admin-pw"
+FREENAS = "/api/v1.0/services/iscsi"
+
+# A log line is "<asctime> <LEVEL> <logger>: <message>"; these levels (or a traceback) fail a clean run.
+_BAD_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)|^\s*\w+Error: ")
+
+
+def _pdeathsig() -> None:
+    # Linux prctl(PR_SET_PDEATHSIG, SIGKILL): die with the test process.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class RestError(RuntimeError):
+    def __init__(self, status: int, body: str, method: str, path: str) -> None:
+        super().__init__(f"{method} {path} -> HTTP {status}: {body[:500]}")
+        self.status = status
+        self.body = body
+
+
+class Daemon:
+    """One daemon process.  Attributes: host, port, portal, api_url, iqn, state_dir, log_path."""
+
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        api_port: int | None = None,
+        demo: bool = True,
+        log_level: str = "info",
+        extra_args: Iterable[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.port = port or free_port(host)
+        self.api_port = api_port or free_port("127.0.0.1")
+        self.demo = demo
+        self.log_level = log_level
+        self.extra_args = list(extra_args)
+        self.env = env or {}
+        self.log_path = self.state_dir / "daemon.log"
+        self.iqn = DEMO_IQN
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
+
+    # --- addresses ---
+    @property
+    def portal(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def url(self, lun: int = 0, *, iqn: str | None = None, user: str | None = None, secret: str | None = None,
+            **query: str) -> str:
+        """libiscsi URL, e.g. url(0, user="u", secret="s", target_user=..., header_digest="crc32c")."""
+        creds = ""
+        if user is not None:
+            creds = f"{urllib.parse.quote(user, safe='')}%{urllib.parse.quote(secret or '', safe='')}@"
+        q = ("?" + "&".join(f"{k}={v}" for k, v in query.items())) if query else ""
+        return f"iscsi://{creds}{self.portal}/{iqn or self.iqn}/{lun}{q}"
+
+    # --- lifecycle ---
+    def start(self, timeout: float = 60.0) -> Daemon:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pyscsi_target", "serve", "--state-dir", str(self.state_dir),
+               "--portal", self.portal, "--api", f"127.0.0.1:{self.api_port}", "--log-level", self.log_level,
+               *(["--demo"] if self.demo else []), *self.extra_args]
+        env = {**os.environ, "PYSCSI_TARGET_ADMIN_USER": ADMIN_USER, "PYSCSI_TARGET_ADMIN_PASSWORD": ADMIN_PASSWORD,
+               "PYTHONUNBUFFERED": "1", **self.env}
+        env.pop("PYSCSI_TARGET_STATE_DIR", None)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=_pdeathsig)
+        try:
+            alive = self.alive
+            wait_port(self.host, self.port, timeout=timeout, alive=alive)
+            wait_port("127.0.0.1", self.api_port, timeout=timeout, alive=alive)
+        except BaseException as e:
+            self.stop()
+            if isinstance(e, Exception):
+                raise RuntimeError(f"daemon did not come up: {e}\n--- log tail ---\n{self.log_tail()}") from e
+            raise
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait, SIGKILL; returns the exit status (negative = killed by that signal)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return self.returncode
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        self.returncode = proc.returncode
+        return self.returncode
+
+    def __enter__(self) -> Daemon:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- log ---
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def bad_log_lines(self, allow: Iterable[str] = ()) -> list[str]:
+        allowed = [re.compile(a) for a in allow]
+        return [line for line in self.log_text().splitlines()
+                if _BAD_LINE.search(line) and not any(a.search(line) for a in allowed)]
+
+    def assert_clean_log(self, allow: Iterable[str] = ()) -> None:
+        """No WARNING/ERROR/CRITICAL line and no traceback, except lines matching an ``allow`` regex."""
+        bad = self.bad_log_lines(allow)
+        assert not bad, "daemon log has warnings/errors:\n" + "\n".join(bad[:40])
+
+    # --- REST (FreeNAS v1.0) ---
+    def rest(self, method: str, path: str, body: Any = None, *, prefix: str = FREENAS, timeout: float = 30) -> Any:
+        """``rest("POST", "authcredential/", {...})`` -> decoded JSON (None for an empty body)."""
+        url = f"{self.api_url}{prefix}/{path.lstrip('/')}"
+        token = base64.b64encode(f"{ADMIN_USER}:{ADMIN_PASSWORD}".encode()).decode()
+        req = urllib.request.Request(
+            url, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json",
+                     "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise RestError(e.code, e.read().decode(errors="replace"), method, path) from None
+        return json.loads(raw) if raw.strip() else None
+
+
+@contextmanager
+def running_daemon(state_dir: Path | str, **kw: Any) -> Iterator[Daemon]:
+    d = Daemon(state_dir, **kw)
+    d.start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def wait_for(pred: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
