@@ -358,3 +358,63 @@ def test_shutdown_requests_logout(tmp_path: Path) -> None:
         await c.close()
 
     asyncio.run(main())
+
+
+def test_connection_reinstatement_keeps_session(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        a = await Client.connect("127.0.0.1", port)
+        rsp = await a.login(IQN)
+        tsih = rsp.tsih
+        assert rsp.status_class == 0 and tsih
+        b = await Client.connect("127.0.0.1", port)
+        b.cmdsn = a.cmdsn
+        rsp = await b.login(IQN, tsih=tsih)  # same ISID, TSIH and CID: connection reinstatement
+        assert rsp.status_class == 0 and rsp.tsih == tsih
+        assert await asyncio.wait_for(a.r.read(), 5) == b""
+        assert eng.session_count(1) == 1 and eng.sessions()[0]["tsih"] == tsih
+        for _ in range(4):
+            (r,) = await b.scsi(bytes(6))
+            if r.status == 0:
+                break
+        assert r.status == 0
+        for cl in (a, b):
+            await cl.close()
+
+    run(tmp_path, body)
+
+
+def test_keepalive_pings_idle_and_drops_dead(tmp_path: Path) -> None:
+    async def main() -> None:
+        eng = Engine(tmp_path, nop_interval=0.2, nop_timeout=0.3, login_timeout=5)
+        await eng.apply(make_model(tmp_path, ["127.0.0.1:0"]))
+        port = eng.listen_addresses()[0][1]
+        try:
+            alive = await Client.connect("127.0.0.1", port)
+            assert (await alive.login(IQN)).status_class == 0
+            dead = await Client.connect("127.0.0.1", port)
+            assert (await dead.login(IQN, isid=0x400000000002)).status_class == 0
+            # The live one answers every ping for a while.
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.2
+            pings = 0
+            while loop.time() < end:
+                try:
+                    p = await alive.recv(timeout=end - loop.time())
+                except TimeoutError:
+                    break
+                assert isinstance(p, P.NopIn) and p.itt == P.RESERVED_TAG and p.ttt != P.RESERVED_TAG
+                pings += 1
+                ans = P.NopOut(itt=P.RESERVED_TAG, ttt=p.ttt, cmdsn=alive.cmdsn, expstatsn=alive.statsn, lun=p.lun)
+                ans.immediate = True
+                await alive.send(ans)
+            assert pings >= 2
+            # The silent one got a ping, never answered, and was dropped.
+            data = await asyncio.wait_for(dead.r.read(), 5)
+            assert data == b"" or data[0] & 0x3F == P.Op.NOP_IN
+            assert eng.session_count(1) == 1
+            for cl in (alive, dead):
+                await cl.close()
+        finally:
+            await eng.shutdown(grace=0.2)
+
+    asyncio.run(main())
