@@ -198,6 +198,8 @@ def test_parse_pairs_roundtrip_and_empty_items():
     assert parse_pairs(encode_pairs(pairs)) == pairs
     assert parse_pairs(b"A=1\0\0\0B=2\0") == [("A", "1"), ("B", "2")]
     assert parse_pairs(b"") == []
+    assert parse_pairs(b"X#NodeArchitecture=a\0X-com.example.k=b\0") == [("X#NodeArchitecture", "a"),
+                                                                         ("X-com.example.k", "b")]
 
 
 @pytest.mark.parametrize("data", [b"A=1", b"A\0", b"=1\0", b"K" * 64 + b"=1\0", b"A B=1\0", b"A=\xc3\0",

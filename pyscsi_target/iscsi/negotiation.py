@@ -24,7 +24,7 @@ Answering rules implemented here (RFC 7143 6.2-6.6, 13):
 - obsoleted RFC 3720 markers (RFC 7143 13.25): IFMarker/OFMarker -> ``No`` (the RFC's
   permitted alternative to Reject that RFC 3720 initiators understand best),
   IFMarkInt/OFMarkInt -> ``Reject``; never NotUnderstood;
-- a key name longer than 63 bytes or with characters outside [A-Za-z0-9.-+@_], a pair
+- a key name longer than 63 bytes or with characters outside [A-Za-z0-9.-+@_#], a pair
   without '=', a text that is not NUL-terminated, and a key offered twice in one login
   (or one text negotiation; only MaxRecvDataSegmentLength may be re-declared) are
   protocol errors (``TextError``): login answers 0x0200, a Text request gets a Reject PDU;
@@ -51,7 +51,8 @@ IRRELEVANT = "Irrelevant"
 REJECT = "Reject"
 _ANSWER_CONSTANTS = (NOT_UNDERSTOOD, IRRELEVANT, REJECT)
 
-_KEY_RE = re.compile(rb"[A-Za-z0-9.\-+@_]+")
+# standard-label characters plus '#' for the X#/Y#/Z# public extension formats (RFC 7143 6.1, 13.22).
+_KEY_RE = re.compile(rb"[A-Za-z0-9.\-+@_#]+")
 _DEC_RE = re.compile(r"[0-9]{1,20}")
 _HEX_RE = re.compile(r"0[xX][0-9a-fA-F]{1,16}")
 
