@@ -914,9 +914,13 @@ class Connection:
         self._send_pdu(msg)
 
     def announce_drop(self) -> None:
-        """Async Message event 2: this connection is about to be dropped."""
+        """Async Message event 3: every connection of the session is about to be dropped
+        (with MaxConnections=1 that is this one); Time2Wait/Time2Retain tell the initiator
+        when it may come back and how long task state would be kept."""
+        if self.closed:
+            return
         p = self.session.params
-        msg = self._stamp(P.AsyncMessage(event=2, param1=self.cid, param2=p.default_time2wait,
+        msg = self._stamp(P.AsyncMessage(event=3, param1=0, param2=p.default_time2wait,
                                          param3=p.default_time2retain))
         self._send_pdu(msg)
 

@@ -585,7 +585,7 @@ class Engine:
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
         for proto in list(self.connections):
-            proto.close(abort_tasks=True)
+            proto.close(abort_tasks=True, announce=True)
         # Let running SCSI tasks finish (their responses go nowhere) before closing LUs.
         await asyncio.sleep(0)
         for s in list(self._sessions.values()):

@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOGIN_MAX_DATA = 8192  # MaxRecvDataSegmentLength before negotiation (RFC 7143 13.12)
+# Initial receive buffer: holds hundreds of command PDUs per recv and keeps an idle
+# session small (issue 5: < 256 KiB each); the framer grows it for large Data-Out PDUs.
+READ_BUFFER = 32 * 1024
 
 
 class IscsiProtocol(asyncio.BufferedProtocol):
     def __init__(self, engine: Engine, listener: Listener) -> None:
         self.engine = engine
         self.listener = listener
-        self.reader = PDUReader(max_data=LOGIN_MAX_DATA)
+        self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER)
         self.transport: asyncio.Transport | None = None
         self.conn: Connection | None = None
         self.login: Any = None
@@ -213,7 +216,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         now = self.loop.time()
         if self._logout_deadline is not None and now >= self._logout_deadline:
             log.info("%s: no logout after the async logout request, dropping", self.peer)
-            self.close(abort_tasks=True, hard=True)
+            conn.announce_drop()
+            self.close(abort_tasks=True)
             return
         idle = now - self._last_rx
         if conn.ping_ttt is not None and idle >= self.engine.nop_timeout:
@@ -274,7 +278,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._timer = self.loop.call_later(within, self._keepalive)
         self._flush()
 
-    def close(self, abort_tasks: bool = False, hard: bool = False) -> None:
+    def close(self, abort_tasks: bool = False, hard: bool = False, announce: bool = False) -> None:
+        if self.conn is not None and announce:
+            self.conn.announce_drop()
         if self.conn is not None and abort_tasks:
             self.conn.abort_all()
         if hard and self.transport is not None:
