@@ -614,3 +614,15 @@ def test_oversized_login_pdu_is_initiator_error():
     (r,) = m.oversized(ev.pdu, ev.length)
     assert (r.status_class, r.status_detail) == (2, 0) and r.itt == 3 and r.statsn == 5 and m.failed
     assert m.oversized(ev.pdu, ev.length) == []
+
+
+def test_extension_keys_through_the_wire():
+    m = LoginMachine(policy())
+    c = Client(m)
+    r = c.send(first_keys(**{"X#NodeArchitecture": "Linux/6.1,open-iscsi/2.1", "X-com.example.Opt": "1",
+                             "X#org.example.Thing": "y"}), csg=1, nsg=3, transit=1)
+    assert status(r) == 0 and m.done
+    d = kv(r)
+    assert "X#NodeArchitecture" not in d  # declarative: recorded, not answered
+    assert d["X-com.example.Opt"] == "NotUnderstood" and d["X#org.example.Thing"] == "NotUnderstood"
+    assert m.result.params.extra["X#NodeArchitecture"] == "Linux/6.1,open-iscsi/2.1"
