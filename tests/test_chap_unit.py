@@ -117,3 +117,11 @@ def test_challenges_are_random():
         s = ChapServer([], mutual_required=False)
         seen.add(dict(s.step({"CHAP_A": "5"}))["CHAP_C"])
     assert len(seen) == 20
+
+
+def test_empty_secret_never_authenticates():
+    s = ChapServer([AuthCredential(1, 1, "u", "")], mutual_required=False)
+    out = dict(s.step({"CHAP_A": "5"}))
+    r = chap_digest(5, int(out["CHAP_I"]), b"", decode_binary(out["CHAP_C"]))
+    with pytest.raises(ChapError):
+        s.step({"CHAP_N": "u", "CHAP_R": encode_hex(r)})

@@ -146,6 +146,8 @@ class ChapServer:
         matched: AuthCredential | None = None
         # Check every candidate so that timing does not reveal which names exist.
         for cred in self.credentials:
+            if not cred.secret:
+                continue  # an empty secret would authenticate anyone knowing the user name
             expect = chap_digest(alg, self.ident, cred.secret.encode(), self.challenge)
             if hmac.compare_digest(expect, response) and cred.user == user and matched is None:
                 matched = cred
