@@ -28,7 +28,10 @@ api() {
     case $code in 2??|303) printf '%s' "$body" ;; *) return 1 ;; esac
 }
 gun() { python3 -c "import json,sys; print(json.load(sys.stdin)['iscsiTarget']['globalUniqueName'])"; }
-login() { iscsi-ls -s "iscsi://$CHAP_USER%$CHAP_SECRET@$PORTAL/$1/0"; }
+# A normal-session login to LUN 0 (CHAP credentials are ignored by a target without CHAP).
+login() { iscsi-inq "iscsi://$CHAP_USER%$CHAP_SECRET@$PORTAL/$1/0" | grep 'Peripheral Device Type'; }
+# Discovery (SendTargets) on the portal; the workflow's portal has no discovery authentication.
+discover() { iscsi-ls "iscsi://$PORTAL"; }
 
 oid=$(api GET "$BASE" | python3 -c "
 import json, sys
@@ -47,8 +50,8 @@ login "$iqn"
 
 echo "--- 3. regenerateGUN: discovery shows the new IQN"
 new_iqn=$(api PATCH "$BASE/$oid" '{"regenerateGUN": true}' | gun)
-iscsi-ls "iscsi://$CHAP_USER%$CHAP_SECRET@$PORTAL" | grep -F "$new_iqn"
-if iscsi-ls "iscsi://$CHAP_USER%$CHAP_SECRET@$PORTAL" | grep -qF "Target:$iqn "; then
+discover | grep -F "Target:$new_iqn "
+if discover | grep -qF "Target:$iqn "; then
     echo "ERROR: the old IQN is still listed" >&2; exit 1
 fi
 echo "OK: $iqn is now $new_iqn"

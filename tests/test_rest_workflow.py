@@ -101,6 +101,7 @@ def test_workflow_through_both_apis_and_restart(tmp_path: Path) -> None:
         hn = run_script("hnas-workflow.sh", api, new_portal)
         assert hn.returncode == 0, hn.stdout + hn.stderr
         assert "OK:" in hn.stdout
+        assert "(514)" in hn.stdout  # login status 0x0202 (forbidden) while accessConfig excluded us
         before = {p: get(api, p) for p in paths}
         iqn = next(t for t in before["/v9/storage/iscsi-targets"]["iscsiTargets"] if t["alias"] == "wf")[
             "globalUniqueName"
