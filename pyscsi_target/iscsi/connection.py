@@ -574,6 +574,14 @@ class Connection:
             exp_in = cmd.bidi_len if cmd.write else cmd.edtl
             have = task.data_in_len
             send = min(have, exp_in)
+            if send:
+                # Never trust a length over the buffers actually handed back.
+                bufs = task.data_in
+                avail = len(bufs[0]) if len(bufs) == 1 else sum(len(b) for b in bufs)
+                if avail < send:
+                    log.error("%s: CDB %s: data_in_len %d but %d bytes of data", self.peer, cmd.cdb[:1].hex(),
+                              have, avail)
+                    send = avail
             if have > exp_in:
                 rflags, rres = _O, have - exp_in
             elif have < exp_in:
