@@ -48,9 +48,10 @@ def test_send_targets_empty_value():
     assert answer([("SendTargets", "")]) == []  # a discovery session has no target of its own
 
 
-def test_send_targets_all_in_normal_session():
-    assert [v for k, v in answer([("SendTargets", "All")], session_type="Normal", target_iqn=T1)
-            if k == "TargetName"] == [T1, T2]
+def test_normal_session_reports_only_its_own_target():
+    for value in ("All", "", T1):
+        assert answer([("SendTargets", value)], session_type="Normal", target_iqn=T1) == [("TargetName", T1), *ADDRS]
+    assert answer([("SendTargets", T2)], session_type="Normal", target_iqn=T1) == []
 
 
 def test_other_keys_in_text():

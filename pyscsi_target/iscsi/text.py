@@ -4,10 +4,12 @@ Three entry points, from the key level up:
 
 ``answer_text(pairs, policy=..., session_type=..., initiator_name=..., target_iqn=...,
 negotiator=...) -> pairs``
-    Answers one complete request's keys.  ``SendTargets=All`` lists every target the
-    initiator may see, ``SendTargets=<iqn>`` that target (nothing if it is not visible),
-    ``SendTargets=`` the session's own target (nothing in a Discovery session); each target
-    gives ``TargetName=`` then one ``TargetAddress=addr:port,tpgt`` per portal, from
+    Answers one complete request's keys.  In a Discovery session ``SendTargets=All`` lists
+    every target the initiator may see, ``SendTargets=<iqn>`` that target (nothing if it is
+    not visible) and ``SendTargets=`` nothing.  In a Normal session every form reports only
+    the session's own target (RFC 3720 appendix D, kept by RFC 7143: an operational session
+    MUST NOT return other targets), and a foreign name gets nothing.  Each target gives
+    ``TargetName=`` then one ``TargetAddress=addr:port,tpgt`` per portal, from
     ``policy.send_targets``.  Other keys go through ``Negotiator.respond(ffp=True)``:
     MaxRecvDataSegmentLength and InitiatorAlias may be redeclared, login-only keys get
     ``Reject``, unknown/X- keys ``NotUnderstood``.  A key repeated within one negotiation
@@ -74,17 +76,19 @@ def answer_text(pairs: list[tuple[str, str]], *, policy: LoginPolicy, session_ty
         if key != "SendTargets":
             out += negotiator.respond([(key, value)], ffp=True)
             continue
-        if value == "":
-            if session_type == "Discovery" or not target_iqn:
-                continue  # no session target to describe
-            which = target_iqn
-        elif value == "All":
-            which = "All"
-        elif len(value.encode()) > MAX_ISCSI_NAME:
+        if len(value.encode()) > MAX_ISCSI_NAME:
             out.append((key, REJECT))
             continue
+        if session_type == "Discovery":
+            if value == "":
+                continue  # a discovery session has no target of its own to describe
+            which = value  # "All" or one target name
         else:
-            which = value
+            # RFC 3720 App. D / RFC 7143: an operational session reports only the target it
+            # is logged in to, whatever it asks ("All", its own name or nothing).
+            if not target_iqn or value not in ("", "All", target_iqn):
+                continue
+            which = target_iqn
         out += send_targets_pairs(policy, initiator_name, which)
     return out
 
