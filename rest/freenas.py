@@ -9,6 +9,7 @@ leaves a value as it is, ids accepted as strings, ``{"field": ["message"]}`` err
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from pyscsi_target.config.service import ConfigError, ConfigService
 from .common import SERVICE_KEY, BadJSON, add_route, json_response, read_object
 
 BASE = "/api/v1.0/services/iscsi"
+_ID_RE = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: int() would take "²" or 5000 digits badly
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 
@@ -234,10 +236,7 @@ def _page(request: web.Request, items: list[Any]) -> list[Any] | web.Response:
         if raw is None or raw == "":
             values[name] = default
             continue
-        try:
-            value = int(raw)
-        except ValueError:
-            value = -1
+        value = int(raw) if re.fullmatch(r"[0-9]{1,18}", raw) else -1
         if value < 0:
             msg = f"Invalid {name} '{raw[:40]}' provided. Please provide a positive integer."
             return json_response({"error": msg}, 400)
@@ -265,9 +264,9 @@ def _list_handler(res: Resource) -> Callable[..., Any]:
 def _get_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service = request.app[SERVICE_KEY]
-        try:
-            obj = getattr(service.model, res.kind)[int(request.match_info["id"])]
-        except (KeyError, ValueError):
+        raw = request.match_info["id"]
+        obj = getattr(service.model, res.kind).get(int(raw)) if _ID_RE.match(raw) else None
+        if obj is None:
             return json_response({"error": f"{res.label} not found."}, 404)
         return json_response(res.serialize(service.model, obj))
 
@@ -294,7 +293,7 @@ def _update_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service: ConfigService = request.app[SERVICE_KEY]
         obj_id = request.match_info["id"]
-        if not obj_id.isdigit() or int(obj_id) not in getattr(service.model, res.kind):
+        if not _ID_RE.match(obj_id) or int(obj_id) not in getattr(service.model, res.kind):
             return json_response({"error": f"{res.label} not found."}, 404)
         try:
             body = await read_object(request)
@@ -313,7 +312,7 @@ def _delete_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service: ConfigService = request.app[SERVICE_KEY]
         obj_id = request.match_info["id"]
-        if not obj_id.isdigit() or int(obj_id) not in getattr(service.model, res.kind):
+        if not _ID_RE.match(obj_id) or int(obj_id) not in getattr(service.model, res.kind):
             return json_response({"error": f"{res.label} not found."}, 404)
         kwargs: dict[str, Any] = {}
         if res.name == "extent":

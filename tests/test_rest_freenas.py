@@ -560,6 +560,10 @@ async def test_auth_and_extra_endpoints(tmp_path: Path) -> None:
         for method, path in (("GET", f"{FN}/target/999/"), ("PUT", f"{FN}/target/abc/"), ("DELETE", f"{FN}/extent/7/")):
             status, body, headers = await h.call(method, path, {})
             assert status == 404 and headers["Content-Type"].startswith("application/json"), (method, path)
+        for odd in ("9" * 5000, "%C2%B2", "-1", "1.0", "0x1"):
+            for method in ("GET", "PUT", "DELETE"):
+                status, _, _ = await h.call(method, f"{FN}/target/{odd}/", {})
+                assert status == 404, (method, odd[:10])
         status, body, _ = await h.call("POST", f"{FN}/target/", raw="[1, 2]")
         assert status == 400
         status, body, _ = await h.call("POST", f"{FN}/target/", raw=b"\xff\xfe")
