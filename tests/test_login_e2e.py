@@ -125,3 +125,19 @@ def test_discovery_chap(daemon):
         assert r.returncode == 0 and f"Target:{TARGET}" in r.stdout
     finally:
         daemon.rest("PUT", "portal/1/", {"iscsi_target_portal_discoveryauthmethod": "None"})
+
+
+def test_unknown_target_and_forbidden_initiator(daemon):
+    r = run("iscsi-inq", f"iscsi://127.0.0.1:{daemon.port}/iqn.2026-11.org.pyscsi-target:nosuch/0")
+    assert r.returncode != 0 and "(515)" in r.stdout + r.stderr  # 0x0203 target not found
+    ig = daemon.rest("POST", "authorizedinitiator/", {
+        "iscsi_target_initiator_initiators": "iqn.2026-11.org.example:allowed",
+        "iscsi_target_initiator_auth_network": "ALL"})
+    daemon.rest("PUT", "targetgroup/1/", {"iscsi_target_initiatorgroup": ig["id"]})
+    try:
+        denied = run("iscsi-inq", "-i", "iqn.2026-11.org.example:other", f"iscsi://127.0.0.1:{daemon.port}/{TARGET}/0")
+        assert denied.returncode != 0 and "(514)" in denied.stdout + denied.stderr  # 0x0202 authorization failure
+        ok = run("iscsi-inq", "-i", "iqn.2026-11.org.example:allowed", f"iscsi://127.0.0.1:{daemon.port}/{TARGET}/0")
+        assert ok.returncode == 0 and "DIRECT_ACCESS" in ok.stdout
+    finally:
+        daemon.rest("PUT", "targetgroup/1/", {"iscsi_target_initiatorgroup": None})
