@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pyscsi_target.scsi.device import ScsiDevice
 
 log = logging.getLogger(__name__)
+_DEBUG = bool(os.environ.get('PYSCSI_DEBUG_SCSI'))
 
 ITKey = tuple[str, int]  # (SCSI initiator port name, relative target port id)
 
@@ -226,6 +227,9 @@ class LogicalUnit:
         if self.tasks.get(k) is task:
             del self.tasks[k]
         self.ordered_running.discard(task)
+        if _DEBUG:
+            log.warning("DBG op=%02x status=%#x sense=%s aborted=%s", task.cdb[0], task.status,
+                        task.sense.hex() if task.sense else None, task.aborted)
         cb = task.on_done
         task.on_done = None
         if cb is not None:

@@ -1,0 +1,653 @@
+"""SCSI layer unit tests: ScsiDevice driven with ScsiTask objects, no iSCSI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_scsi_support import Harness, MemoryPrStore, make_extent, nexus, pr_in, pr_out, rw10, rw16
+
+from pyscsi_target.scsi import sense as S
+from pyscsi_target.scsi.device import ScsiDevice
+from pyscsi_target.scsi.lu import open_logical_unit
+from pyscsi_target.scsi.task import TaskAttr
+
+GOOD, CC, RC = 0x00, 0x02, 0x18
+
+
+def run(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an async test body on a fresh loop with a Harness built from tmp_path."""
+
+    def wrapper(tmp_path: Path) -> None:
+        async def main() -> None:
+            h = Harness(tmp_path)
+            try:
+                await h.clear_ua(h.a)
+                await h.clear_ua(h.b)
+                await fn(h)
+            finally:
+                h.close()
+
+        asyncio.run(main())
+
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+def check(r: Any, key: int, code: tuple[int, int]) -> None:
+    assert r.status == CC, r
+    assert r.key_asc == (key, *code), r.key_asc
+
+
+# --- INQUIRY, VPD, REPORT LUNS ------------------------------------------------------
+
+
+@run
+async def test_standard_inquiry(h: Harness) -> None:
+    r = await h.cmd(bytes((0x12, 0, 0, 1, 4, 0)))
+    assert r.status == GOOD and len(r.data) == 96
+    d = r.data
+    assert d[0] == 0x00 and d[2] == 0x06 and d[3] & 0x0F == 2 and d[4] == 91
+    assert d[5] & 0x30 == 0x10 and d[5] & 0x08  # TPGS implicit, 3PC
+    assert d[8:16] == b"PYSCSI  "
+    assert struct.unpack_from(">4H", d, 58) == (0x00A0, 0x0960, 0x0460, 0x04C0)
+    # allocation length truncates, no error
+    r = await h.cmd(bytes((0x12, 0, 0, 0, 5, 0)))
+    assert r.status == GOOD and len(r.data) == 5 and r.task.data_in_len == 5
+    # page code without EVPD is invalid
+    check(await h.cmd(bytes((0x12, 0, 0x80, 0, 255, 0))), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+@run
+async def test_vpd_pages(h: Harness) -> None:
+    r = await h.cmd(bytes((0x12, 1, 0x00, 0, 255, 0)))
+    pages = list(r.data[4:])
+    assert pages == sorted(pages) and {0x80, 0x83, 0xB0, 0xB1, 0xB2, 0x8F} <= set(pages)
+    r = await h.cmd(bytes((0x12, 1, 0x83, 0, 255, 0)))
+    body = r.data[4:]
+    types = []
+    while body:
+        types.append((body[1] >> 4 & 3, body[1] & 0x0F))
+        if body[1] & 0x0F == 3:
+            assert body[4:12] == h.lu.naa
+        body = body[4 + body[3] :]
+    assert (0, 3) in types and (1, 4) in types and (1, 5) in types and (1, 8) in types and (2, 8) in types
+    bl = (await h.cmd(bytes((0x12, 1, 0xB0, 0, 64, 0)))).data
+    assert bl[3] == 0x3C and struct.unpack_from(">I", bl, 20)[0] > 0  # max unmap LBA count
+    lbp = (await h.cmd(bytes((0x12, 1, 0xB2, 0, 64, 0)))).data
+    assert lbp[5] & 0xE4 == 0xE4  # LBPU LBPWS LBPWS10 LBPRZ
+    bdc = (await h.cmd(bytes((0x12, 1, 0xB1, 0, 64, 0)))).data
+    assert struct.unpack_from(">H", bdc, 4)[0] == 1  # SSD
+    check(await h.cmd(bytes((0x12, 1, 0x42, 0, 255, 0))), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+@run
+async def test_unmapped_lun_and_report_luns(h: Harness) -> None:
+    r = await h.cmd(bytes((0x12, 0, 0, 0, 96, 0)), lun=5)
+    assert r.status == GOOD and r.data[0] == 0x7F  # qualifier 011b, type 1Fh
+    check(await h.cmd(bytes(6), lun=5), S.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED)
+    r = await h.cmd(bytes((0x03, 0, 0, 0, 18, 0)), lun=5)
+    assert r.status == GOOD and S.sense_key_asc(r.data) == (S.ILLEGAL_REQUEST, 0x25, 0)
+    rl = struct.pack(">BBBxxxIxx", 0xA0, 0, 0, 256)
+    r = await h.cmd(rl)
+    assert r.data[:8] == struct.pack(">I4x", 8) and r.data[8:16] == bytes(8)
+    r = await h.cmd(struct.pack(">BBBxxxIxx", 0xA0, 0, 2, 256))
+    assert r.data[16:18] == b"\xc1\x01"
+    # the REPORT LUNS well-known LUN, addressed by its raw 64-bit LUN field
+    r = await h.cmd(rl, lun=0xC101 << 48)
+    assert r.status == GOOD
+    r = await h.cmd(bytes((0x12, 0, 0, 0, 96, 0)), lun=0xC101 << 48)
+    assert r.data[0] == 0x1E
+    check(await h.cmd(struct.pack(">BBBxxxIxx", 0xA0, 0, 7, 256)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    check(await h.cmd(struct.pack(">BBBxxxIxx", 0xA0, 0, 0, 8)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+@run
+async def test_report_luns_changed_ua(h: Harness) -> None:
+    h.dev.set_luns({0: h.lu, 3: h.lu})
+    check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.REPORTED_LUNS_DATA_HAS_CHANGED)
+    # REPORT LUNS clears it for nexus b
+    await h.cmd(struct.pack(">BBBxxxIxx", 0xA0, 0, 0, 256), nx=h.b)
+    assert (await h.cmd(bytes(6), nx=h.b)).status == GOOD
+
+
+@run
+async def test_unknown_opcode_and_naca(h: Harness) -> None:
+    r = await h.cmd(bytes((0xFF, 0, 0, 0, 0, 0)))
+    check(r, S.ILLEGAL_REQUEST, S.INVALID_COMMAND_OPERATION_CODE)
+    assert r.sense[15] == 0xC0  # SKSV, C/D: field pointer into the CDB
+    check(await h.cmd(bytes((0, 0, 0, 0, 0, 0x04))), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    check(await h.cmd(bytes(6), attr=TaskAttr.ACA), S.ILLEGAL_REQUEST, S.INVALID_MESSAGE_ERROR)
+    check(await h.cmd(bytes((0x9E, 0x1F)) + bytes(14)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+# --- READ / WRITE / capacity ----------------------------------------------------------
+
+
+@run
+async def test_read_write_roundtrip_and_ranges(h: Harness) -> None:
+    blocks = h.lu.num_blocks
+    payload = os.urandom(8 * 512)
+    assert (await h.cmd(rw10(0x2A, 100, 8), payload)).status == GOOD
+    r = await h.cmd(rw16(0x88, 100, 8))
+    assert r.status == GOOD and r.data == payload
+    r = await h.cmd(struct.pack(">BBIIBB", 0xA8, 0, 100, 8, 0, 0))  # READ(12)
+    assert r.data == payload
+    r = await h.cmd(bytes((0x08, 0, 0, 100, 8, 0)))  # READ(6)
+    assert r.data == payload
+    check(await h.cmd(rw10(0x28, blocks - 1, 2)), S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    check(await h.cmd(rw16(0x88, 2**64 - 1, 1)), S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    check(await h.cmd(rw10(0x28, blocks + 1, 0)), S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    assert (await h.cmd(rw10(0x28, 0, 0))).status == GOOD
+    check(await h.cmd(rw10(0x28, 0, 1, 0x20)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)  # RDPROTECT
+    check(await h.cmd(rw10(0x2A, 0, 1, 0x40), bytes(512)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    # READ CAPACITY
+    r = await h.cmd(bytes((0x25,)) + bytes(9))
+    assert struct.unpack(">II", r.data) == (blocks - 1, 512)
+    r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))
+    last, bs, _p, exp, flags = struct.unpack_from(">QIBBH", r.data)
+    assert (last, bs, exp) == (blocks - 1, 512, 3) and flags & 0xC000 == 0xC000  # LBPME LBPRZ
+
+
+@run
+async def test_short_data_out_writes_only_whole_blocks(h: Harness) -> None:
+    await h.cmd(rw10(0x2A, 0, 2), b"a" * 1024)
+    r = await h.cmd(rw10(0x2A, 0, 2), b"b" * 512, expected_len=512)
+    assert r.status == GOOD and r.task.xfer_len == 1024
+    assert (await h.cmd(rw10(0x28, 0, 2))).data == b"b" * 512 + b"a" * 512
+
+
+@run
+async def test_fua_and_synchronize_cache(h: Harness) -> None:
+    assert (await h.cmd(rw10(0x2A, 0, 1, 0x08), b"f" * 512)).status == GOOD
+    assert (await h.cmd(rw10(0x35, 0, 0))).status == GOOD
+    check(await h.cmd(rw10(0x35, h.lu.num_blocks, 1)), S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    assert (await h.cmd(rw16(0x91, 0, 8))).status == GOOD
+
+
+@run
+async def test_verify_and_write_verify(h: Harness) -> None:
+    data = os.urandom(1024)
+    await h.cmd(rw10(0x2A, 10, 2), data)
+    assert (await h.cmd(rw10(0x2F, 10, 2, 0x02), data)).status == GOOD  # BYTCHK=1
+    bad = bytearray(data)
+    bad[700] ^= 1
+    r = await h.cmd(rw10(0x2F, 10, 2, 0x02), bytes(bad))
+    check(r, S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY)
+    assert r.sense[0] & 0x80 and struct.unpack_from(">I", r.sense, 3)[0] == 700
+    assert (await h.cmd(rw10(0x2F, 10, 2))).status == GOOD  # BYTCHK=0: medium check
+    check(await h.cmd(rw10(0x2F, 10, 2, 0x04)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)  # BYTCHK=2
+    await h.cmd(rw10(0x2A, 20, 2), b"z" * 1024)
+    assert (await h.cmd(rw10(0x2F, 20, 2, 0x06), b"z" * 512)).status == GOOD  # BYTCHK=3
+    assert (await h.cmd(rw10(0x2E, 30, 1, 0x02), b"w" * 512)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 30, 1))).data == b"w" * 512
+
+
+@run
+async def test_compare_and_write(h: Harness) -> None:
+    await h.cmd(rw10(0x2A, 5, 1), b"o" * 512)
+    cdb = struct.pack(">BBQxxxBxB", 0x89, 0, 5, 1, 0)
+    assert (await h.cmd(cdb, b"o" * 512 + b"n" * 512)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 5, 1))).data == b"n" * 512
+    r = await h.cmd(cdb, b"o" * 512 + b"x" * 512)
+    check(r, S.MISCOMPARE, S.MISCOMPARE_DURING_VERIFY)
+    assert struct.unpack_from(">I", r.sense, 3)[0] == 0
+    assert (await h.cmd(rw10(0x28, 5, 1))).data == b"n" * 512  # nothing written
+    check(await h.cmd(cdb, b"n" * 512 * 4), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)  # data-out size
+
+
+@run
+async def test_compare_and_write_is_atomic_against_writes(h: Harness) -> None:
+    await h.cmd(rw10(0x2A, 0, 1), b"0" * 512)
+    cdb = struct.pack(">BBQxxxBxB", 0x89, 0, 0, 1, 0)
+    # Many CAWs racing with plain writes of the same block: every CAW either sees exactly
+    # the value it compares against or fails cleanly; the block never tears.
+    jobs = []
+    for _ in range(20):
+        jobs.append(h.cmd(cdb, b"0" * 512 + b"1" * 512))
+        jobs.append(h.cmd(rw10(0x2A, 0, 1), b"0" * 512))
+    results = await asyncio.gather(*jobs)
+    assert all(r.status in (GOOD, CC) for r in results)
+    final = (await h.cmd(rw10(0x28, 0, 1))).data
+    assert final in (b"0" * 512, b"1" * 512)
+
+
+# --- thin provisioning ----------------------------------------------------------------
+
+
+async def _lba_status(h: Harness, lba: int) -> list[tuple[int, int, int]]:
+    r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x12, lba, 4096, 0, 0))
+    assert r.status == GOOD
+    n = (struct.unpack_from(">I", r.data)[0] - 4) // 16
+    return [struct.unpack_from(">QIB", r.data, 8 + 16 * i) for i in range(n)]
+
+
+@run
+async def test_unmap_and_get_lba_status(h: Harness) -> None:
+    desc = await _lba_status(h, 0)
+    assert desc[0] == (0, h.lu.num_blocks, 1)  # a fresh sparse extent is all deallocated
+    await h.cmd(rw10(0x2A, 0, 64), b"\xff" * 64 * 512)
+    desc = await _lba_status(h, 0)
+    assert desc[0] == (0, 64, 0) and desc[1][2] == 1
+    param = struct.pack(">HH4xQI4x", 22, 16, 16, 16)
+    assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x42, 0, len(param), 0), param)).status == GOOD
+    desc = await _lba_status(h, 0)
+    assert desc[:3] == [(0, 16, 0), (16, 16, 1), (32, 32, 0)]
+    assert (await h.cmd(rw10(0x28, 16, 16))).data == bytes(16 * 512)
+    check(await _unmap_raw(h, struct.pack(">HH4xQI4x", 22, 16, h.lu.num_blocks, 1)),
+          S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    check(await _unmap_raw(h, b"\0\0"), S.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+    check(await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x12, h.lu.num_blocks, 64, 0, 0)),
+          S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+
+
+async def _unmap_raw(h: Harness, param: bytes) -> Any:
+    return await h.cmd(struct.pack(">BBxxxxxHB", 0x42, 0, len(param), 0), param)
+
+
+@run
+async def test_write_same(h: Harness) -> None:
+    pattern = bytes(range(256)) * 2
+    cdb = struct.pack(">BBIBHB", 0x41, 0, 200, 0, 10, 0)
+    assert (await h.cmd(cdb, pattern)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 200, 10))).data == pattern * 10
+    # UNMAP bit deallocates, and the blocks read back as zeroes (LBPRZ)
+    cdb = struct.pack(">BBIBHB", 0x41, 0x08, 200, 0, 8, 0)
+    assert (await h.cmd(cdb, bytes(512))).status == GOOD
+    assert (await h.cmd(rw10(0x28, 200, 8))).data == bytes(8 * 512)
+    assert (await _lba_status(h, 200))[0] == (200, 8, 1)
+    # ANCHOR without ANC_SUP; data-out not exactly one block
+    check(await h.cmd(struct.pack(">BBIBHB", 0x41, 0x18, 0, 0, 1, 0), bytes(512)),
+          S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    check(await h.cmd(struct.pack(">BBIBHB", 0x41, 0x08, 0, 0, 1, 0), bytes(1024)),
+          S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    # zero blocks = to the end of the medium (WSNZ=0)
+    last = h.lu.num_blocks - 3
+    await h.cmd(rw16(0x8A, last, 3), b"\xee" * 1536)
+    assert (await h.cmd(struct.pack(">BBQIBB", 0x93, 0x08, last, 0, 0, 0), bytes(512))).status == GOOD
+    assert (await h.cmd(rw16(0x88, last, 3))).data == bytes(1536)
+
+
+# --- mode pages, sense format, write protect ----------------------------------------
+
+
+async def _control_page(h: Harness, pc: int = 0) -> bytes:
+    r = await h.cmd(bytes((0x1A, 0x08, (pc << 6) | 0x0A, 0, 255, 0)))
+    assert r.status == GOOD
+    return r.data[4:]
+
+
+async def _select_control(h: Harness, page: bytes) -> Any:
+    data = bytes(4) + page
+    return await h.cmd(bytes((0x15, 0x10, 0, 0, len(data), 0)), data)
+
+
+@run
+async def test_mode_sense_pages(h: Harness) -> None:
+    r = await h.cmd(bytes((0x1A, 0, 0x3F, 0, 255, 0)))
+    assert r.status == GOOD and r.data[0] == len(r.data) - 1 and r.data[3] == 8
+    assert r.data[2] & 0x10  # DPOFUA
+    r = await h.cmd(struct.pack(">BBBBxxxHB", 0x5A, 0x10, 0x3F, 0, 1024, 0))  # LLBAA
+    assert struct.unpack_from(">H", r.data, 6)[0] == 16
+    r = await h.cmd(bytes((0x1A, 0, 0x3F, 0, 4, 0)))
+    assert len(r.data) == 4 and r.task.data_in_len == 4
+    ch = await _control_page(h, 1)
+    assert ch[2] & 0x04 and ch[4] & 0x08  # D_SENSE and SWP are changeable
+    check(await h.cmd(bytes((0x1A, 0, 0x2B, 0, 255, 0))), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+@run
+async def test_d_sense_selects_descriptor_format(h: Harness) -> None:
+    page = bytearray(await _control_page(h))
+    page[2] |= 0x04
+    assert (await _select_control(h, bytes(page))).status == GOOD
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.MODE_PARAMETERS_CHANGED)
+    r = await h.cmd(rw16(0x88, 2**64 - 1, 1))
+    assert r.sense[0] == 0x72 and r.key_asc == (S.ILLEGAL_REQUEST, 0x21, 0)
+    # changing a bit that is not changeable is refused
+    page[3] ^= 0x02
+    check(await _select_control(h, bytes(page)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_PARAMETER_LIST)
+
+
+@run
+async def test_swp_write_protects(h: Harness) -> None:
+    page = bytearray(await _control_page(h))
+    page[4] |= 0x08
+    assert (await _select_control(h, bytes(page))).status == GOOD
+    check(await h.cmd(rw10(0x2A, 0, 1), bytes(512)), S.DATA_PROTECT, S.WRITE_PROTECTED)
+    assert (await h.cmd(rw10(0x28, 0, 1))).status == GOOD
+    r = await h.cmd(bytes((0x1A, 0, 0x3F, 0, 255, 0)))
+    assert r.data[2] & 0x80  # WP
+
+
+@run
+async def test_request_sense_reports_and_clears_ua(h: Harness) -> None:
+    h.lu.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
+    r = await h.cmd(bytes((0x03, 0, 0, 0, 252, 0)))
+    assert r.status == GOOD and S.sense_key_asc(r.data) == (S.UNIT_ATTENTION, 0x2A, 0x09)
+    r = await h.cmd(bytes((0x03, 1, 0, 0, 252, 0)))  # DESC=1, nothing pending
+    assert r.data[0] == 0x72 and r.data[1] == 0
+    assert (await h.cmd(bytes(6))).status == GOOD
+
+
+# --- reservations -----------------------------------------------------------------
+
+
+@run
+async def test_persistent_reservation_between_two_nexuses(h: Harness) -> None:
+    cdb, data = pr_out(0x00, 0, 0xAAAA)
+    assert (await h.cmd(cdb, data)).status == GOOD
+    cdb, data = pr_out(0x00, 0, 0xBBBB)
+    assert (await h.cmd(cdb, data, nx=h.b)).status == GOOD
+    r = await h.cmd(pr_in(0x00))
+    gen, length = struct.unpack_from(">II", r.data)
+    assert gen == 2 and sorted(struct.unpack_from(">2Q", r.data, 8)) == [0xAAAA, 0xBBBB]
+    # a reads-keeps-working WRITE EXCLUSIVE reservation by a
+    cdb, data = pr_out(0x01, 0xAAAA, 0, rtype=1)
+    assert (await h.cmd(cdb, data)).status == GOOD
+    r = await h.cmd(pr_in(0x01))
+    assert struct.unpack_from(">IIQ", r.data)[1:] == (16, 0xAAAA) and r.data[21] == 1
+    assert (await h.cmd(rw10(0x28, 0, 1), nx=h.b)).status == GOOD
+    assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512), nx=h.b)).status == RC
+    assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512))).status == GOOD
+    # wrong key -> conflict; b preempts a and gets the reservation
+    cdb, data = pr_out(0x01, 0x1234, 0, rtype=1)
+    assert (await h.cmd(cdb, data, nx=h.b)).status == RC
+    cdb, data = pr_out(0x04, 0xBBBB, 0xAAAA, rtype=3)
+    assert (await h.cmd(cdb, data, nx=h.b)).status == GOOD
+    check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.REGISTRATIONS_PREEMPTED)
+    assert (await h.cmd(rw10(0x28, 0, 1))).status == RC  # exclusive access now, a unregistered
+    # READ FULL STATUS shows b as holder with an iSCSI TransportID
+    r = await h.cmd(pr_in(0x03))
+    assert r.data[8:16] == struct.pack(">Q", 0xBBBB) and r.data[20] & 0x01 and r.data[21] == 3
+    assert b"iqn.1994-05.com.example:b,i,0x23d000000002" in r.data
+    # CLEAR
+    cdb, data = pr_out(0x03, 0xBBBB, 0)
+    assert (await h.cmd(cdb, data, nx=h.b)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 0, 1))).status == GOOD
+
+
+@run
+async def test_pr_capabilities_and_errors(h: Harness) -> None:
+    r = await h.cmd(pr_in(0x02))
+    assert struct.unpack_from(">H", r.data)[0] == 8 and r.data[2] & 0x01  # PTPL_C
+    check(await h.cmd(pr_in(0x07)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    cdb, data = pr_out(0x00, 0, 1)
+    check(await h.cmd(cdb[:5] + struct.pack(">I", 23) + cdb[9:], data[:23]),
+          S.ILLEGAL_REQUEST, S.PARAMETER_LIST_LENGTH_ERROR)
+    cdb, data = pr_out(0x01, 5, 0, rtype=1)
+    assert (await h.cmd(cdb, data)).status == RC  # not registered
+
+
+@pytest.mark.parametrize("rtype,b_reads,b_writes", [(1, True, False), (3, False, False), (5, True, True),
+                                                   (6, True, True), (7, True, True), (8, True, True)])
+def test_pr_access_by_type(tmp_path: Path, rtype: int, b_reads: bool, b_writes: bool) -> None:
+    async def body(h: Harness) -> None:
+        c = nexus("iqn.1994-05.com.example:c", 0x23D000000003)
+        h.dev.add_nexus(c)
+        await h.clear_ua(c)
+        for nx, key in ((h.a, 1), (h.b, 2)):
+            cdb, data = pr_out(0x00, 0, key)
+            assert (await h.cmd(cdb, data, nx=nx)).status == GOOD
+        cdb, data = pr_out(0x01, 1, 0, rtype=rtype)
+        assert (await h.cmd(cdb, data)).status == GOOD
+        # b is registered, c is not
+        assert ((await h.cmd(rw10(0x28, 0, 1), nx=h.b)).status == GOOD) == b_reads
+        assert ((await h.cmd(rw10(0x2A, 0, 1), bytes(512), nx=h.b)).status == GOOD) == b_writes
+        assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512), nx=c)).status == RC
+        assert ((await h.cmd(rw10(0x28, 0, 1), nx=c)).status == GOOD) == (rtype in (1, 5, 7))
+        assert (await h.cmd(bytes(6), nx=c)).status == GOOD  # TEST UNIT READY always allowed
+
+    asyncio.run(_with_harness(tmp_path, body))
+
+
+async def _with_harness(tmp_path: Path, body: Callable[[Harness], Awaitable[None]], **kw: Any) -> None:
+    h = Harness(tmp_path, **kw)
+    try:
+        await h.clear_ua(h.a)
+        await h.clear_ua(h.b)
+        await body(h)
+    finally:
+        h.close()
+
+
+def test_pr_aptpl_survives_reopen(tmp_path: Path) -> None:
+    store = MemoryPrStore()
+    seen: list[Any] = []
+
+    async def first(h: Harness) -> None:
+        seen.append(h.ext)
+        cdb, data = pr_out(0x00, 0, 0x77, flags=0x01)  # APTPL
+        assert (await h.cmd(cdb, data)).status == GOOD
+        cdb, data = pr_out(0x01, 0x77, 0, rtype=3)
+        assert (await h.cmd(cdb, data)).status == GOOD
+
+    asyncio.run(_with_harness(tmp_path, first, store=store))
+
+    async def second() -> None:
+        lu = open_logical_unit(seen[0], store)
+        dev = ScsiDevice("iqn.2026-11.org.pyscsi-target:unit")
+        dev.set_luns({0: lu})
+        assert lu.pr.regs and lu.pr.reservation is not None and lu.pr.reservation.type == 3
+        assert lu.pr.aptpl
+        dev.close()
+        lu.close()
+
+    asyncio.run(second())
+
+
+@run
+async def test_reserve6_release6(h: Harness) -> None:
+    assert (await h.cmd(bytes((0x16, 0, 0, 0, 0, 0)))).status == GOOD
+    assert (await h.cmd(bytes(6), nx=h.b)).status == RC
+    assert (await h.cmd(bytes((0x12, 0, 0, 0, 96, 0)), nx=h.b)).status == GOOD
+    assert (await h.cmd(bytes((0x16, 0, 0, 0, 0, 0)), nx=h.b)).status == RC
+    assert (await h.cmd(bytes((0x17, 0, 0, 0, 0, 0)), nx=h.b)).status == GOOD  # no-op
+    assert (await h.cmd(bytes(6), nx=h.b)).status == RC
+    h.dev.nexus_lost(h.a)  # I_T nexus loss releases it
+    assert (await h.cmd(bytes(6), nx=h.b)).status == GOOD
+
+
+# --- task management --------------------------------------------------------------
+
+
+@run
+async def test_lun_reset_releases_and_raises_ua(h: Harness) -> None:
+    await h.cmd(bytes((0x16, 0, 0, 0, 0, 0)))
+    assert h.dev.lun_reset(h.a, 0) == 0
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.BUS_DEVICE_RESET_OCCURRED)
+    assert (await h.cmd(bytes(6), nx=h.b)).status == GOOD
+    assert h.dev.lun_reset(h.a, 9) == 2  # NO_SUCH_LUN
+
+
+@run
+async def test_ordered_task_waits_and_abort_task_set(h: Harness) -> None:
+    loop = asyncio.get_running_loop()
+    done: list[int] = []
+    from pyscsi_target.scsi.task import ScsiTask
+
+    def mk(tag: int, cdb: bytes, attr: TaskAttr, data: bytes | None = None) -> ScsiTask:
+        return ScsiTask(h.a, 0, cdb, tag, attr, len(data) if data else 4096, data,
+                        lambda t: done.append(t.tag))
+
+    # a write goes to the thread pool; an ORDERED TUR must wait for it
+    h.dev.submit(mk(1, rw10(0x2A, 0, 8), TaskAttr.SIMPLE, bytes(4096)))
+    h.dev.submit(mk(2, bytes(6), TaskAttr.ORDERED))
+    h.dev.submit(mk(3, bytes(6), TaskAttr.SIMPLE))
+    assert 2 not in done and 3 not in done
+    h.dev.submit(mk(4, bytes(6), TaskAttr.HEAD_OF_QUEUE))
+    assert 4 in done
+    for _ in range(100):
+        if 3 in done:
+            break
+        await asyncio.sleep(0.01)
+    assert done.index(1) < done.index(2) < done.index(3)
+    # abort a queued task: it completes at once with aborted set
+    t5 = mk(5, rw10(0x2A, 0, 8), TaskAttr.SIMPLE, bytes(4096))
+    t6 = mk(6, bytes(6), TaskAttr.ORDERED)
+    h.dev.submit(t5)
+    h.dev.submit(t6)
+    assert h.dev.abort_task(h.a, 0, 6) == 0 and t6.aborted and 6 in done
+    assert h.dev.abort_task(h.a, 0, 99) == 1
+    await asyncio.sleep(0.05)
+    _ = loop
+
+
+@run
+async def test_start_stop_unit(h: Harness) -> None:
+    assert (await h.cmd(bytes((0x1B, 0, 0, 0, 0x00, 0)))).status == GOOD
+    check(await h.cmd(bytes(6)), S.NOT_READY, S.LUN_NOT_READY_INIT_REQUIRED)
+    assert (await h.cmd(bytes((0x12, 0, 0, 0, 96, 0)))).status == GOOD
+    assert (await h.cmd(bytes((0x1B, 0, 0, 0, 0x01, 0)))).status == GOOD
+    assert (await h.cmd(bytes(6))).status == GOOD
+
+
+@run
+async def test_sanitize_block_erase_and_overwrite(h: Harness) -> None:
+    await h.cmd(rw10(0x2A, 0, 4), b"s" * 2048)
+    assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x02, 0, 0))).status == GOOD
+    assert (await _lba_status(h, 0))[0] == (0, h.lu.num_blocks, 1)
+    param = struct.pack(">BxH", 1, 4) + b"\xde\xad\xbe\xef"
+    assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x01, len(param), 0), param)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 7, 1))).data == b"\xde\xad\xbe\xef" * 128
+    check(await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x03, 0, 0)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+
+@run
+async def test_report_supported_opcodes(h: Harness) -> None:
+    r = await h.cmd(struct.pack(">BBBBHIxB", 0xA3, 0x0C, 0x80, 0, 0, 65535, 0))
+    assert r.status == GOOD
+    n = struct.unpack_from(">I", r.data)[0]
+    ops = set()
+    pos = 4
+    while pos < 4 + n:
+        op, _r, sa, _r2, flags, cdblen = struct.unpack_from(">BBHBBH", r.data, pos)
+        ops.add((op, sa if flags & 1 else None))
+        assert flags & 0x02  # CTDP with RCTD
+        pos += 8 + 12
+    assert {(0x28, None), (0x89, None), (0x9E, 0x10), (0x48, 0x02), (0x83, 0x00)} <= ops
+    r = await h.cmd(struct.pack(">BBBBHIxB", 0xA3, 0x0C, 0x01, 0x28, 0, 64, 0))
+    assert r.data[1] & 0x07 == 3 and r.data[4] == 0x28
+    check(await h.cmd(struct.pack(">BBBBHIxB", 0xA3, 0x0C, 0x01, 0x9E, 0x10, 64, 0)),
+          S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    r = await h.cmd(struct.pack(">BBBBHIxB", 0xA3, 0x0D, 0, 0, 0, 16, 0))
+    assert r.data[0] & 0x08  # LURS
+
+
+@run
+async def test_report_target_port_groups(h: Harness) -> None:
+    h.dev.set_portal_groups([1, 2])
+    r = await h.cmd(struct.pack(">BBxxxxIxB", 0xA3, 0x0A, 1024, 0))
+    assert struct.unpack_from(">I", r.data)[0] == 2 * 12
+    assert struct.unpack_from(">H", r.data, 6)[0] == 1 and struct.unpack_from(">H", r.data, 18)[0] == 2
+
+
+@run
+async def test_extended_copy_between_lus(h: Harness) -> None:
+    tmp = Path(h.ext.path).parent
+    other = open_logical_unit(make_extent(tmp, name="dst"), h.store)
+    try:
+        h.dev.set_luns({0: h.lu, 1: other})
+        await h.clear_ua(h.a)
+        await h.clear_ua(h.a, lun=1)
+        src = os.urandom(16 * 512)
+        await h.cmd(rw10(0x2A, 0, 16), src)
+
+        def cscd(naa: bytes) -> bytes:
+            return bytes((0xE4, 0, 0, 0, 0x01, 0x03, 0, 8)) + naa + bytes(12) + bytes((0, 0, 2, 0))
+
+        seg = struct.pack(">BBHHHxxHQQ", 0x02, 0, 0x18, 0, 1, 16, 0, 100)
+        tds = cscd(h.lu.naa) + cscd(other.naa)
+        param = struct.pack(">BBHxxxxII", 7, 0, len(tds), len(seg), 0) + tds + seg
+        cdb = struct.pack(">BBxxxxxxxxIxB", 0x83, 0, len(param), 0)
+        r = await h.cmd(cdb, param)
+        assert r.status == GOOD, r
+        assert (await h.cmd(rw10(0x28, 100, 16), lun=1)).data == src
+        r = await h.cmd(struct.pack(">BBBxxxxxxxIxB", 0x84, 0x00, 7, 64, 0))
+        assert r.data[4] == 0x01 and struct.unpack_from(">H", r.data, 5)[0] == 1
+        # unknown list identifier, unknown LU, too many segments
+        check(await h.cmd(struct.pack(">BBBxxxxxxxIxB", 0x84, 0x00, 8, 64, 0)),
+              S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        bad = cscd(b"\x39" * 8) + cscd(other.naa)
+        param = struct.pack(">BBHxxxxII", 8, 0, len(bad), len(seg), 0) + bad + seg
+        check(await h.cmd(struct.pack(">BBxxxxxxxxIxB", 0x83, 0, len(param), 0), param),
+              S.COPY_ABORTED, S.COPY_TARGET_DEVICE_NOT_REACHABLE)
+        segs = seg * 17
+        param = struct.pack(">BBHxxxxII", 9, 0, len(tds), len(segs), 0) + tds + segs
+        check(await h.cmd(struct.pack(">BBxxxxxxxxIxB", 0x83, 0, len(param), 0), param),
+              S.ILLEGAL_REQUEST, S.TOO_MANY_SEGMENT_DESCRIPTORS)
+    finally:
+        other.close()
+
+
+def test_read_only_extent(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        check(await h.cmd(rw10(0x2A, 0, 1), bytes(512)), S.DATA_PROTECT, S.WRITE_PROTECTED)
+        check(await _unmap_raw(h, struct.pack(">HH4xQI4x", 22, 16, 0, 1)), S.DATA_PROTECT, S.WRITE_PROTECTED)
+        assert (await h.cmd(rw10(0x28, 0, 1))).status == GOOD
+        r = await h.cmd(bytes((0x1A, 0, 0x3F, 0, 255, 0)))
+        assert r.data[2] & 0x80
+
+    async def main() -> None:
+        ext = make_extent(tmp_path, name="ro")
+        ext.ro = True
+        h = Harness.__new__(Harness)
+        h.store = MemoryPrStore()
+        h.ext = ext
+        h.lu = open_logical_unit(ext, h.store)
+        h.dev = ScsiDevice("iqn.2026-11.org.pyscsi-target:ro")
+        h.dev.set_luns({0: h.lu})
+        h.a = nexus(target="iqn.2026-11.org.pyscsi-target:ro")
+        h.b = nexus("iqn.1994-05.com.example:b", 2, target="iqn.2026-11.org.pyscsi-target:ro")
+        h.dev.add_nexus(h.a)
+        await h.clear_ua()
+        try:
+            await body(h)
+        finally:
+            h.close()
+
+    asyncio.run(main())
+
+
+def test_4096_byte_blocks(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))
+        last, bs, _p, exp, _f = struct.unpack_from(">QIBBH", r.data)
+        assert bs == 4096 and exp == 0 and last == (64 << 20) // 4096 - 1
+        data = os.urandom(3 * 4096)
+        assert (await h.cmd(rw10(0x2A, 5, 3), data)).status == GOOD
+        assert (await h.cmd(rw10(0x28, 5, 3))).data == data
+        param = struct.pack(">HH4xQI4x", 22, 16, 6, 1)
+        assert (await _unmap_raw(h, param)).status == GOOD
+        assert (await _lba_status(h, 5))[:3] == [(5, 1, 0), (6, 1, 1), (7, 1, 0)]
+        assert (await h.cmd(rw10(0x28, 6, 1))).data == bytes(4096)
+
+    asyncio.run(_with_harness(tmp_path, body, blocksize=4096))
+
+
+def test_capacity_change_ua(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        ext = h.ext
+        ext.filesize = str(128 << 20)
+        h.lu.update(ext)
+        check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.CAPACITY_DATA_HAS_CHANGED)
+        r = await h.cmd(bytes((0x25,)) + bytes(9))
+        assert struct.unpack(">II", r.data)[0] == (128 << 20) // 512 - 1
+
+    asyncio.run(_with_harness(tmp_path, body))
+
+
+def test_thin_threshold_ua(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        # 64 MiB LU, threshold 1 %: writing 1 MiB crosses it once
+        await h.cmd(rw10(0x2A, 0, 2048), b"t" * (1 << 20))
+        await h.cmd(rw10(0x2A, 4096, 1), b"t" * 512)
+        check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
+        assert (await h.cmd(bytes(6))).status == GOOD
+
+    asyncio.run(_with_harness(tmp_path, body, avail_threshold=1))
