@@ -610,3 +610,39 @@ async def test_concurrent_same_name_posts(tmp_path: Path) -> None:
             )
         )
         assert sorted(r[0] for r in results) == [201, 409, 409, 409]
+
+
+@aio
+async def test_disk_extent_on_a_loop_device(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import pytest
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"")
+    os.truncate(image, 8 << 20)
+    if shutil.which("losetup") is None:
+        pytest.skip("losetup not available")
+    made = subprocess.run(["losetup", "-f", "--show", str(image)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a loop device: {made.stderr.strip()}")
+    dev = made.stdout.strip()
+    try:
+        async with harness(tmp_path / "state") as h:
+            body = {
+                "iscsi_target_extent_type": "Disk",
+                "iscsi_target_extent_name": "zvolextent",
+                "iscsi_target_extent_disk": dev.removeprefix("/dev/"),
+            }
+            status, out, _ = await h.call("POST", f"{FN}/extent/", body)
+            assert status == 201, out
+            assert out["iscsi_target_extent_type"] == "Disk" and out["iscsi_target_extent_path"] == dev
+            assert out["iscsi_target_extent_filesize"] == "0"
+            assert h.engine.last.extents[out["id"]].path == dev
+            status, out, _ = await h.call(
+                "POST", f"{FN}/extent/", {**body, "iscsi_target_extent_name": "again", "iscsi_target_extent_disk": dev}
+            )
+            assert status == 409 and "iscsi_target_extent_disk" in out
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)

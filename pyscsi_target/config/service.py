@@ -1088,7 +1088,8 @@ class ConfigService:
             if other.naa == e.naa:
                 raise ConflictError({"naa": ["Extent naa must be unique"]})
             if other.path == e.path:
-                raise ConflictError({"path": [f"{e.path} is already used by extent {other.name}."]})
+                field = "disk" if e.type == "Disk" else "path"
+                raise ConflictError({field: [f"{e.path} is already used by extent {other.name}."]})
         return e, size
 
     def _realise_file(self, e: Extent, size: int | None) -> bool:
