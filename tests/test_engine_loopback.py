@@ -317,14 +317,24 @@ def test_malformed_before_login_dropped_parallel_session_unharmed(tmp_path: Path
     async def body(eng: Engine, port: int) -> None:
         good = await Client.connect("127.0.0.1", port)
         assert (await good.login(IQN)).status_class == 0
-        # A PDU other than Login before login: connection dropped.
+        # A PDU other than Login before login: Login reject 0x020b, then the connection closes.
         bad = await Client.connect("127.0.0.1", port)
         await bad.send(P.NopOut(itt=1, cmdsn=1))
+        rej = await bad.recv()
+        assert isinstance(rej, P.LoginResponse) and (rej.status_class, rej.status_detail) == (2, 0x0B)
         assert await asyncio.wait_for(bad.r.read(), 5) == b""
-        # Random bytes: dropped too.
+        # Random bytes: a reject or a drop, and the connection ends.
         rnd = await Client.connect("127.0.0.1", port)
         rnd.w.write(bytes((i * 37 + 11) & 0xFF for i in range(4096)))
-        assert await asyncio.wait_for(rnd.r.read(), 5) == b""
+        data = await asyncio.wait_for(rnd.r.read(), 5)
+        assert data == b"" or data[0] == P.Op.LOGIN_RSP
+        # A data segment over 8192 bytes during login: Login reject 0x0200.
+        big = await Client.connect("127.0.0.1", port)
+        req = P.LoginRequest(transit=1, csg=1, nsg=3, isid=bytes(6), itt=1)
+        req.data = bytes(9000)
+        await big.send(req)
+        rej = await big.recv()
+        assert isinstance(rej, P.LoginResponse) and (rej.status_class, rej.status_detail) == (2, 0)
         # A half-sent PDU then a close: nothing breaks.
         half = await Client.connect("127.0.0.1", port)
         half.w.write(P.NopOut(itt=1, cmdsn=1).to_bytes()[:20])
@@ -334,7 +344,7 @@ def test_malformed_before_login_dropped_parallel_session_unharmed(tmp_path: Path
             if r.status == 0:
                 break
         assert r.status == 0
-        for cl in (bad, rnd, good):
+        for cl in (bad, rnd, big, good):
             await cl.close()
 
     run(tmp_path, body)

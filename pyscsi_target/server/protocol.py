@@ -150,15 +150,21 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     def _login_event(self, ev: Any) -> bool:
         """Handle one event before full feature phase; True once login completed."""
-        if not isinstance(ev, P.LoginRequest):
-            # Only Login Requests are allowed before full feature phase (RFC 7143 6.2).
-            log.info("%s: %r before login completed, dropping", self.peer, ev)
+        login = self.login
+        if isinstance(ev, P.OversizedPDU):
+            # A data segment over the 8192 bytes allowed during login: Login reject 0x0200.
+            responses = login.oversized(ev.pdu, ev.length)
+        elif isinstance(ev, P.PDU):
+            # Any other PDU before full feature phase is answered by the login machine
+            # with Login reject 0x020b (RFC 7143 6.2: invalid during login).
+            if isinstance(ev.data, memoryview):
+                ev.data = bytes(ev.data)
+            responses = login.receive(ev)
+        else:  # digest errors cannot happen before digests are negotiated
+            log.info("%s: %r during login, dropping", self.peer, ev)
             self._close_after_flush = True
             return False
-        if isinstance(ev.data, memoryview):
-            ev.data = bytes(ev.data)
-        login = self.login
-        for rsp in login.receive(ev):
+        for rsp in responses:
             self._login_out.extend(rsp.to_buffers())
         if login.failed:
             self._close_after_flush = True  # a login reject ends the connection (RFC 7143 11.13.5)
