@@ -610,33 +610,23 @@ class PDUReader:
             ahs_len = view[s + 4] * 4
             dsl = int.from_bytes(view[s + 5 : s + 8], "big")
             hlen = BHS_LEN + ahs_len + hd
-            if dsl > self.max_data:
-                if avail < hlen:
-                    self._ensure(hlen)
-                    return
-                if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(
-                    view[s : s + BHS_LEN + ahs_len]
-                ):
-                    self.broken = True
-                    yield DigestError("header", None)
-                    return
-                pdu = decode_bhs(view[s : s + BHS_LEN])
-                self._start = s + hlen
-                self._skip = dsl + pad_len(dsl) + (dd if dsl else 0)
-                yield OversizedPDU(pdu, dsl)
-                continue
             dlen = dsl + pad_len(dsl) + (dd if dsl else 0)
-            total = hlen + dlen
+            oversized = dsl > self.max_data
+            # An oversized PDU is framed from its header alone; its data is skipped.
+            total = hlen if oversized else hlen + dlen
             if avail < total:
                 self._ensure(total)
                 return
-            if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(
-                view[s : s + BHS_LEN + ahs_len]
-            ):
+            if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(view[s : s + BHS_LEN + ahs_len]):
                 self.broken = True
                 yield DigestError("header", None)
                 return
             pdu = decode_bhs(view[s : s + BHS_LEN])
+            if oversized:
+                self._start = s + hlen
+                self._skip = dlen
+                yield OversizedPDU(pdu, dsl)
+                continue
             if ahs_len:
                 try:
                     pdu.ahs = decode_ahs(view[s + BHS_LEN : s + BHS_LEN + ahs_len])
