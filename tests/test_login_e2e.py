@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(shutil.which("iscsi-inq") is None or shutil.whic
                                 reason="libiscsi-bin not installed")
 
 
-class Daemon:
+class LoginDaemon:
     def __init__(self, state: Path) -> None:
         self.port, self.api = free_port(), free_port()
         self.log = open(state / "daemon.log", "wb")  # noqa: SIM115 - closed in stop()
@@ -60,8 +60,8 @@ class Daemon:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = Daemon(tmp_path_factory.mktemp("login-e2e"))
+def login_daemon(tmp_path_factory):
+    d = LoginDaemon(tmp_path_factory.mktemp("login-e2e"))
     try:
         d.rest("POST", "authcredential/", {
             "iscsi_target_auth_tag": 1, "iscsi_target_auth_user": USER, "iscsi_target_auth_secret": SECRET,
@@ -76,15 +76,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
                           env={**os.environ, "LIBISCSI_DEBUG": "0"})
 
 
-def inq(d: Daemon, creds: str = "", query: str = "") -> subprocess.CompletedProcess[str]:
+def inq(d: LoginDaemon, creds: str = "", query: str = "") -> subprocess.CompletedProcess[str]:
     return run("iscsi-inq", f"iscsi://{creds}127.0.0.1:{d.port}/{TARGET}/0{query}")
 
 
-def set_auth(d: Daemon, authtype: str) -> None:
+def set_auth(d: LoginDaemon, authtype: str) -> None:
     d.rest("PUT", "targetgroup/1/", {"iscsi_target_authgroup": 1, "iscsi_target_authtype": authtype})
 
 
-def test_no_auth_login_and_discovery(daemon):
+def test_no_auth_login_and_discovery(login_daemon):
+    daemon = login_daemon
     set_auth(daemon, "None")
     r = inq(daemon)
     assert r.returncode == 0 and "DIRECT_ACCESS" in r.stdout
@@ -92,7 +93,8 @@ def test_no_auth_login_and_discovery(daemon):
     assert r.returncode == 0 and f"Target:{TARGET} Portal:127.0.0.1:{daemon.port},1" in r.stdout
 
 
-def test_chap_one_way(daemon):
+def test_chap_one_way(login_daemon):
+    daemon = login_daemon
     set_auth(daemon, "CHAP")
     assert "Authentication failure(513)" in inq(daemon).stdout + inq(daemon).stderr
     bad = inq(daemon, f"{USER}%wrongsecret123@")
@@ -103,7 +105,8 @@ def test_chap_one_way(daemon):
     assert "0x0201" in log and SECRET not in log and "wrongsecret123" not in log
 
 
-def test_chap_mutual(daemon):
+def test_chap_mutual(login_daemon):
+    daemon = login_daemon
     set_auth(daemon, "CHAP Mutual")
     one_way = inq(daemon, f"{USER}%{SECRET}@")
     assert one_way.returncode != 0
@@ -115,7 +118,8 @@ def test_chap_mutual(daemon):
     set_auth(daemon, "None")
 
 
-def test_discovery_chap(daemon):
+def test_discovery_chap(login_daemon):
+    daemon = login_daemon
     daemon.rest("PUT", "portal/1/", {"iscsi_target_portal_discoveryauthmethod": "CHAP",
                                      "iscsi_target_portal_discoveryauthgroup": 1})
     try:
@@ -127,7 +131,8 @@ def test_discovery_chap(daemon):
         daemon.rest("PUT", "portal/1/", {"iscsi_target_portal_discoveryauthmethod": "None"})
 
 
-def test_unknown_target_and_forbidden_initiator(daemon):
+def test_unknown_target_and_forbidden_initiator(login_daemon):
+    daemon = login_daemon
     r = run("iscsi-inq", f"iscsi://127.0.0.1:{daemon.port}/iqn.2026-11.org.pyscsi-target:nosuch/0")
     assert r.returncode != 0 and "(515)" in r.stdout + r.stderr  # 0x0203 target not found
     ig = daemon.rest("POST", "authorizedinitiator/", {
