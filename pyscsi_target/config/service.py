@@ -211,8 +211,11 @@ def parse_size(text: str) -> int:
     return int(number) * mult
 
 
-def parse_listen(entry: str) -> tuple[str, int]:
-    """``"IP:PORT"`` or ``"[v6]:PORT"`` -> (ip, port); ValueError with a user message."""
+def parse_listen(entry: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """``"IP:PORT"`` or ``"[v6]:PORT"`` -> (ip, port); ValueError with a user message.
+
+    Port 0 (kernel-chosen) is only for the daemon's own ``--portal`` seeding, never the API.
+    """
     m = _LISTEN_RE.match(entry.strip())
     if not m:
         raise ValueError(f"{entry!r} is not IP:PORT (write IPv6 addresses as [addr]:port).")
@@ -224,7 +227,7 @@ def parse_listen(entry: str) -> tuple[str, int]:
     if m.group("v4") and ip.version != 4:
         raise ValueError(f"{entry!r}: write IPv6 addresses as [addr]:port.")
     port = int(m.group("port"))
-    if not 1 <= port <= 65535:
+    if not (1 if not allow_zero else 0) <= port <= 65535:
         raise ValueError(f"Port {port} is out of range 1-65535.")
     return str(ip), port
 
@@ -370,7 +373,7 @@ class ConfigService:
                 model = ConfigModel(global_config=GlobalConfig(basename=DEFAULT_BASENAME))
                 listen = []
                 for entry in default_portals:
-                    ip, port = parse_listen(entry)
+                    ip, port = parse_listen(entry, allow_zero=True)
                     listen.append(format_listen(ip, port))
                 new_pg = PortalGroup(id=0, tag=1, listen=listen, comment="default") if listen else None
 
@@ -588,9 +591,11 @@ class ConfigService:
             if other.tag == pg.tag:
                 raise ConflictError({"tag": [f"Portal group tag {pg.tag} already exists."]})
             for entry in other.listen:
-                taken[parse_listen(entry)] = other
+                taken[parse_listen(entry, allow_zero=True)] = other
         for entry in pg.listen:
-            ip, port = parse_listen(entry)
+            ip, port = parse_listen(entry, allow_zero=True)
+            if port == 0:
+                continue  # never collides: the kernel picks a free port
             for (oip, oport), other in taken.items():
                 if oport != port:
                     continue
