@@ -114,7 +114,7 @@ class TargetRuntime:
     target_id: int
     iqn: str
     device: Any  # ScsiDevice
-    luns: dict[int, int] = field(default_factory=dict)  # lun -> extent id
+    luns: dict[int, Any] = field(default_factory=dict)  # lun -> LogicalUnit as last given to the device
 
 
 class Listener:
@@ -320,9 +320,9 @@ class Engine:
 
     def _detach_lu(self, lu: Any) -> None:
         for rt in self._targets.values():
-            luns = getattr(rt.device, "luns", None)
-            if isinstance(luns, dict) and any(v is lu for v in luns.values()):
-                rt.device.set_luns({k: v for k, v in luns.items() if v is not lu})
+            if any(v is lu for v in rt.luns.values()):
+                rt.luns = {k: v for k, v in rt.luns.items() if v is not lu}
+                rt.device.set_luns(rt.luns)
 
     def _apply_targets(self, model: M.ConfigModel) -> None:
         from ..scsi.device import ScsiDevice
@@ -347,10 +347,10 @@ class Engine:
             tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
-            ids = {lun: ext.id for lun, ext in model.luns_of_target(tid).items() if ext.id in self._lus}
-            if ids != rt.luns or not rt.luns and luns:
+            # Compare LU identity, not extent ids: a reopened extent is a new LogicalUnit.
+            if luns.keys() != rt.luns.keys() or any(rt.luns[k] is not v for k, v in luns.items()):
                 rt.device.set_luns(luns)
-                rt.luns = ids
+                rt.luns = luns
 
     def _remove_target(self, rt: TargetRuntime) -> None:
         log.info("target %s removed", rt.iqn)
