@@ -1,0 +1,133 @@
+"""Result table (text), machine description, and the PNG bar chart."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+A, B = "pyscsi-target", "tgtd"
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kib = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    except OSError:
+        pass
+
+    def version(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (r.stdout or r.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "?"
+
+    def pkg(name: str) -> str:
+        return version(["dpkg-query", "-W", "-f", "${Version}", name])
+
+    return {"nproc": os.cpu_count(), "cpu_model": model, "kernel": platform.release(),
+            "mem_gib": round(mem_kib / (1 << 20), 1), "python": platform.python_version(),
+            "tgt": pkg("tgt"), "libiscsi": pkg("libiscsi-bin"), "qemu_utils": pkg("qemu-utils"),
+            "loadavg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = []
+    hdr = (f"{'load':<44} | {'pyscsi IOPS':>11} {'MB/s':>7} {'CPUs/GB':>7} | {'tgtd IOPS':>10} {'MB/s':>7} "
+           f"{'CPUs/GB':>7} | {'ratio':>5}")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for row in result["loads"]:
+        a, b = row["median"].get(A, {}), row["median"].get(B, {})
+        err = "" if row["ok"] else "  ERROR"
+        lines.append(f"{row['title'][:44]:<44} | {_f(a.get('iops'), '11,.0f')} {_f(a.get('mbps'), '7.1f')} "
+                     f"{_f(a.get('cpu_s_per_gb'), '7.2f')} | {_f(b.get('iops'), '10,.0f')} {_f(b.get('mbps'), '7.1f')} "
+                     f"{_f(b.get('cpu_s_per_gb'), '7.2f')} | {_f(row.get('ratio'), '5.2f')}{err}")
+    derived = result.get("derived", {})
+    if derived:
+        lines.append("")
+        for k, v in derived.items():
+            lines.append(f"{k}: " + ", ".join(f"{n}={_f(x, '.3f')}" for n, x in v.items()))
+    sc = result.get("scaling") or {}
+    mem = sc.get("idle_memory") or {}
+    if mem:
+        lines.append("")
+        lines.append(f"{'idle sessions':<44} | {'pyscsi KiB/sess':>27} | {'tgtd KiB/sess':>26} | ratio")
+        pts = {n: {p["sessions"]: p for p in m.get("points", [])} for n, m in mem.items()}
+        for n in sorted({k for v in pts.values() for k in v}):
+            a = pts.get(A, {}).get(n, {}).get("kib_per_session")
+            b = pts.get(B, {}).get(n, {}).get("kib_per_session")
+            ratio = a / b if a is not None and b else None
+            lines.append(f"{f'{n} sessions (RSS delta / n)':<44} | {_f(a, '27.1f')} | {_f(b, '26.1f')} | "
+                         f"{_f(ratio, '5.2f')}")
+        for n, m in mem.items():
+            if not m.get("ok"):
+                lines.append(f"  {n}: ERROR {m.get('error')}")
+    tg = sc.get("targets") or {}
+    if tg:
+        lines.append("")
+        lines.append(f"{'targets configured':<44} | {'pyscsi start s':>14} {'disc. s':>12} | {'tgtd start s':>13} "
+                     f"{'disc. s':>12} | disc. ratio")
+        pts = {n: {p["targets"]: p for p in m.get("points", [])} for n, m in tg.items()}
+        for n in sorted({k for v in pts.values() for k in v}):
+            a, b = pts.get(A, {}).get(n, {}), pts.get(B, {}).get(n, {})
+            da, db = a.get("discovery_s"), b.get("discovery_s")
+            lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '12.4f')} | "
+                         f"{_f(b.get('startup_s'), '13.3f')} {_f(db, '12.4f')} | "
+                         f"{_f(da / db if da is not None and db else None, '5.2f')}")
+        for n, m in tg.items():
+            if not m.get("ok"):
+                lines.append(f"  {n}: ERROR {m.get('error')}")
+    return "\n".join(lines)
+
+
+def chart(result: dict[str, Any], path: Path) -> str | None:
+    """Grouped bars of median IOPS per load (log scale) with the ratio written above; returns an error or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        return f"matplotlib not installed ({e}); pip install matplotlib"
+    rows = result["loads"]
+    labels = [r["id"] for r in rows]
+    av = [r["median"].get(A, {}).get("iops") or 0 for r in rows]
+    bv = [r["median"].get(B, {}).get("iops") or 0 for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.1), 5))
+    w = 0.38
+    ax.bar([i - w / 2 for i in x], av, w, label=A, color="#3572A5")
+    ax.bar([i + w / 2 for i in x], bv, w, label=B, color="#999999")
+    for i, r in enumerate(rows):
+        if r.get("ratio") is not None:
+            ax.text(i, max(av[i], bv[i]) * 1.08 + 1, f"{r['ratio']:.2f}x", ha="center", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median IOPS (log)")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    m = result["machine"]
+    ax.set_title(f"pyscsi-target vs tgtd, loopback, {m['nproc']} cores {m['cpu_model']} "
+                 f"({result['config']['rounds']} rounds x {result['config']['seconds']} s, medians)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -1,0 +1,252 @@
+"""The two systems under test: pyscsi-target (our daemon) and Debian's tgtd, on loopback.
+
+Both export the same LUN layout so one load definition fits both:
+  main   1 GiB file, pre-filled with identical data (reads hit real blocks, not holes)
+  sp1g   1 GiB sparse file  \\  for the "1 GiB vs 1 TiB" row: same (hole) content,
+  sp1t   1 TiB sparse file  /   only the LBA range differs
+The daemon and tgtd helpers of the TEST engineer (tests/support/) start and stop the processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the fixtures live in tests/support, imported as `support`
+
+from support.daemon import Daemon, RestError  # noqa: E402
+from support.net import free_port, wait_port  # noqa: E402
+from support.tgtd import SOCKET_DIR, Lun, Tgtd  # noqa: E402
+
+GiB = 1 << 30
+TiB = 1 << 40
+LUN_NAMES = ("main", "sp1g", "sp1t")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime+stime of the whole process (all threads, live and exited) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(b")") + 2:].split()  # comm may contain spaces; fields start after ')'
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fill_file(path: Path, size: int, seed: int = 20261122) -> None:
+    """Write ``size`` bytes of deterministic incompressible data (a 16 MiB random block repeated)."""
+    import random
+
+    chunk = random.Random(seed).randbytes(16 << 20)
+    with open(path, "r+b" if path.exists() else "wb") as f:
+        for off in range(0, size, len(chunk)):
+            f.write(chunk[: min(len(chunk), size - off)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy src over dst in place (dst may be open in a running target; the page cache keeps it coherent)."""
+    size = src.stat().st_size
+    with open(src, "rb") as s, open(dst, "r+b") as d:
+        off = 0
+        while off < size:
+            n = os.copy_file_range(s.fileno(), d.fileno(), size - off, off, off)
+            if n <= 0:
+                raise OSError(f"copy_file_range stalled at {off}")
+            off += n
+        d.truncate(size)
+        os.fsync(d.fileno())
+
+
+def free_tgtd_control_port() -> int:
+    # tgtd -C accepts 0..32767 only; the port just names /var/run/tgtd/socket.<N>.
+    for _ in range(200):
+        n = 20000 + int.from_bytes(os.urandom(2), "big") % 12000
+        if not (SOCKET_DIR / f"socket.{n}").exists():
+            return n
+    raise RuntimeError("no free tgtd control port")
+
+
+@dataclass
+class System:
+    """Common face of both targets for the load runners."""
+
+    name: str
+    host: str
+    port: int
+    iqn: str
+    luns: dict[str, int]  # LUN_NAMES -> LUN number
+    block_size: int = 512
+    handle: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.handle.proc.pid if isinstance(self.handle, Daemon) else self.handle.pid
+
+    def url(self, lun: str = "main", query: str = "") -> str:
+        return f"iscsi://{self.host}:{self.port}/{self.iqn}/{self.luns[lun]}{query}"
+
+    def alive(self) -> bool:
+        proc = self.handle.proc
+        return proc is not None and proc.poll() is None
+
+    def stop(self) -> None:
+        self.handle.stop()
+
+
+def start_tgtd(workdir: Path, main_image: Path) -> System:
+    sp1g, sp1t = workdir / "tgtd-sp1g.img", workdir / "tgtd-sp1t.img"
+    for p, size in ((sp1g, GiB), (sp1t, TiB)):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    t = Tgtd([Lun(1, main_image), Lun(2, sp1g), Lun(3, sp1t)], port=free_port(),
+             control_port=free_tgtd_control_port(), iqn="iqn.2026-11.org.pyscsi-target.bench:tgtd",
+             log_path=workdir / "tgtd.log")
+    t.start()
+    return System("tgtd", t.host, t.port, t.iqn, {"main": 1, "sp1g": 2, "sp1t": 3}, 512, t)
+
+
+def start_pyscsi(workdir: Path, main_image_src: Path) -> System:
+    """The daemon with its --demo LUN 0 (1 GiB), filled from ``main_image_src``, plus two sparse LUNs via REST."""
+    state = workdir / "pyscsi-state"
+    d = Daemon(state, log_level="warning", demo=True)
+    d.start()
+    try:
+        tgt = next(t for t in d.rest("GET", "target/?limit=1000") if t["iscsi_target_name"] in ("demo", d.iqn))
+        demo_maps = [m for m in d.rest("GET", "targettoextent/?limit=1000") if m["iscsi_target"] == tgt["id"]]
+        ext = {e["id"]: e for e in d.rest("GET", "extent/?limit=1000")}
+        demo_path = Path(ext[demo_maps[0]["iscsi_extent"]]["iscsi_target_extent_path"])
+        copy_file(main_image_src, demo_path)
+        luns = {"main": demo_maps[0]["iscsi_lunid"] or 0}
+        for lun_id, (name, size) in enumerate((("sp1g", GiB), ("sp1t", TiB)), start=1):
+            e = d.rest("POST", "extent/", {
+                "iscsi_target_extent_type": "File", "iscsi_target_extent_name": f"bench-{name}",
+                "iscsi_target_extent_path": str(state / "extents" / f"bench-{name}.img"),
+                "iscsi_target_extent_filesize": str(size)})
+            d.rest("POST", "targettoextent/", {"iscsi_target": tgt["id"], "iscsi_extent": e["id"],
+                                               "iscsi_lunid": lun_id})
+            luns[name] = lun_id
+        bs = ext[demo_maps[0]["iscsi_extent"]].get("iscsi_target_extent_blocksize", 512)
+    except BaseException:
+        d.stop()
+        raise
+    return System("pyscsi-target", d.host, d.port, d.iqn, luns, int(bs), d)
+
+
+# --- scaling helpers ----------------------------------------------------------------------------------------
+
+
+class PyscsiScaling:
+    """A daemon without the demo LUN, for start-up and discovery with N targets (configured via REST)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.state = workdir / "pyscsi-scaling"
+        self.port = free_port()
+        self.daemon: Daemon | None = None
+        self.targets = 0
+        self.portal_group: int | None = None
+
+    def start(self) -> float:
+        """Start (or restart) the daemon; seconds until the portal accepts TCP."""
+        self.daemon = Daemon(self.state, port=self.port, log_level="warning", demo=False)
+        t0 = time.perf_counter()
+        self.daemon.start()
+        return time.perf_counter() - t0
+
+    def grow_to(self, n: int) -> float:
+        """Add targets (each with a target group on the default portal group) until there are ``n``; seconds."""
+        d = self.daemon
+        assert d is not None
+        if self.portal_group is None:
+            self.portal_group = d.rest("GET", "portal/")[0]["id"]
+        t0 = time.perf_counter()
+        while self.targets < n:
+            self.targets += 1
+            t = d.rest("POST", "target/", {"iscsi_target_name": f"bench{self.targets:05d}"})
+            d.rest("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": self.portal_group,
+                                            "iscsi_target_authtype": "None"})
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+            self.daemon = None
+
+
+class TgtdScaling:
+    """tgtd with N empty targets bound to ALL; it has no persistent store, so its 'start-up' is tgtd + tgtadm."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cport = 0
+        self.targets = 0
+
+    def _adm(self, *args: str) -> None:
+        subprocess.run(["tgtadm", "-C", str(self.cport), "--lld", "iscsi", *args], check=True,
+                       capture_output=True, timeout=30)
+
+    def start(self) -> float:
+        """Start tgtd and re-create the current targets (as tgt-admin does at boot); seconds until ready."""
+        n, self.targets = self.targets, 0
+        self.cport = free_tgtd_control_port()
+        t0 = time.perf_counter()
+        log = open(self.workdir / "tgtd-scaling.log", "ab")
+        self.proc = subprocess.Popen(["tgtd", "-f", "-C", str(self.cport), "--iscsi", f"portal=127.0.0.1:{self.port}"],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        wait_port("127.0.0.1", self.port, timeout=15, alive=lambda: self.proc.poll() is None)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self._adm("--mode", "target", "--op", "show")
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.grow_to(n)
+        return time.perf_counter() - t0
+
+    def grow_to(self, n: int) -> float:
+        t0 = time.perf_counter()
+        while self.targets < n:
+            self.targets += 1
+            tid = str(self.targets)
+            self._adm("--mode", "target", "--op", "new", "--tid", tid, "--targetname",
+                      f"iqn.2026-11.org.pyscsi-target.bench:t{self.targets:05d}")
+            self._adm("--mode", "target", "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        # tgtd ignores SIGTERM while targets exist (see tests/support/tgtd.py); nothing to flush here.
+        proc.kill()
+        proc.wait(timeout=10)
+        for suffix in ("", ".lock"):
+            try:
+                (SOCKET_DIR / f"socket.{self.cport}{suffix}").unlink()
+            except FileNotFoundError:
+                pass
+
+
+__all__ = ["System", "start_tgtd", "start_pyscsi", "PyscsiScaling", "TgtdScaling", "RestError", "fill_file",
+           "proc_cpu_seconds", "proc_rss_kib", "GiB", "TiB", "wait_port"]
