@@ -150,7 +150,7 @@ FN_INPUTS: dict[str, S] = {
         "iscsi_target_extent_ro": _bool(),
         "iscsi_target_extent_insecure_tpc": _bool(),
         "iscsi_target_extent_xen": _bool(),
-        "iscsi_target_extent_avail_threshold": _int(nullable=True, minimum=1, maximum=99),
+        "iscsi_target_extent_avail_threshold": _int(nullable=True, minimum=0, maximum=99),
         "iscsi_target_extent_comment": _str(),
     },
     "TargetToExtentInput": {
@@ -339,7 +339,7 @@ def _fn_paths() -> S:
                             {
                                 "iscsi_basename": _str(example="iqn.2026-11.org.example"),
                                 "iscsi_isns_servers": _str(),
-                                "iscsi_pool_avail_threshold": _int(nullable=True, minimum=1, maximum=99),
+                                "iscsi_pool_avail_threshold": _int(nullable=True, minimum=0, maximum=99),
                             }
                         )
                     }

@@ -277,6 +277,9 @@ async def test_client_leniency(tmp_path: Path) -> None:
             "PUT", f"{FN}/target/1/", {"iscsi_target_alias": None, "iscsi_target_name": None}
         )
         assert status == 200 and body == {"id": 1, "iscsi_target_name": "t1", "iscsi_target_alias": "a1"}
+        # democratic-csi sends extentAvailThreshold 0 for "none".
+        status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_avail_threshold": 0})
+        assert status == 200 and body["iscsi_target_extent_avail_threshold"] is None
         # Booleans as strings, as form-minded clients send them.
         status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_ro": "true"})
         assert status == 200 and body["iscsi_target_extent_ro"] is True
@@ -453,7 +456,7 @@ async def test_validation_rules(tmp_path: Path) -> None:
             ("filesize", "-1"),
             ("blocksize", 4000),
             ("rpm", "12000"),
-            ("avail_threshold", 0),
+            ("avail_threshold", -1),
             ("avail_threshold", 100),
             ("filesize", "0"),
             ("type", "Tape"),

@@ -506,9 +506,8 @@ class ConfigService:
                     gc.isns_servers = " ".join(servers.split())
             if "pool_avail_threshold" in changes:
                 value = changes["pool_avail_threshold"]
-                gc.pool_avail_threshold = (
-                    None if value in (None, "") else _as_int(errs, "pool_avail_threshold", value, lo=1, hi=99)
-                )
+                threshold = None if value in (None, "") else _as_int(errs, "pool_avail_threshold", value, lo=0, hi=99)
+                gc.pool_avail_threshold = threshold or None  # 0 = none, as for extents
             errs.raise_if_any()
             for target in new.targets.values():
                 if len(new.target_iqn(target)) > MAX_IQN_LEN:
@@ -1006,7 +1005,9 @@ class ConfigService:
                     e.rpm = rpm
         if "avail_threshold" in fields:
             value = fields["avail_threshold"]
-            e.avail_threshold = None if value in (None, "") else _as_int(errs, "avail_threshold", value, lo=1, hi=99)
+            # 0 means "no threshold" to clients (democratic-csi's extentAvailThreshold: 0): stored as null.
+            threshold = None if value in (None, "") else _as_int(errs, "avail_threshold", value, lo=0, hi=99)
+            e.avail_threshold = threshold or None
         if fields.get("serial") is not None:
             serial = _as_str(errs, "serial", fields["serial"])
             if serial is not None:
