@@ -115,3 +115,23 @@ async def test_hnas_auth_never_touches_a_shared_group(tmp_path: Path) -> None:
     # Deleting the target leaves other targets' state alone.
     await service.delete_target(1)
     assert service.target_auth(service.model, 2) == (True, "sharedsecret")
+
+
+@aio
+async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260"])
+    await service.create_portal_group({"listen": ["127.0.0.1:3261"]})
+    await service.create_auth_credential({"tag": 5, "user": "u", "secret": "sharedsecret"})
+    t = await service.create_target({"name": "a"})
+    await service.create_target_group({"target": t.id, "portal_group": 1, "auth_group": 5})
+    await service.create_target_group({"target": t.id, "portal_group": 2})
+    await service.patch_hnas_target(t.id, {"enable_authentication": True})
+    groups = service.model.groups_of_target(t.id)
+    assert [(g.auth_type, g.auth_group) for g in groups] == [("CHAP", 5), ("CHAP", 5)]
+    assert service.target_auth(engine.last, t.id) == (True, "sharedsecret")
+    # A target with no group at all cannot "enable" anything: refused, nothing changed.
+    bare = await service.create_target({"name": "bare"})
+    with pytest.raises(ValidationError):
+        await service.patch_hnas_target(bare.id, {"enable_authentication": True, "secret": "x" * 12})
+    assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1

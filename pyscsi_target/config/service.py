@@ -1368,11 +1368,13 @@ class ConfigService:
             if not groups:
                 msg = "The target is not exported on any portal group, so there is nothing to protect."
                 raise ValidationError({"enable_authentication": [msg]})
-            if owned is None and not any(g.auth_group is not None and model.auth_group(g.auth_group) for g in groups):
+            usable = [g.auth_group for g in groups if g.auth_group is not None and model.auth_group(g.auth_group)]
+            tag = owned if owned is not None else (usable[0] if usable else None)
+            if tag is None:
                 raise ValidationError({"secret": ["A secret is required to enable authentication."]})
             for g in groups:
-                if g.auth_group is None:
-                    g.auth_group = owned
+                if g.auth_group is None or not model.auth_group(g.auth_group):
+                    g.auth_group = tag
                 if g.auth_type not in ("CHAP", "CHAP Mutual"):
                     g.auth_type = "CHAP"
         elif enable is False:
