@@ -1360,8 +1360,7 @@ class ConfigService:
                 creds = sorted(model.auth_group(owned), key=lambda c: c.id)
                 for extra in creds[1:]:
                     del model.auth_credentials[extra.id]
-                creds[0].secret = secret
-                creds[0].user = self.chap_name(t)
+                creds[0].secret = secret  # the user name stays: FreeNAS-side clients may rely on it
                 if creds[0].peersecret == secret:
                     creds[0].peeruser = creds[0].peersecret = ""
         if enable is True:
