@@ -86,6 +86,7 @@ SENSE_PROTOCOL_CRC_ERROR = (0x0B, 0x47, 0x05)
 SENSE_INVALID_FIELD_IN_CDB = (0x05, 0x24, 0x00)
 
 CHECK_CONDITION = 0x02
+_ATTRS = tuple(TaskAttr)  # task attribute codes 0..4, looked up without an enum call
 
 # The largest ExpectedDataTransferLength we preallocate a write buffer for.
 MAX_WRITE_BUFFER = 64 * 1024 * 1024
@@ -265,6 +266,23 @@ class Connection:
             self._oversized(ev)
 
     def _handle_pdu(self, pdu: PDU) -> None:
+        s = self.session
+        if type(pdu) is P.ScsiCommand and not pdu.immediate and pdu.cmdsn == s.exp_cmdsn and not (
+            s.discovery or s.discard_cmdsn
+        ):
+            # Fast path: the next SCSI command in CmdSN order (almost every PDU under load).
+            self._ack_statsn(pdu.expstatsn)
+            cmd = self._setup_cmd(pdu)
+            if cmd is None:
+                self._consume_in_order(pdu.cmdsn)
+                return
+            cmd.counted = True
+            s.active += 1
+            s.advance()
+            self._activate(cmd)
+            if s.held:
+                self._drain_held()
+            return
         op = pdu.opcode if not isinstance(pdu, P.UnknownPDU) else -1
         if op == Op.DATA_OUT:  # not CmdSN-numbered
             self._data_out(pdu)  # type: ignore[arg-type]
@@ -280,7 +298,6 @@ class Connection:
                 self.reject(RejectReason.PROTOCOL_ERROR, pdu)
             return
         self._ack_statsn(pdu.expstatsn)  # type: ignore[attr-defined]
-        s = self.session
         if s.discovery and op in (Op.SCSI_CMD, Op.TMF_REQ):
             self.reject(RejectReason.PROTOCOL_ERROR, pdu)
             if not pdu.immediate and s.in_window(pdu.cmdsn):  # type: ignore[attr-defined]
@@ -445,7 +462,8 @@ class Connection:
             return None
         cmd = Cmd(pdu, self)
         s.tasks[cmd.itt] = cmd
-        self._aborted_itts.discard(cmd.itt)
+        if self._aborted_itts:
+            self._aborted_itts.discard(cmd.itt)  # the ITT is live again
         dlen = len(pdu.data)
         if not cmd.write:
             if dlen:
@@ -519,10 +537,7 @@ class Connection:
             self.session.task_finished(cmd)
             return
         s = self.session
-        try:
-            attr = TaskAttr(cmd.attr)
-        except ValueError:
-            attr = TaskAttr.SIMPLE
+        attr = _ATTRS[cmd.attr] if cmd.attr < len(_ATTRS) else TaskAttr.SIMPLE
         data_out: Any = None
         if cmd.write:
             data_out = memoryview(cmd.buf) if cmd.buf is not None else b""
@@ -616,6 +631,20 @@ class Connection:
         s = self.session
         mx = self.max_xmit
         mb = self.max_burst
+        if len(bufs) == 1 and total <= mx and total <= mb:
+            # One buffer, one PDU: the common small read.
+            b = bufs[0]
+            part = b if len(b) == total else memoryview(b)[:total]
+            hdr = bytearray(P.BHS_LEN)
+            if status is not None:
+                _HDR.pack_into(hdr, 0, Op.DATA_IN, _F | _S | sflags, 0, status, total, 0, cmd.itt, RESERVED_TAG,
+                               self._take_statsn(), s.exp_cmdsn, s.max_cmdsn, cmd.datasn, 0, residual)
+            else:
+                _HDR.pack_into(hdr, 0, Op.DATA_IN, _F, 0, 0, total, 0, cmd.itt, RESERVED_TAG, 0,
+                               s.exp_cmdsn, s.max_cmdsn, cmd.datasn, 0, 0)
+            cmd.datasn += 1
+            self._emit(hdr, [part], total)
+            return
         bi = 0
         boff = 0
         views = [b if isinstance(b, memoryview) else memoryview(b) for b in bufs]
