@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.rest_harness import FakeEngine, aio
 
 from pyscsi_target.config.service import (
@@ -135,3 +137,19 @@ async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: P
     with pytest.raises(ValidationError):
         await service.patch_hnas_target(bare.id, {"enable_authentication": True, "secret": "x" * 12})
     assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parsers_only_raise_value_error(text: str) -> None:
+    from pyscsi_target.config.service import access_for, parse_access_config
+
+    for fn in (parse_size, parse_listen, parse_access_config):
+        try:
+            fn(text)
+        except ValueError:
+            pass
+    try:
+        access_for(text, "127.0.0.1")
+    except ValueError:
+        pass
