@@ -413,7 +413,7 @@ class RawClient:
     def clear_unit_attentions(self, lun: int = 0, tries: int = 8) -> None:
         """TEST UNIT READY until GOOD: consumes POWER ON/RESET and similar UAs of a new nexus."""
         for _ in range(tries):
-            r = self.scsi(test_unit_ready(), lun=lun)
+            r = self.scsi(tur(), lun=lun)
             if r.status == 0:
                 return
             if r.sense_key != 0x6:
@@ -482,7 +482,7 @@ def inquiry(alloc: int = 96, evpd: int = 0, page: int = 0) -> bytes:
     return struct.pack(">BBBHB", 0x12, evpd, page, alloc, 0)
 
 
-def test_unit_ready() -> bytes:
+def tur() -> bytes:
     return bytes(6)
 
 
