@@ -6,8 +6,9 @@ import pytest
 from support.daemon import Daemon
 from support.tools import LIBISCSI_TOOLS, missing, run, score_testcu
 
-pytestmark = pytest.mark.skipif(bool(missing(*LIBISCSI_TOOLS)),
-                                reason=f"libiscsi-bin tools missing: {missing(*LIBISCSI_TOOLS)} (apt-get install libiscsi-bin)")
+pytestmark = pytest.mark.skipif(
+    bool(missing(*LIBISCSI_TOOLS)),
+    reason=f"libiscsi-bin tools missing: {missing(*LIBISCSI_TOOLS)} (apt-get install libiscsi-bin)")
 
 
 @pytest.fixture(scope="module")
