@@ -455,11 +455,30 @@ def test_sequencing_errors(first, second):
 
 
 def test_first_only_keys_later_and_duplicates_across_pdus():
-    for later in ([("SessionType", "Discovery")], [("InitiatorAlias", "again")]):
+    for later in ([("SessionType", "Discovery")], [("InitiatorAlias", "again")], [("InitiatorName", INI + "x")],
+                  [("TargetName", TGT + "x")]):
         m = LoginMachine(policy())
         c = Client(m)
         c.send([("InitiatorName", INI), ("TargetName", TGT), ("InitiatorAlias", "x")], csg=0)
         assert status(c.send(later, csg=0)) == 0x0200
+
+
+def test_identical_identity_repeat_tolerated_like_libiscsi():
+    # libiscsi with credentials against a portal whose discovery needs no auth: the target
+    # picks AuthMethod=None and libiscsi repeats InitiatorName/SessionType in the next stage.
+    m = LoginMachine(policy())
+    c = Client(m)
+    ident = [("InitiatorName", INI), ("SessionType", "Discovery")]
+    r = c.send([*ident, ("AuthMethod", "CHAP,None")], csg=0, nsg=1, transit=1)
+    assert kv(r) == {"AuthMethod": "None"} and r.transit == 1
+    r = c.send([*ident, ("HeaderDigest", "None")], csg=1, nsg=3, transit=1)
+    assert status(r) == 0 and m.done and kv(r) == {"HeaderDigest": "None", "MaxRecvDataSegmentLength": "262144"}
+    # SessionType absent at first means Normal; repeating "Normal" later is the same declaration.
+    m = LoginMachine(policy())
+    c = Client(m)
+    c.send([("InitiatorName", INI), ("TargetName", TGT), ("AuthMethod", "None")], csg=0, nsg=1, transit=1)
+    r = c.send([("SessionType", "Normal"), ("TargetName", TGT)], csg=1, nsg=3, transit=1)
+    assert status(r) == 0 and m.done
 
 
 def test_security_key_in_operational_stage():

@@ -101,6 +101,12 @@ OUT_OF_RESOURCES = (0x03, 0x02)
 _FIRST_ONLY = ("InitiatorName", "TargetName", "SessionType")
 
 
+def _redacted(pairs: list[tuple[str, str]]) -> str:
+    """Keys for a debug log: CHAP values (hashes of secrets, challenges) are not printed."""
+    return ", ".join(f"{k}={'<redacted>' if k in ('CHAP_I', 'CHAP_C', 'CHAP_R') else v[:80]}"
+                     for k, v in pairs)
+
+
 def _reject(status: tuple[int, int], reason: str) -> LoginReject:
     return LoginReject(status[0], status[1], reason)
 
@@ -158,6 +164,7 @@ class LoginMachine:
         self._auth_selected: str | None = None
         self._chap: ChapServer | None = None
         self._declared = False
+        self._identity: dict[str, str] = {}  # InitiatorName/TargetName/SessionType of the first request
 
     # -- public -------------------------------------------------------------------------
 
@@ -231,6 +238,10 @@ class LoginMachine:
         text = bytes(self._rx)
         self._rx.clear()
         pairs = parse_pairs(text)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("login rx CSG %d T %d NSG %d: %s", pdu.csg, pdu.transit, pdu.nsg, _redacted(pairs))
+        if self._neg is not None:
+            pairs = self._drop_repeated_identity(pairs)
         check_duplicates(pairs, self._seen)
         return self._handle(pdu, pairs)
 
@@ -238,10 +249,6 @@ class LoginMachine:
         out: list[tuple[str, str]] = []
         if self._neg is None:
             out += self._begin(pdu, pairs)
-        else:
-            late = [k for k, _v in pairs if k in _FIRST_ONLY]
-            if late:
-                raise _reject(INITIATOR_ERROR, f"{late[0]} is only allowed in the first login request")
         neg = self._neg
         assert neg is not None
         stage = self._stage
@@ -267,7 +274,22 @@ class LoginMachine:
                 out += neg.declarations()
                 self._declared = True
             self._complete()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("login tx T %d NSG %d: %s", transit, nsg, _redacted(out))
         return [self._response(pdu, encode_pairs(out), transit=transit, nsg=nsg)]
+
+    def _drop_repeated_identity(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """InitiatorName/TargetName/SessionType belong to the first request.  libiscsi repeats
+        them in the operational stage after a security stage that settled on AuthMethod=None;
+        an identical repeat is harmless and dropped, a different or late value is an
+        initiator error (RFC 7143 13.4/13.5: not to be redeclared)."""
+        out = []
+        for k, v in pairs:
+            if k not in _FIRST_ONLY:
+                out.append((k, v))
+            elif self._identity.get(k) != v:
+                raise _reject(INITIATOR_ERROR, f"{k} declared again with another value or after the first request")
+        return out
 
     def _begin(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """First complete request: who is logging in, to what, and how must they authenticate."""
@@ -282,6 +304,7 @@ class LoginMachine:
         if stype not in ("Normal", "Discovery"):
             raise _reject(SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}")
         self.session_type = stype
+        self._identity = {"InitiatorName": name, "SessionType": stype}
         out: list[tuple[str, str]] = []
         if stype == "Discovery":
             method, creds = self.policy.discovery_auth()
@@ -295,6 +318,7 @@ class LoginMachine:
             if not self.policy.initiator_allowed(target, name):
                 raise _reject(AUTHORIZATION_FAILURE, f"initiator {name!r} may not log in to {target.iqn}")
             self.target = target
+            self._identity["TargetName"] = tname
             method, creds = target.auth_method, target.credentials
             if self._tsih_req == 0:
                 # RFC 7143 13.9: the first response of a Normal session's leading login.
