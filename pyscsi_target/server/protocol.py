@@ -115,6 +115,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         conn = self.conn
         if conn is not None:
             conn.connection_lost()
+        else:
+            # Bound by complete_login but never reached full feature phase (the final
+            # response failed or the peer left): the session has no connection to live on.
+            s = getattr(self.policy, "session", None)
+            if s is not None and s.connection is None:
+                self.engine.session_ended(s)
         self.engine.connection_closed(self)
         log.debug("connection %s closed (%s)", self.peer, exc or "clean")
 
