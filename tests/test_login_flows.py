@@ -455,12 +455,20 @@ def test_sequencing_errors(first, second):
 
 
 def test_first_only_keys_later_and_duplicates_across_pdus():
-    for later in ([("SessionType", "Discovery")], [("InitiatorAlias", "again")], [("InitiatorName", INI + "x")],
-                  [("TargetName", TGT + "x")]):
+    for later in ([("SessionType", "Discovery")], [("HeaderDigest", "None"), ("HeaderDigest", "None")],
+                  [("InitiatorName", INI + "x")], [("TargetName", TGT + "x")], [("X-k", "1"), ("X-k", "1")]):
         m = LoginMachine(policy())
         c = Client(m)
         c.send([("InitiatorName", INI), ("TargetName", TGT), ("InitiatorAlias", "x")], csg=0)
         assert status(c.send(later, csg=0)) == 0x0200
+
+
+def test_informational_declaratives_may_repeat():
+    m = LoginMachine(policy())
+    c = Client(m)
+    c.send(first_keys(MaxRecvDataSegmentLength="4096"), csg=0)
+    r = c.send([("InitiatorAlias", "renamed"), ("MaxRecvDataSegmentLength", "16384")], csg=0, nsg=3, transit=1)
+    assert status(r) == 0 and m.result.initiator_alias == "renamed" and m.result.params.max_xmit_dsl == 16384
 
 
 def test_identical_identity_repeat_tolerated_like_libiscsi():

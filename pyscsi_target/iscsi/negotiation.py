@@ -26,7 +26,7 @@ Answering rules implemented here (RFC 7143 6.2-6.6, 13):
   IFMarkInt/OFMarkInt -> ``Reject``; never NotUnderstood;
 - a key name longer than 63 bytes or with characters outside [A-Za-z0-9.-+@_#], a pair
   without '=', a text that is not NUL-terminated, and a key offered twice in one login
-  (or one text negotiation; only MaxRecvDataSegmentLength may be re-declared) are
+  (or one text negotiation; only the declaratives in ``REDECLARABLE`` may repeat) are
   protocol errors (``TextError``): login answers 0x0200, a Text request gets a Reject PDU;
 - values longer than 255 bytes (CHAP_C/CHAP_R: 8192) -> Reject.
 """
@@ -403,9 +403,10 @@ class Negotiator:
         )
 
 
-# Declaratives that may be re-declared (the last value counts); the UNH/Calsoft reading of
-# RFC 7143 6.3's "except for ... keys that explicitly allow repeated key declarations".
-REDECLARABLE = frozenset(("MaxRecvDataSegmentLength",))
+# Declaratives that may be re-declared (the last value counts): the UNH/Calsoft reading of
+# RFC 7143 6.3's "except for ... keys that explicitly allow repeated key declarations", plus
+# the purely informational ones.  Negotiated keys offered twice stay a protocol error.
+REDECLARABLE = frozenset(("MaxRecvDataSegmentLength", "InitiatorAlias", "X#NodeArchitecture"))
 
 
 def check_duplicates(pairs: list[tuple[str, str]], seen: set[str]) -> None:
