@@ -428,3 +428,39 @@ def test_keepalive_pings_idle_and_drops_dead(tmp_path: Path) -> None:
             await eng.shutdown(grace=0.2)
 
     asyncio.run(main())
+
+
+def test_tmf_over_the_wire_and_cold_reset_drops(tmp_path: Path) -> None:
+    async def body(eng: Engine, port: int) -> None:
+        a = await Client.connect("127.0.0.1", port)
+        assert (await a.login(IQN)).status_class == 0
+        b = await Client.connect("127.0.0.1", port)
+        assert (await b.login(IQN, isid=0x400000000009)).status_class == 0
+
+        async def tmf(c: Client, fn: int, lun: int = 0) -> int:
+            t = P.TaskMgmtRequest(function=fn, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn,
+                                  lun=P.int_to_lun(lun))
+            t.immediate = True
+            await c.send(t)
+            r = await c.recv()
+            assert isinstance(r, P.TaskMgmtResponse) and r.itt == t.itt
+            return r.response
+
+        assert await tmf(a, 5) == 0  # LUN RESET
+        assert await tmf(a, 5, lun=9) == 2  # no such LUN
+        assert await tmf(a, 8) == 4  # TASK REASSIGN at ERL 0
+        assert await tmf(a, 6) == 0  # TARGET WARM RESET: sessions stay
+        (r,) = await b.scsi(bytes(6))
+        assert r.status == 2  # a unit attention (power on / reset) is pending for the other nexus
+        assert await tmf(a, 7) == 0  # TARGET COLD RESET: then every connection goes
+        assert await asyncio.wait_for(a.r.read(), 5) == b""
+        assert await asyncio.wait_for(b.r.read(), 5) == b""
+        for _ in range(50):
+            if eng.session_count(1) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert eng.session_count(1) == 0
+        for cl in (a, b):
+            await cl.close()
+
+    run(tmp_path, body)
