@@ -46,9 +46,9 @@ LU_REGISTRY: dict[bytes, LogicalUnit] = {}
 
 RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "15000": 15000}
 
-# MAXIMUM TRANSFER LENGTH (block limits VPD): 65536 blocks whatever the block size (32 MiB
-# at 512 bytes, 256 MiB at 4 KiB) so that 4-byte transfer lengths are really usable.
-MAX_XFER_BLOCKS = 65536
+# MAXIMUM TRANSFER LENGTH (block limits VPD): 64 MiB, the largest Data-Out buffer the iSCSI
+# transport accepts for one command (131072 blocks of 512 bytes, 16384 of 4 KiB).
+MAX_XFER_BYTES = 64 << 20
 MAX_UNMAP_LBA_COUNT_BYTES = 256 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_WRITE_SAME_BYTES = 256 << 20

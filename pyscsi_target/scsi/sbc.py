@@ -41,7 +41,7 @@ def lba_len(cdb: bytes) -> tuple[int, int]:
 
 
 def _check_xfer(lu: LogicalUnit, n: int, byte: int) -> None:
-    if n > lumod.MAX_XFER_BLOCKS:
+    if n << lu.block_shift > lumod.MAX_XFER_BYTES:
         raise S.invalid_cdb(byte)
 
 
@@ -294,10 +294,10 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.check_range(lba, n)
     bsz = lu.block_size
     task.xfer_len = 0 if ndob else bsz
+    lu.writable(task)
     if not ndob and task.expected_len != bsz:
         # The Data-Out buffer of WRITE SAME is exactly one logical block.
         raise S.invalid_cdb(7 if not sixteen else 10)
-    lu.writable(task)
     if n == 0:
         lu.done(task)
         return
@@ -382,9 +382,9 @@ def compare_and_write(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.check_range(lba, n)
     bsz = lu.block_size
     task.xfer_len = 2 * n * bsz
+    lu.writable(task)
     if task.expected_len != task.xfer_len:
         raise S.invalid_cdb(13)
-    lu.writable(task)
     if n == 0:
         lu.done(task)
         return
@@ -453,6 +453,7 @@ def write_atomic16(lu: LogicalUnit, task: ScsiTask) -> None:
         raise S.invalid_cdb(1, 7)
     if boundary:  # MAXIMUM ATOMIC BOUNDARY SIZE is 0
         raise S.invalid_cdb(10)
+    lu.check_range(lba, n)
     if n << lu.block_shift > lumod.MAX_ATOMIC_BYTES:
         raise S.invalid_cdb(12)
     gran = max(1, 4096 >> lu.block_shift)

@@ -113,9 +113,9 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         buf[5] = lumod.MAX_CAW_BLOCKS
         gran = 1 << lu.lbppbe
         struct.pack_into(">H", buf, 6, gran)
-        struct.pack_into(">I", buf, 8, lumod.MAX_XFER_BLOCKS)
+        struct.pack_into(">I", buf, 8, lumod.MAX_XFER_BYTES // bs)
         struct.pack_into(">I", buf, 12, max(gran, (128 << 10) // bs))
-        struct.pack_into(">I", buf, 16, lumod.MAX_XFER_BLOCKS)  # max prefetch
+        struct.pack_into(">I", buf, 16, lumod.MAX_XFER_BYTES // bs)  # max prefetch
         struct.pack_into(">I", buf, 20, lumod.MAX_UNMAP_LBA_COUNT_BYTES // bs)
         struct.pack_into(">I", buf, 24, lumod.MAX_UNMAP_DESCRIPTORS)
         # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
