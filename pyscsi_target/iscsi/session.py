@@ -96,7 +96,9 @@ class Session:
         self.update_window()
 
     def update_window(self) -> None:
-        free = self.queue_depth - self.active - len(self.held)
+        # Early SCSI commands are counted in ``active`` already; other early PDUs are few
+        # and bounded by the window itself.
+        free = self.queue_depth - self.active
         new_max = (self.exp_cmdsn + max(free, 0) - 1) & SERIAL_MASK
         if sn_lt(self.max_cmdsn, new_max):  # never shrink what was already granted
             self.max_cmdsn = new_max
