@@ -464,3 +464,28 @@ def test_tmf_over_the_wire_and_cold_reset_drops(tmp_path: Path) -> None:
             await cl.close()
 
     run(tmp_path, body)
+
+
+def test_hundred_concurrent_sessions_do_io(tmp_path: Path) -> None:
+    async def one(port: int, i: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        assert (await c.login(IQN, isid=0x410000000000 + i)).status_class == 0
+        for _ in range(4):
+            (r,) = await c.scsi(bytes(6))
+            if r.status == 0:
+                break
+        block = bytes([i]) * 4096
+        lba = i * 8
+        for _ in range(5):
+            (w,) = await c.scsi(struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 8, 0), data=block)
+            assert w.status == 0
+            rd = await c.scsi(struct.pack(">BBIBHB", 0x28, 0, lba, 0, 8, 0), read=4096)
+            assert b"".join(bytes(p.data) for p in rd) == block
+        await c.send(P.LogoutRequest(reason=0, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn))
+        assert (await c.recv()).response == 0
+        await c.close()
+
+    async def body(eng: Engine, port: int) -> None:
+        await asyncio.gather(*(one(port, i) for i in range(100)))
+
+    run(tmp_path, body)
