@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from pyscsi_target.config import model as M
 from pyscsi_target.iscsi import pdu as P
@@ -132,7 +133,7 @@ def run(tmp: Path, body: Callable[[Engine, int], Awaitable[None]], listen: str =
         finally:
             await eng.shutdown(grace=0.5)
 
-    asyncio.run(main())
+    uvloop.run(main())  # the daemon's loop
 
 
 IQN = f"{M.DEFAULT_BASENAME}:loop"
