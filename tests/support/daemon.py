@@ -185,6 +185,61 @@ class Daemon:
             raise RestError(e.code, e.read().decode(errors="replace"), method, path) from None
         return json.loads(raw) if raw.strip() else None
 
+    # --- configuration helpers (FreeNAS v1.0) ---
+    def basename(self) -> str:
+        return self.rest("GET", "globalconfiguration/")["iscsi_basename"]
+
+    def add_auth(self, tag: int, user: str, secret: str, peeruser: str = "", peersecret: str = "") -> dict[str, Any]:
+        return self.rest("POST", "authcredential/", {
+            "iscsi_target_auth_tag": tag, "iscsi_target_auth_user": user, "iscsi_target_auth_secret": secret,
+            "iscsi_target_auth_peeruser": peeruser, "iscsi_target_auth_peersecret": peersecret})
+
+    def add_target(
+        self,
+        name: str,
+        *,
+        luns: Iterable[tuple[int, int, int]] = ((0, 64 << 20, 512),),
+        auth_type: str = "None",
+        auth_group: int | None = None,
+        initiators: str | None = None,
+        auth_network: str = "ALL",
+        portal_group: int | None = None,
+    ) -> str:
+        """Create target ``name`` with file LUNs ``(lunid, size, blocksize)``; returns its IQN."""
+        t = self.rest("POST", "target/", {"iscsi_target_name": name})
+        ig = None
+        if initiators is not None:
+            ig = self.rest("POST", "authorizedinitiator/", {
+                "iscsi_target_initiator_initiators": initiators, "iscsi_target_initiator_auth_network": auth_network,
+                "iscsi_target_initiator_comment": f"{name} initiators"})["id"]
+        if portal_group is None:
+            portal_group = self.rest("GET", "portal/")[0]["id"]
+        self.rest("POST", "targetgroup/", {
+            "iscsi_target": t["id"], "iscsi_target_portalgroup": portal_group, "iscsi_target_initiatorgroup": ig,
+            "iscsi_target_authtype": auth_type, "iscsi_target_authgroup": auth_group})
+        for lunid, size, blocksize in luns:
+            e = self.rest("POST", "extent/", {
+                "iscsi_target_extent_name": f"{name}-lun{lunid}", "iscsi_target_extent_type": "File",
+                "iscsi_target_extent_path": str(self.state_dir / "extents" / f"{name}-lun{lunid}.img"),
+                "iscsi_target_extent_filesize": size, "iscsi_target_extent_blocksize": blocksize})
+            self.rest("POST", "targettoextent/", {"iscsi_target": t["id"], "iscsi_extent": e["id"],
+                                                  "iscsi_lunid": lunid})
+        return f"{self.basename()}:{name}"
+
+    def target_group(self, name: str = "demo") -> dict[str, Any]:
+        targets = {t["id"]: t["iscsi_target_name"] for t in self.rest("GET", "target/")}
+        return next(g for g in self.rest("GET", "targetgroup/") if targets.get(g["iscsi_target"]) == name)
+
+    def set_target_auth(self, name: str, auth_type: str, auth_group: int | None) -> None:
+        tg = self.target_group(name)
+        self.rest("PUT", f"targetgroup/{tg['id']}/", {"iscsi_target_authtype": auth_type,
+                                                     "iscsi_target_authgroup": auth_group})
+
+    def set_discovery_auth(self, method: str, group: int | None) -> None:
+        pg = self.rest("GET", "portal/")[0]
+        self.rest("PUT", f"portal/{pg['id']}/", {"iscsi_target_portal_discoveryauthmethod": method,
+                                                 "iscsi_target_portal_discoveryauthgroup": group})
+
 
 @contextmanager
 def running_daemon(state_dir: Path | str, **kw: Any) -> Iterator[Daemon]:
