@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
+import pytest
+from support.net import port_open
 from support.rest_harness import FN, aio, basic, harness
 
 # --- every request example of 002_9c3b10917a447ea2.txt -------------------------------------
@@ -20,11 +23,16 @@ PORTAL_DOC = {
 }
 
 
+@pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
 @aio
-async def test_document_examples_in_order(tmp_path: Path) -> None:
+async def test_document_examples_in_order(tmp_path: Path, real: bool) -> None:
+    """Both modes: the REST app over a recording engine, and over the real engine with real
+    portals, where iscsi-ls must then see the documented target and LUN."""
+    if real and (shutil.which("iscsi-ls") is None or port_open("127.0.0.1", 3260)):
+        pytest.skip("needs iscsi-ls and a free port 3260 (the document's portal is 0.0.0.0:3260)")
     # No default portal: the document's ids (all 1) then come out exactly.
-    async with harness(tmp_path, portals=()) as h:
-        applied = len(h.engine.applied)
+    async with harness(tmp_path, portals=(), real_engine=real) as h:
+        applied = 0 if real else len(h.engine.applied)
 
         status, body, headers = await h.call("GET", f"{FN}/globalconfiguration/")
         assert status == 200 and headers["Vary"] == "Accept" and headers["Content-Type"].startswith("application/json")
@@ -41,7 +49,7 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
         assert status == 201 and body == PORTAL_DOC and headers["Vary"] == "Accept"
         status, body, _ = await h.call("GET", f"{FN}/portal/")
         assert status == 200 and body == [PORTAL_DOC]
-        assert h.engine.last.portal_groups[1].listen == ["0.0.0.0:3260"]
+        assert h.engine.model.portal_groups[1].listen == ["0.0.0.0:3260"]
         # The document's PUT uses 192.168.3.20, which is not configured here: refused, field named.
         status, body, _ = await h.call("PUT", f"{FN}/portal/1/", {"iscsi_target_portal_ips": ["192.168.3.20:3260"]})
         assert status == 400 and "iscsi_target_portal_ips" in body
@@ -93,7 +101,7 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
         # Target
         status, body, _ = await h.call("POST", f"{FN}/target/", raw='{\n"iscsi_target_name": "target"\n}')
         assert status == 201 and body == {"iscsi_target_name": "target", "iscsi_target_alias": None, "id": 1}
-        assert h.engine.last.target_iqn(h.engine.last.targets[1]).endswith(":target")
+        assert h.engine.model.target_iqn(h.engine.model.targets[1]).endswith(":target")
         status, body, _ = await h.call("PUT", f"{FN}/target/1/", {"iscsi_target_alias": "test"})
         assert status == 200 and body == {"iscsi_target_name": "target", "iscsi_target_alias": "test", "id": 1}
         status, body, _ = await h.call("GET", f"{FN}/target/")
@@ -157,7 +165,7 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
         status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_filesize": "20MB"})
         assert status == 200 and body["iscsi_target_extent_filesize"] == "20MB"
         assert path.stat().st_size == 20 << 20
-        assert h.engine.last.extents[1].filesize == "20MB"
+        assert h.engine.model.extents[1].filesize == "20MB"
 
         # zvol example: no such device here -> 400 naming the disk field.
         status, body, _ = await h.call(
@@ -179,7 +187,7 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
             "POST", f"{FN}/targettoextent/", raw='{"iscsi_target": 1, "iscsi_extent": 1, "iscsi_lunid": null}'
         )
         assert status == 201 and body == {"iscsi_target": 1, "iscsi_extent": 1, "iscsi_lunid": 0, "id": 1}
-        assert h.engine.last.luns_of_target(1)[0].name == "extent"
+        assert h.engine.model.luns_of_target(1)[0].name == "extent"
         status, body, _ = await h.call(
             "POST",
             f"{FN}/extent/",
@@ -194,6 +202,17 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
         assert status == 200 and body == {"iscsi_target": 1, "iscsi_extent": 2, "iscsi_lunid": 0, "id": 1}
         status, body, _ = await h.call("GET", f"{FN}/targettoextent/")
         assert body == [{"iscsi_target": 1, "iscsi_extent": 2, "iscsi_lunid": 0, "id": 1}]
+        if real:
+            # The configuration is live: an initiator sees the target and its LUN on the portal.
+            proc = await asyncio.create_subprocess_exec(
+                "iscsi-ls",
+                "-s",
+                "iscsi://127.0.0.1:3260",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+            assert "Target:iqn.2026-11.org.pyscsi-target:target " in out and "Lun:0" in out, out
 
         # Deletes, in the document's order of resources.
         for res in (
@@ -210,7 +229,8 @@ async def test_document_examples_in_order(tmp_path: Path) -> None:
             status, _, _ = await h.call("GET", f"{FN}/{res}/1/")
             assert status == 404, res
         assert path.exists()  # DELETE without {"delete": true} keeps the file
-        assert len(h.engine.applied) > applied + 15  # every change reached the engine
+        if not real:
+            assert len(h.engine.applied) > applied + 15  # every change reached the engine
 
 
 # --- leniency --------------------------------------------------------------------------------

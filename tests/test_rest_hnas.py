@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 from pathlib import Path
 
+import pytest
+from support.net import free_port
 from support.rest_harness import FN, HN, aio, basic, harness
 
 from pyscsi_target.config.service import access_for, parse_access_config
@@ -49,9 +53,21 @@ async def _setup_target(h) -> str:  # type: ignore[no-untyped-def]
     return body["iscsiTargets"][0]["objectId"]
 
 
+async def _run(*cmd: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
+    return proc.returncode or 0, out
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
 @aio
-async def test_document_patch_examples(tmp_path: Path) -> None:
-    async with harness(tmp_path) as h:
+async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
+    """Both modes: over a recording engine, and over the real engine where a real initiator
+    (libiscsi) checks each PATCH's effect: CHAP with the secret, the new IQN, accessConfig."""
+    if real and shutil.which("iscsi-inq") is None:
+        pytest.skip("needs libiscsi-bin")
+    portal = f"127.0.0.1:{free_port()}"
+    async with harness(tmp_path, portals=(portal,), real_engine=real) as h:
         oid = await _setup_target(h)
         status, body, headers = await h.call("GET", f"{HN}/{oid}")
         assert status == 200 and set(body["iscsiTarget"]) == TARGET_FIELDS
@@ -81,7 +97,7 @@ async def test_document_patch_examples(tmp_path: Path) -> None:
         t = body["iscsiTarget"]
         assert t["alias"] == "string" and t["isAuthenticationEnabled"] is True and t["secret"] == "secret1234"
         assert t["globalUniqueName"] != iqn0 and t["globalUniqueName"].startswith(iqn0)
-        assert h.engine.last.target_iqn(h.engine.last.targets[1]) == t["globalUniqueName"]
+        assert h.engine.model.target_iqn(h.engine.model.targets[1]) == t["globalUniqueName"]
         status, groups, _ = await h.call("GET", f"{FN}/targetgroup/")
         assert groups[0]["iscsi_target_authtype"] == "CHAP" and groups[0]["iscsi_target_authgroup"] is not None
         status, creds, _ = await h.call("GET", f"{FN}/authcredential/")
@@ -95,6 +111,22 @@ async def test_document_patch_examples(tmp_path: Path) -> None:
                 "iscsi_target_auth_peersecret": "",
             }
         ]
+        if real:
+            new_iqn = t["globalUniqueName"]
+            url = f"iscsi://target%secret1234@{portal}/{new_iqn}/1"
+            rc, out = await _run("iscsi-inq", url)
+            assert rc == 0 and "DIRECT_ACCESS" in out, out
+            rc, out = await _run("iscsi-inq", f"iscsi://target%wrong-secret@{portal}/{new_iqn}/1")
+            assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
+            rc, out = await _run("iscsi-ls", f"iscsi://{portal}")
+            assert f"Target:{new_iqn} " in out and f"Target:{iqn0} " not in out, out
+            # accessConfig that excludes 127.0.0.1: the login is refused with 0x0202; blank again admits it.
+            assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "192.0.2.0/24"}))[0] == 303
+            rc, out = await _run("iscsi-inq", url)
+            assert rc != 0 and "(514)" in out, out
+            assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
+            assert (await _run("iscsi-inq", url))[0] == 0
+            assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": ""}))[0] == 303
         # Disable again, then change the secret alone: one credential, updated in place.
         status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": False})
         assert status == 303 and body["iscsiTarget"]["isAuthenticationEnabled"] is False

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import json
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,11 @@ class FakeEngine:
     def last(self) -> ConfigModel:
         return self.applied[-1]
 
+    @property
+    def model(self) -> ConfigModel:
+        """The model last applied (the real Engine has the same attribute)."""
+        return self.applied[-1]
+
 
 def aio(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
     """Run an async test function with asyncio.run (no pytest plugin needed)."""
@@ -64,13 +70,23 @@ def aio(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
 
 class Harness:
     def __init__(
-        self, state_dir: Path, engine: FakeEngine, store: ConfigStore, service: ConfigService, client: TestClient
+        self,
+        state_dir: Path,
+        engine: Any,
+        store: ConfigStore,
+        service: ConfigService,
+        client: TestClient | None,
+        base_url: str = "",
+        session: Any = None,
     ) -> None:
         self.state_dir = state_dir
         self.engine = engine
         self.store = store
         self.service = service
         self.client = client
+        self.base_url = base_url
+        self.session = session
+        self.real = session is not None
 
     async def call(
         self,
@@ -90,11 +106,13 @@ class Harness:
             hdrs.setdefault("Content-Type", "application/json")
         elif body is not None:
             kwargs["json"] = body
-        resp = await self.client.request(method, path, **kwargs)
+        if self.session is not None:
+            resp = await self.session.request(method, self.base_url + path, **kwargs)
+        else:
+            assert self.client is not None
+            resp = await self.client.request(method, path, **kwargs)
         text = await resp.text()
         try:
-            import json
-
             data = json.loads(text) if text else None
         except ValueError:
             data = text
@@ -103,8 +121,21 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    state_dir: Path, *, portals: tuple[str, ...] = ("127.0.0.1:3260",), extent_roots: list[Path] | None = None
+    state_dir: Path,
+    *,
+    portals: tuple[str, ...] = ("127.0.0.1:3260",),
+    extent_roots: list[Path] | None = None,
+    real_engine: bool = False,
 ) -> AsyncIterator[Harness]:
+    """A ConfigService + REST app on loopback.
+
+    ``real_engine``: the daemon's own pieces (server.engine.Engine with real portals and LUNs,
+    the API on a real TCP port); otherwise a FakeEngine and aiohttp's test server.
+    """
+    if real_engine:
+        async with _real_harness(state_dir, portals, extent_roots) as h:
+            yield h
+        return
     engine = FakeEngine()
     store = ConfigStore(state_dir)
     service = ConfigService(store, engine, extent_roots=extent_roots)
@@ -116,4 +147,32 @@ async def harness(
         yield Harness(state_dir, engine, store, service, client)
     finally:
         await client.close()
+        store.close()
+
+
+@contextlib.asynccontextmanager
+async def _real_harness(
+    state_dir: Path, portals: tuple[str, ...], extent_roots: list[Path] | None
+) -> AsyncIterator[Harness]:
+    import aiohttp
+
+    from pyscsi_target.server.engine import Engine
+    from rest import start_api
+
+    from .net import free_port
+
+    store = ConfigStore(state_dir)
+    engine = Engine(state_dir, pr_store=store.pr_store)
+    service = ConfigService(store, engine, extent_roots=extent_roots)
+    runner = None
+    try:
+        await service.start(default_portals=portals)
+        port = free_port()
+        runner = await start_api(make_app(service, store, admin=ADMIN), "127.0.0.1", port)
+        async with aiohttp.ClientSession() as session:
+            yield Harness(state_dir, engine, store, service, None, f"http://127.0.0.1:{port}", session)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await engine.shutdown()
         store.close()
