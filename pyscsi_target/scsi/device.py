@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from pyscsi_target.scsi import pr, sbc, spc, tpc
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.lu import LogicalUnit, it_key
+from pyscsi_target.scsi.lu import LogicalUnit, forget_nexus, it_key
 from pyscsi_target.scsi.task import (
     LUN_UNSUPPORTED,
     WLUN_REPORT_LUNS,
@@ -165,6 +165,7 @@ class ScsiDevice:
         for lu in self.luns.values():
             lu.nexus_lost(key, nexus.nexus_id)
             lu.detach_nexus(key)
+        forget_nexus(nexus)
 
     # --- command submission -------------------------------------------------------
 

@@ -56,8 +56,19 @@ MAX_CAW_BLOCKS = 255  # COMPARE AND WRITE NUMBER OF LOGICAL BLOCKS is one byte
 MAX_ATOMIC_BYTES = 1 << 20
 
 
+_KEYS: dict[int, ITKey] = {}
+
+
 def it_key(nexus: Nexus) -> ITKey:
-    return (nexus.initiator_port.lower(), nexus.portal_group_tag)
+    """The I_T nexus identity that UAs and reservations hang on (cached per nexus)."""
+    key = _KEYS.get(nexus.nexus_id)
+    if key is None:
+        key = _KEYS[nexus.nexus_id] = (nexus.initiator_port.lower(), nexus.portal_group_tag)
+    return key
+
+
+def forget_nexus(nexus: Nexus) -> None:
+    _KEYS.pop(nexus.nexus_id, None)
 
 
 def naa_bytes(extent: model.Extent) -> bytes:
@@ -226,7 +237,8 @@ class LogicalUnit:
         k = (task.nexus.nexus_id, task.tag)
         if self.tasks.get(k) is task:
             del self.tasks[k]
-        self.ordered_running.discard(task)
+        if self.ordered_running:
+            self.ordered_running.discard(task)
         if _DEBUG:
             log.warning("DBG op=%02x status=%#x sense=%s aborted=%s", task.cdb[0], task.status,
                         task.sense.hex() if task.sense else None, task.aborted)

@@ -111,7 +111,7 @@ class PersistentReservations:
             return key in self.regs
         return r.holder == key
 
-    def conflicts(self, key: ITKey, flags: F) -> bool:
+    def conflicts(self, key: ITKey, flags: int) -> bool:
         """Whether a command with ``flags`` from ``key`` conflicts (SPC-4 5.12.1 tables)."""
         r = self.reservation
         if r is None or flags & F.PR_ALLOWED or self.is_holder(key):
