@@ -131,8 +131,10 @@ class Cmd:
         self.itt = pdu.itt
         self.cmdsn = pdu.cmdsn
         self.raw_lun = pdu.lun
-        self.lun = lun_to_int(pdu.lun)
-        self.cdb = pdu.full_cdb()
+        raw = pdu.lun
+        # Most initiators address LUN 0..255 with peripheral addressing: decode inline.
+        self.lun = raw >> 48 if raw & 0xFF00FFFFFFFFFFFF == 0 else lun_to_int(raw)
+        self.cdb = pdu.full_cdb() if pdu.ahs else pdu.cdb
         self.attr = pdu.attr
         self.read = bool(pdu.read)
         self.write = bool(pdu.write)
@@ -271,7 +273,8 @@ class Connection:
             s.discovery or s.discard_cmdsn
         ):
             # Fast path: the next SCSI command in CmdSN order (almost every PDU under load).
-            self._ack_statsn(pdu.expstatsn)
+            if pdu.expstatsn != self.exp_statsn:
+                self._ack_statsn(pdu.expstatsn)
             cmd = self._setup_cmd(pdu)
             if cmd is None:
                 self._consume_in_order(pdu.cmdsn)
@@ -567,10 +570,14 @@ class Connection:
                 self._on_done(task)
 
     def _on_done(self, task: ScsiTask) -> None:
-        cmd: Cmd = task.transport_ref  # type: ignore[assignment]
-        if cmd.state != Cmd.SUBMITTED:
+        cmd: Cmd | None = task.transport_ref  # type: ignore[assignment]
+        if cmd is None or cmd.state != Cmd.SUBMITTED:
             return  # exactly-once guard
         cmd.state = Cmd.DONE
+        # Break the Cmd <-> ScsiTask cycle so both are freed by refcounting right away:
+        # leaving one cycle per command to the cyclic GC costs more than the rest of it.
+        cmd.task = None
+        task.transport_ref = None
         self.session.task_finished(cmd)
         if task.aborted or cmd.aborted or self.closed or cmd.conn is not self:
             return  # aborted tasks get no response (RFC 7143 4.2.3.1); a dead link neither
