@@ -159,14 +159,22 @@ class Daemon:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
 
-    def bad_log_lines(self, allow: Iterable[str] = ()) -> list[str]:
+    def log_mark(self) -> int:
+        """Current log length: pass as ``since=`` to look only at what was logged afterwards."""
+        return len(self.log_text())
+
+    def bad_log_lines(self, allow: Iterable[str] = (), since: int = 0) -> list[str]:
         allowed = [re.compile(a) for a in allow]
-        return [line for line in self.log_text().splitlines()
+        return [line for line in self.log_text()[since:].splitlines()
                 if _BAD_LINE.search(line) and not any(a.search(line) for a in allowed)]
 
-    def assert_clean_log(self, allow: Iterable[str] = ()) -> None:
+    def errors_since(self, since: int = 0) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks (warnings allowed: negative tests cause them)."""
+        return self.bad_log_lines(allow=[r"^\S+ \S+ WARNING "], since=since)
+
+    def assert_clean_log(self, allow: Iterable[str] = (), since: int = 0) -> None:
         """No WARNING/ERROR/CRITICAL line and no traceback, except lines matching an ``allow`` regex."""
-        bad = self.bad_log_lines(allow)
+        bad = self.bad_log_lines(allow, since)
         assert not bad, "daemon log has warnings/errors:\n" + "\n".join(bad[:40])
 
     # --- REST (FreeNAS v1.0) ---
