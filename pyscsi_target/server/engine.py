@@ -578,12 +578,20 @@ class Engine:
             for lst in list(self._listeners.values()):
                 await lst.stop()
             self._listeners.clear()
+        asked = len(self.connections)
+        if asked:
+            log.info("asking %d connection(s) to log out within %.0fs", asked, grace)
         for proto in list(self.connections):
-            proto.request_logout(int(grace))
+            proto.request_logout(max(1, int(grace)))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        start = loop.time()
+        deadline = start + grace
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if self.connections:
+            log.info("dropping %d connection(s) that did not log out", len(self.connections))
+        elif asked:
+            log.info("all connections closed after %.2fs", loop.time() - start)
         for proto in list(self.connections):
             proto.close(abort_tasks=True, announce=True)
         # Let running SCSI tasks finish (their responses go nowhere) before closing LUs.
