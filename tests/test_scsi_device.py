@@ -651,3 +651,60 @@ def test_thin_threshold_ua(tmp_path: Path) -> None:
         assert (await h.cmd(bytes(6))).status == GOOD
 
     asyncio.run(_with_harness(tmp_path, body, avail_threshold=1))
+
+
+def test_pr_aptpl_in_state_database_across_restart(tmp_path: Path) -> None:
+    """APTPL registrations and the reservation survive a restart through the SQLite store."""
+    from pyscsi_target.config.store import ConfigStore
+
+    ext = make_extent(tmp_path, name="aptpl")
+
+    async def first() -> None:
+        store = ConfigStore(tmp_path / "state")
+        lu = open_logical_unit(ext, store.pr_store)
+        dev = ScsiDevice("iqn.2026-11.org.pyscsi-target:p")
+        dev.set_luns({0: lu})
+        a = nexus("iqn.1994-05.com.example:a", 1, target=dev.target_iqn)
+        b = nexus("iqn.1994-05.com.example:b", 2, target=dev.target_iqn)
+        h = Harness.__new__(Harness)
+        h.dev, h.lu, h.a, h.b = dev, lu, a, b
+        for n in (a, b):
+            dev.add_nexus(n)
+            await h.clear_ua(n)
+        cdb, data = pr_out(0x00, 0, 0xA1, flags=0x01)
+        assert (await h.cmd(cdb, data)).status == GOOD
+        # the APTPL bit of the most recent REGISTER decides (SPC-4 5.12.5)
+        cdb, data = pr_out(0x00, 0, 0xB2, flags=0x01)
+        assert (await h.cmd(cdb, data, nx=b)).status == GOOD
+        cdb, data = pr_out(0x01, 0xA1, 0, rtype=5)
+        assert (await h.cmd(cdb, data)).status == GOOD
+        dev.close()
+        lu.close()
+        if hasattr(store, "close"):
+            store.close()
+
+    async def second() -> None:
+        store = ConfigStore(tmp_path / "state")
+        lu = open_logical_unit(ext, store.pr_store)
+        dev = ScsiDevice("iqn.2026-11.org.pyscsi-target:p")
+        dev.set_luns({0: lu})
+        c = nexus("iqn.1994-05.com.example:c", 3, target=dev.target_iqn)
+        b = nexus("iqn.1994-05.com.example:b", 2, target=dev.target_iqn)
+        h = Harness.__new__(Harness)
+        h.dev, h.lu, h.a, h.b = dev, lu, c, b
+        for n in (c, b):
+            dev.add_nexus(n)
+            await h.clear_ua(n)
+        r = await h.cmd(pr_in(0x00))
+        assert sorted(struct.unpack_from(">2Q", r.data, 8)) == [0xA1, 0xB2]
+        r = await h.cmd(pr_in(0x01))
+        assert struct.unpack_from(">Q", r.data, 8)[0] == 0xA1 and r.data[21] == 5
+        assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512), nx=c)).status == RC  # not registered
+        assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512), nx=b)).status == GOOD  # registrant
+        r = await h.cmd(pr_in(0x02))
+        assert r.data[3] & 0x01  # PTPL_A
+        dev.close()
+        lu.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
