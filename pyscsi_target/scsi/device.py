@@ -87,6 +87,15 @@ def all_commands() -> list[Command]:
     return out
 
 
+def command_table_markdown() -> str:
+    """The supported-commands table for README.md (one row per opcode/service action)."""
+    rows = ["| Opcode | SA | Command |", "|---|---|---|"]
+    for c in all_commands():
+        sa = f"{c.sa:02X}h" if c.sa is not None else ""
+        rows.append(f"| {c.opcode:02X}h | {sa} | {c.name} |")
+    return "\n".join(rows)
+
+
 def lookup(cdb: bytes) -> Command | None:
     entry = COMMANDS_BY_OPCODE.get(cdb[0])
     if entry is None or isinstance(entry, Command):

@@ -122,6 +122,7 @@ class LogicalUnit:
         self.stopped = False
         self.sanitizing = False
         self.sanitize_failed = False
+        self.sanitize_progress = 0.0  # written by the sanitize worker, read by REQUEST SENSE
         self.copy_results: dict[tuple[ITKey, int], Any] = {}
         self.threshold_armed = True
         self.closed = False
@@ -295,6 +296,13 @@ class LogicalUnit:
                 self.ordered_running.add(task)
             else:
                 self.blocked.popleft()
+            if task.aborted:  # e.g. the old task of an overlapped-commands pair
+                self.ordered_running.discard(task)
+                self.tasks.pop((task.nexus.nexus_id, task.tag), None)
+                cb, task.on_done = task.on_done, None
+                if cb is not None:
+                    cb(task)
+                continue
             self._run(task, cmd)
 
     def _run(self, task: ScsiTask, cmd: Command) -> None:

@@ -548,6 +548,7 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
         def work() -> None:
             bs.discard(0, size)
             bs.flush()
+            lu.sanitize_progress = 1.0
     else:
         if plen < 5 or plen > lu.block_size + 4:
             raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
@@ -581,9 +582,11 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
                     m = min(len(buf), size - pos)
                     bs.write([memoryview(buf)[:m]], pos, True)
                     pos += m
+                    lu.sanitize_progress = (i * size + pos) / (count * size)
 
     immed = bool(cdb[1] & 0x80)
     lu.sanitizing = True  # from now on medium access gets NOT READY, SANITIZE IN PROGRESS
+    lu.sanitize_progress = 0.0
 
     def guarded() -> BaseException | None:
         try:
