@@ -708,3 +708,16 @@ def test_pr_aptpl_in_state_database_across_restart(tmp_path: Path) -> None:
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+@run
+async def test_log_sense_provisioning_page(h: Harness) -> None:
+    r = await h.cmd(struct.pack(">BBBBxHHB", 0x4D, 0, 0x00, 0, 0, 64, 0))
+    assert r.status == GOOD and list(r.data[4:]) == [0x00, 0x0C]
+    await h.cmd(rw10(0x2A, 0, 64), b"L" * 64 * 512)
+    r = await h.cmd(struct.pack(">BBBBxHHB", 0x4D, 0, 0x4C, 0, 0, 64, 0))
+    assert r.status == GOOD and r.data[0] == 0x0C
+    code, _fl, ln, used, scope = struct.unpack_from(">HBBIB", r.data, 16)
+    assert code == 2 and ln == 8 and used >= 64
+    check(await h.cmd(struct.pack(">BBBBxHHB", 0x4D, 0, 0x4F, 0, 0, 64, 0)),
+          S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)

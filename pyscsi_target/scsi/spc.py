@@ -139,12 +139,17 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         buf = bytearray(8)
         buf[1] = 0xB2
         buf[3] = 4
-        buf[4] = 0  # threshold exponent
+        buf[4] = threshold_exponent(lu)  # scales the LOG SENSE resource counts
         # LBPU, LBPWS, LBPWS10, LBPRZ; ANC_SUP=0 (no anchored state)
         buf[5] = 0x80 | 0x40 | 0x20 | 0x04
         buf[6] = 0x02  # provisioning type: thin
         return bytes(buf)
     raise S.invalid_cdb(2)
+
+
+def threshold_exponent(lu: LogicalUnit) -> int:
+    """Smallest exponent making the LU's block count fit the 32-bit resource counts."""
+    return max(0, lu.num_blocks.bit_length() - 32)
 
 
 def inquiry(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -266,6 +271,52 @@ def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
 
 
+# --- LOG SENSE ------------------------------------------------------------------------
+
+LOG_PAGES = (0x00, 0x0C)
+
+
+def log_sense(lu: LogicalUnit, task: ScsiTask) -> None:
+    """Supported pages and Logical Block Provisioning (0Ch): how much of the thin LU is
+    allocated and how much more the filesystem under it can still provide."""
+    cdb = task.cdb
+    if cdb[1] & 0x01:  # SP: no saveable log parameters
+        raise S.invalid_cdb(1, 0)
+    pc = cdb[2] >> 6
+    page = cdb[2] & 0x3F
+    subpage = cdb[3]
+    pointer = struct.unpack_from(">H", cdb, 5)[0]
+    alloc = struct.unpack_from(">H", cdb, 7)[0]
+    if subpage not in (0x00, 0xFF) or (subpage == 0xFF and page != 0x00):
+        raise S.invalid_cdb(3)
+    if page == 0x00:
+        if subpage == 0xFF:
+            body = b"".join(bytes((p, 0)) for p in LOG_PAGES)
+            data = bytes((0x40, 0xFF)) + struct.pack(">H", len(body)) + body
+        else:
+            data = bytes((0x00, 0)) + struct.pack(">H", len(LOG_PAGES)) + bytes(LOG_PAGES)
+    elif page == 0x0C:
+        if pointer > 2:
+            raise S.invalid_cdb(5)
+        exp = threshold_exponent(lu)
+        used = lu.backstore.allocated_bytes() >> lu.block_shift
+        try:
+            free = lumod.fs_free_bytes(lu.backstore.path) >> lu.block_shift
+        except OSError:
+            free = 0
+        avail = min(free, max(0, lu.num_blocks - used))
+        params = b""
+        for code, value in ((0x0001, avail), (0x0002, used)):
+            if code >= pointer and pc in (1, 3):  # cumulative values only
+                # FORMAT AND LINKING 11b; scope 01b: dedicated to this LU
+                params += struct.pack(">HBBIB3x", code, 0x03, 8, min(value >> exp, 0xFFFFFFFF), 0x01)
+        data = bytes((0x0C, 0)) + struct.pack(">H", len(params)) + params
+    else:
+        raise S.invalid_cdb(2, 5)
+    set_data_in(task, data, alloc)
+    lu.done(task)
+
+
 # --- REPORT SUPPORTED OPERATION CODES / TMFs, REPORT TARGET PORT GROUPS --------------
 
 
@@ -361,6 +412,8 @@ COMMANDS = [
     Command(0x1A, None, "MODE SENSE(6)", mode_sense, usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0x07), F.PR_READ),
     Command(0x5A, None, "MODE SENSE(10)", mode_sense,
             usage(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_READ),
+    Command(0x4D, None, "LOG SENSE", log_sense,
+            usage(0x4D, 0x01, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0x07), F.PR_READ),
     Command(0x15, None, "MODE SELECT(6)", mode_select, usage(0x15, 0x11, 0, 0, 0xFF, 0x07), F.PR_WRITE),
     Command(0x55, None, "MODE SELECT(10)", mode_select,
             usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_WRITE),
