@@ -165,7 +165,6 @@ class Connection:
         statsn: int,
         policy: Any = None,
         peer: str = "",
-        local: tuple[str, int] | None = None,
         notify: Callable[[], None] | None = None,
         on_event: Callable[[str, Connection], None] | None = None,
         conn_params: SessionParams | None = None,
@@ -176,7 +175,6 @@ class Connection:
         self.exp_statsn = statsn
         self.policy = policy  # the engine's LoginPolicy for this connection (SendTargets)
         self.peer = peer
-        self.local = local
         self.notify = notify or (lambda: None)
         self.on_event = on_event or (lambda _ev, _c: None)
         self._text_handler: Any = None
@@ -192,14 +190,12 @@ class Connection:
         self.initial_r2t = p.initial_r2t
         self.immediate_data = p.immediate_data
         self.max_r2t = max(1, p.max_outstanding_r2t)
-        self.erl = p.error_recovery_level
         self.out: list[Any] = []
         self.closing = False  # close once ``out`` has been written (logout, fatal error)
         self.closed = False
         self._ttt = 0
         self.ping_ttt: int | None = None  # outstanding target NOP-In ping
         self._aborted_itts: set[int] = set()
-        self.logout_requested = False
         session.connection = self
 
     # --- small helpers ----------------------------------------------------------------
@@ -953,7 +949,6 @@ class Connection:
         """Async Message event 1: the initiator should log out within ``within`` seconds."""
         if self.closing or self.closed:
             return
-        self.logout_requested = True
         msg = self._stamp(P.AsyncMessage(event=1, lun=0, param1=0, param2=0, param3=within))
         self._send_pdu(msg)
 
