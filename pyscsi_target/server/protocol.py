@@ -48,7 +48,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._logout_deadline: float | None = None
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()  # protocols are built by the running server
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
