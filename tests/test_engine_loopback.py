@@ -340,11 +340,31 @@ def test_malformed_before_login_dropped_parallel_session_unharmed(tmp_path: Path
         half = await Client.connect("127.0.0.1", port)
         half.w.write(P.NopOut(itt=1, cmdsn=1).to_bytes()[:20])
         await half.close()
+        # Full feature phase: a data segment beyond our MaxRecvDataSegmentLength (262144)
+        # gets a protocol-error Reject; a write dropped mid-command leaves nothing behind.
+        ffp = await Client.connect("127.0.0.1", port)
+        assert (await ffp.login(IQN, isid=0x400000000077)).status_class == 0
+        nop = P.NopOut(itt=ffp.next_itt(), cmdsn=ffp.cmdsn, expstatsn=ffp.statsn)
+        nop.immediate = True
+        nop.data = bytes(300000)
+        await ffp.send(nop)
+        rej = await ffp.recv()
+        assert isinstance(rej, P.Reject) and rej.reason == P.RejectReason.PROTOCOL_ERROR
+        cmd = P.ScsiCommand(itt=ffp.next_itt(), cmdsn=ffp.cmdsn, expstatsn=ffp.statsn, write=1, edtl=65536,
+                            attr=1, cdb=struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 128, 0).ljust(16, b"\0"))
+        await ffp.send(cmd)
+        assert isinstance(await ffp.recv(), P.R2T)
+        await ffp.close()  # gone with the write half done
         for _ in range(4):
             (r,) = await good.scsi(bytes(6))
             if r.status == 0:
                 break
         assert r.status == 0
+        for _ in range(50):
+            if eng.session_count(1) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert eng.session_count(1) == 1
         for cl in (bad, rnd, big, good):
             await cl.close()
 
