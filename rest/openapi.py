@@ -284,7 +284,19 @@ def _fn_paths() -> S:
                 "operationId": f"create_{name}",
                 "summary": f"Create a {name}",
                 "requestBody": body,
-                "responses": {"201": _json(_ref(schema), "Created"), **_fn_errors(400, 401, 409, 413)},
+                "responses": {
+                    "201": {
+                        **_json(_ref(schema), "Created"),
+                        "links": {
+                            f"{verb.capitalize()}{schema}": {
+                                "operationId": f"{verb}_{name}",
+                                "parameters": {"id": "$response.body#/id"},
+                            }
+                            for verb in ("get", "update", "delete")
+                        },
+                    },
+                    **_fn_errors(400, 401, 409, 413),
+                },
             },
         }
         item: S = {
@@ -416,13 +428,17 @@ def _hn_paths() -> S:
             "secret": _str(example="secret1234"),
         }
     )
-    post_body = _obj(
-        {
-            **patch_body["properties"],
-            "virtualServerId": _int(minimum=0, maximum=255),
-            "name": _str(pattern="^[-a-z0-9.:]+$"),
-        }
-    )
+    post_body = {
+        **_obj(
+            {
+                **patch_body["properties"],
+                "virtualServerId": _int(minimum=0, maximum=255),
+                "name": _str(pattern="^[-a-z0-9.:]+$"),
+            },
+            ["alias"],
+        ),
+        "example": {"alias": "Target1", "comment": "This is a comment", "accessConfig": "", "virtualServerId": 1},
+    }
     oid = {"name": "iscsiTargetObjectId", "in": "path", "required": True, "schema": _str()}
     location = {"Location": {"description": "URI of the object", "schema": _str()}}
     return {
@@ -445,7 +461,17 @@ def _hn_paths() -> S:
                 "operationId": "create_iscsi_target",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": post_body}}},
                 "responses": {
-                    "201": {**_json(created, "Created"), "headers": location},
+                    "201": {
+                        **_json(created, "Created"),
+                        "headers": location,
+                        "links": {
+                            f"{verb.capitalize()}IscsiTarget": {
+                                "operationId": f"{verb}_iscsi_target",
+                                "parameters": {"iscsiTargetObjectId": "$response.body#/iscsiTarget/objectId"},
+                            }
+                            for verb in ("get", "update", "delete")
+                        },
+                    },
                     **_hn_errors(400, 401, 403, 409, 413),
                 },
             },
