@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from pyscsi_target.scsi.device import ScsiDevice
 
 log = logging.getLogger(__name__)
-_DEBUG = bool(os.environ.get('PYSCSI_DEBUG_SCSI'))
+# PYSCSI_TRACE_SCSI=1 logs every completed command's status and sense (debugging aid).
+_TRACE = bool(os.environ.get("PYSCSI_TRACE_SCSI"))
 
 ITKey = tuple[str, int]  # (SCSI initiator port name, relative target port id)
 
@@ -144,8 +145,17 @@ class LogicalUnit:
     def update(self, extent: model.Extent) -> None:
         """Apply a changed extent (resize, ro, rpm...) with the unit attentions it implies."""
         old_blocks = self.num_blocks
+        old_ident = (self.naa, self.serial, self.rpm, self.xen)
         self.extent = extent
+        new_naa = naa_bytes(extent)
+        if new_naa != self.naa:
+            if LU_REGISTRY.get(self.naa) is self:
+                del LU_REGISTRY[self.naa]
+            self.naa = new_naa
+            LU_REGISTRY[new_naa] = self
         self._apply_attributes(extent)
+        if (self.naa, self.serial, self.rpm, self.xen) != old_ident:
+            self.add_ua_all(S.INQUIRY_DATA_HAS_CHANGED)
         if extent.type != "Disk":
             size = parse_size(extent.filesize or "0")
             if size > 0 and size != self.backstore.size:
@@ -240,8 +250,8 @@ class LogicalUnit:
             del self.tasks[k]
         if self.ordered_running:
             self.ordered_running.discard(task)
-        if _DEBUG:
-            log.warning("DBG op=%02x status=%#x sense=%s aborted=%s", task.cdb[0], task.status,
+        if _TRACE:
+            log.warning("trace op=%02x status=%#x sense=%s aborted=%s", task.cdb[0], task.status,
                         task.sense.hex() if task.sense else None, task.aborted)
         cb = task.on_done
         task.on_done = None

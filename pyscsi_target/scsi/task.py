@@ -58,6 +58,14 @@ class ScsiTask:
 
     Inputs are set by the transport; outputs by the SCSI layer before ``on_done``.
 
+    Aborts: a task aborted by a TMF (or by another nexus's CLEAR TASK SET, PREEMPT AND
+    ABORT, a reset or nexus loss) gets ``aborted = True``.  ``on_done`` is still called
+    exactly once for it (at once if it was queued, else when its I/O returns) so the
+    transport can free its state, but it must not send a response for it.
+
+    Data-In buffers may hold fewer bytes than ``data_in_len`` (a READ reads only what the
+    initiator will accept), never fewer than min(data_in_len, expected_len).
+
     Residuals: for Data-In the transport sends min(data_in_len, expected_len) bytes and
     derives over/underflow from data_in_len.  For Data-Out the SCSI layer sets
     ``xfer_len`` to the bytes the CDB asked for and the transport derives the residual
