@@ -614,7 +614,7 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
             bhs = bytearray(rnd.randbytes(48))
             bhs[0] = rnd.choice(ops) | (0x40 if rnd.random() < 0.3 else 0)
             bhs[4] = 0
-            dlen = rnd.choice([0, 0, 0, 1, 100, 512, 513])
+            dlen = rnd.choice([0, 0, 0, 1, 100, 512, 513, 9000])  # 9000 > MaxRecvDataSegmentLength
             bhs[5:8] = dlen.to_bytes(3, "big")
             if rnd.random() < 0.8:
                 struct.pack_into(">I", bhs, 16, rnd.choice(itts))
@@ -631,9 +631,15 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
                 h.dev.finish()
             pdu = P.decode_bhs(bytes(bhs))
             if isinstance(pdu, P.UnknownPDU):
-                if h.params.header_digest or h.params.data_digest:
-                    continue
-                h.send_bytes(bytes(bhs) + bytes(dlen + P.pad_len(dlen)))
+                wire = bytes(bhs)
+                if h.params.header_digest:
+                    wire += struct.pack("<I", P.digest(bhs))
+                if dlen:
+                    body = rnd.randbytes(dlen) + bytes(P.pad_len(dlen))
+                    wire += body + (struct.pack("<I", P.digest(body)) if h.params.data_digest else b"")
+                h.send_bytes(wire)
+                if h.conn.closing:
+                    break
                 continue
             pdu.data = rnd.randbytes(dlen)
             w = bytearray(h.wire(pdu))
@@ -648,3 +654,13 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
         h.output()
         s = h.session
         assert s.active == sum(1 for c in s.tasks.values() if c.counted) >= 0, seed
+
+
+def test_oversized_unknown_opcode_rejected() -> None:
+    h = Harness(max_recv_dsl=1024)
+    raw = bytearray(48)
+    raw[0] = 0x1E
+    raw[5:8] = (4096).to_bytes(3, "big")
+    (rej,) = h.send_bytes(bytes(raw) + bytes(4096))
+    assert rej.reason == P.RejectReason.PROTOCOL_ERROR and bytes(rej.data[:1]) == b"\x1e"
+    assert not h.conn.closing

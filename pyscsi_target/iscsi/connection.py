@@ -243,6 +243,8 @@ class Connection:
     def reject(self, reason: int, bad: PDU | None, raw_header: bytes | None = None) -> None:
         """Reject PDU carrying the offending header (RFC 7143 11.17)."""
         r = self._stamp(P.Reject(reason=reason, datasn=0))
+        if raw_header is None and isinstance(bad, P.UnknownPDU):
+            raw_header = bad.bhs  # type: ignore[attr-defined]
         if raw_header is None and bad is not None:
             try:
                 raw_header = bytes(bad.encode_header(0, len(bad.data))[: P.BHS_LEN])
@@ -394,13 +396,14 @@ class Connection:
         pdu = ev.pdu
         # Data digest: the PDU is discarded with a Reject (RFC 7143 7.8 / 11.17.1).
         self.reject(RejectReason.DATA_DIGEST_ERROR, pdu)
-        if pdu.opcode == Op.DATA_OUT:
+        op = getattr(pdu, "opcode", -1)  # an UnknownPDU has none
+        if op == Op.DATA_OUT:
             # ERL 0: the data cannot be recovered; account for it so the command ends
             # with PROTOCOL SERVICE CRC ERROR once the rest of its data has arrived.
             self._data_out(pdu, failed=SENSE_PROTOCOL_CRC_ERROR)  # type: ignore[arg-type]
-        elif pdu.opcode == Op.SCSI_CMD:
+        elif op == Op.SCSI_CMD:
             self._bad_command(pdu, SENSE_PROTOCOL_CRC_ERROR)  # type: ignore[arg-type]
-        elif not pdu.immediate and pdu.opcode in (Op.NOP_OUT, Op.TEXT_REQ) and pdu.itt != RESERVED_TAG:  # type: ignore[attr-defined]
+        elif not pdu.immediate and op in (Op.NOP_OUT, Op.TEXT_REQ) and pdu.itt != RESERVED_TAG:  # type: ignore[attr-defined]
             # The command is gone; its CmdSN must not block the window.
             if self.session.in_window(pdu.cmdsn):  # type: ignore[attr-defined]
                 self._consume_in_order(pdu.cmdsn)  # type: ignore[attr-defined]
@@ -410,14 +413,15 @@ class Connection:
         pdu = ev.pdu
         log.info("%s: PDU %s with %d data bytes > MaxRecvDataSegmentLength", self.peer, pdu, ev.length)
         self.reject(RejectReason.PROTOCOL_ERROR, pdu)
-        if pdu.opcode == Op.DATA_OUT:
+        op = getattr(pdu, "opcode", -1)  # an UnknownPDU has none
+        if op == Op.DATA_OUT:
             cmd = self.session.tasks.get(pdu.itt)  # type: ignore[attr-defined]
             if cmd is not None and cmd.conn is self:
                 self._fail(cmd, SENSE_INCORRECT_DATA_AMOUNT)
                 self._close_seq_for(cmd, pdu)  # type: ignore[arg-type]
-        elif pdu.opcode == Op.SCSI_CMD:
+        elif op == Op.SCSI_CMD:
             self._bad_command(pdu, SENSE_INCORRECT_DATA_AMOUNT)  # type: ignore[arg-type]
-        elif pdu.opcode in (Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ):
+        elif op in (Op.NOP_OUT, Op.TEXT_REQ, Op.TMF_REQ, Op.LOGOUT_REQ):
             if not pdu.immediate and self.session.in_window(pdu.cmdsn):  # type: ignore[attr-defined]
                 self._consume_in_order(pdu.cmdsn)  # type: ignore[attr-defined]
 
