@@ -65,6 +65,8 @@ def test_login_never_raises(method, reqs):
             assert not m.failed and len(rsp.data) <= 8192
         if m.done:
             assert m.result is not None and 1 <= m.result.tsih <= 0xFFFF
+            # Security property: random traffic never gets past a CHAP requirement.
+            assert method not in ("CHAP", "CHAP Mutual"), m.result
 
 
 @settings(max_examples=300, deadline=None)
@@ -98,3 +100,31 @@ def test_text_handler_never_raises(reqs, mx):
         assert len(rsp.data) <= max(mx, 48)
         if isinstance(rsp, P.TextResponse):
             assert (rsp.final == 1) == (rsp.ttt == P.RESERVED_TAG)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from([5, 6, 7, 8]), st.integers(0, 255), st.booleans())
+def test_any_altered_chap_response_fails(alg, bit, mutual):
+    import hashlib
+
+    from pyscsi_target.iscsi.chap import chap_digest, decode_binary
+
+    m = LoginMachine(policy("CHAP Mutual" if mutual else "CHAP"))
+    base = dict(isid=b"\x80\0\0\0\0\1", csg=0, nsg=1)
+
+    def send(pairs, **kw):
+        q = P.LoginRequest(**base, **kw)
+        q.data = encode_pairs(pairs)
+        (r,) = m.receive(P.decode(q.to_bytes()))
+        return r, dict(kv.split("=", 1) for kv in bytes(r.data).decode().split("\0") if kv)
+
+    send([("InitiatorName", "iqn.1994-05.com.redhat:x"), ("TargetName", TGT), ("AuthMethod", "CHAP")])
+    _r, d = send([("CHAP_A", str(alg))])
+    good = chap_digest(alg, int(d["CHAP_I"]), b"initsecret1234", decode_binary(d["CHAP_C"]))
+    bad = bytearray(good)
+    bad[(bit // 8) % len(bad)] ^= 1 << (bit % 8)
+    pairs = [("CHAP_N", "u"), ("CHAP_R", "0x" + bad.hex())]
+    if mutual:
+        pairs += [("CHAP_I", "1"), ("CHAP_C", "0x" + hashlib.md5(b"x").hexdigest())]
+    r, _d = send(pairs, transit=1)
+    assert (r.status_class, r.status_detail) == (2, 1) and m.failed and not m.done
