@@ -28,19 +28,22 @@ What the machine does:
   longer than 8192 bytes is sent in pieces with C=1 and the initiator fetches the rest
   with empty requests;
 - checks: version (0x0205), ISID/TSIH/CID constant over the login, CSG/NSG sequencing,
-  T and C not both set, non-login PDUs (0x020b), keys offered twice, security keys in
-  the operational stage, InitiatorName/TargetName/SessionType only in the first request
-  (all 0x0200 unless noted); missing InitiatorName or TargetName -> 0x0207, bad
-  SessionType -> 0x0209, unknown target -> 0x0203, initiator not allowed -> 0x0202,
-  authentication failure -> 0x0201; the policy may raise any LoginReject (0x0204
-  target removed, 0x0206 too many connections, 0x0208, 0x020a no such session, 0x0301
-  service unavailable, 0x0302 out of resources, or a 0x0101/0x0102 redirect whose
-  ``pairs`` carry the TargetAddress; we never redirect on our own);
+  T and C not both set, non-login PDUs (0x020b), keys offered twice (except the
+  re-declarable declaratives), security keys in the operational stage,
+  InitiatorName/TargetName/SessionType declared in the first request and later only
+  repeated with the same value, as libiscsi does (all 0x0200 unless noted); missing
+  InitiatorName or TargetName -> 0x0207, bad SessionType -> 0x0209, unknown target ->
+  0x0203, initiator not allowed -> 0x0202, authentication failure -> 0x0201; the
+  policy may raise any LoginReject (0x0204 target removed, 0x0206 too many
+  connections, 0x0208, 0x020a no such session, 0x0301 service unavailable, 0x0302 out
+  of resources, or a 0x0101/0x0102 redirect whose ``pairs`` carry the TargetAddress;
+  we never redirect on our own);
 - AuthMethod: the target's (or the portal's discovery) method decides what we accept:
   "None" -> None only, "CHAP" / "CHAP Mutual" -> CHAP only (mutual demands the
   initiator's CHAP_I/CHAP_C), "Auto" -> CHAP or None, in the initiator's order (None
   only if the auth group has no credentials).  Skipping the security stage, or never
-  offering AuthMethod, counts as None;
+  offering AuthMethod, counts as None.  Operational keys sent in the security stage are
+  answered there (RFC 7143 6.3 lets operational negotiation start with the first request);
 - StatSN: the first response carries the initiator's ExpStatSN, each further response
   +1; ExpCmdSN is the request's CmdSN (login requests are immediate) and MaxCmdSN
   opens a window of ``cmdsn_window`` commands;
