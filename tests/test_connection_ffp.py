@@ -654,6 +654,7 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
         h.output()
         s = h.session
         assert s.active == sum(1 for c in s.tasks.values() if c.counted) >= 0, seed
+        assert s.write_buffered == sum(len(c.buf) for c in s.tasks.values() if c.buf is not None), seed
 
 
 def test_oversized_unknown_opcode_rejected() -> None:
@@ -664,3 +665,18 @@ def test_oversized_unknown_opcode_rejected() -> None:
     (rej,) = h.send_bytes(bytes(raw) + bytes(4096))
     assert rej.reason == P.RejectReason.PROTOCOL_ERROR and bytes(rej.data[:1]) == b"\x1e"
     assert not h.conn.closing
+
+
+def test_write_buffer_budget_gives_task_set_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyscsi_target.iscsi import connection as C
+
+    monkeypatch.setattr(C, "MAX_SESSION_WRITE_BUFFERS", 3 * BS)
+    h = Harness(initial_r2t=True, immediate_data=False)
+    a = h.cmd(rw10(0x2A, 0, 2), write=True, edtl=2 * BS)
+    (r2t,) = h.send(a)
+    (rsp,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))
+    assert isinstance(rsp, P.ScsiResponse) and rsp.status == 0x28 and not rsp.data
+    out = h.send(data_out(a.itt, r2t.ttt, 0, 0, bytes(2 * BS), True))
+    assert out[0].status == 0 and h.session.write_buffered == 0
+    (r2t2,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))  # budget free again
+    assert isinstance(r2t2, P.R2T)

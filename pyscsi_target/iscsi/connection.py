@@ -86,10 +86,15 @@ SENSE_PROTOCOL_CRC_ERROR = (0x0B, 0x47, 0x05)
 SENSE_INVALID_FIELD_IN_CDB = (0x05, 0x24, 0x00)
 
 CHECK_CONDITION = 0x02
+TASK_SET_FULL = 0x28
+# Not a sense key: ``Cmd.failed`` marker for "answer TASK SET FULL status, no sense".
+FAIL_TASK_SET_FULL = (0x100, 0, 0)
 _ATTRS = tuple(TaskAttr)  # task attribute codes 0..4, looked up without an enum call
 
-# The largest ExpectedDataTransferLength we preallocate a write buffer for.
+# The largest ExpectedDataTransferLength we preallocate a write buffer for, and the most
+# write-buffer memory one session may hold at once.
 MAX_WRITE_BUFFER = 64 * 1024 * 1024
+MAX_SESSION_WRITE_BUFFERS = 256 * 1024 * 1024
 
 
 def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
@@ -476,8 +481,12 @@ class Connection:
         edtl = cmd.edtl
         if edtl > MAX_WRITE_BUFFER:
             self._fail(cmd, SENSE_INVALID_FIELD_IN_CDB)
+        elif s.write_buffered + edtl > MAX_SESSION_WRITE_BUFFERS:
+            # Write buffers are allocated up front; a session may not pin unbounded memory.
+            self._fail(cmd, FAIL_TASK_SET_FULL)
         else:
             cmd.buf = bytearray(edtl)
+            s.write_buffered += edtl
         if dlen:
             if not self.immediate_data:
                 self._fail(cmd, SENSE_UNEXPECTED_UNSOLICITED)
@@ -536,7 +545,10 @@ class Connection:
         if cmd.failed is not None:
             key, asc, ascq = cmd.failed
             cmd.state = Cmd.DONE
-            self._send_response(cmd, CHECK_CONDITION, fixed_sense(key, asc, ascq), 0, 0)
+            if key == FAIL_TASK_SET_FULL[0]:
+                self._send_response(cmd, TASK_SET_FULL, None, 0, 0)
+            else:
+                self._send_response(cmd, CHECK_CONDITION, fixed_sense(key, asc, ascq), 0, 0)
             self.session.task_finished(cmd)
             return
         s = self.session

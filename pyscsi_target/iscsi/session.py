@@ -70,6 +70,7 @@ class Session:
         self.exp_cmdsn = result.cmdsn & SERIAL_MASK
         self.max_cmdsn = (self.exp_cmdsn + queue_depth - 1) & SERIAL_MASK
         self.active = 0  # non-immediate SCSI commands accepted and not yet finished
+        self.write_buffered = 0  # bytes of write buffers held by commands in progress
         self.held: dict[int, Any] = {}  # CmdSN -> early PDU copy or Cmd (not yet in order)
         self.tasks: dict[int, Cmd] = {}  # ITT -> command in progress
         self.discard_cmdsn: set[int] = set()  # ABORT TASK arrived before the command
@@ -106,6 +107,10 @@ class Session:
     def task_finished(self, cmd: Cmd) -> None:
         if self.tasks.get(cmd.itt) is cmd:
             del self.tasks[cmd.itt]
+        if cmd.buf is not None:
+            # Our accounting only: a SCSI layer still writing holds its own view of it.
+            self.write_buffered -= len(cmd.buf)
+            cmd.buf = None
         if cmd.counted:
             cmd.counted = False
             self.active -= 1
