@@ -126,6 +126,20 @@ async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
             assert rc != 0 and "(514)" in out, out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
             assert (await _run("iscsi-inq", url))[0] == 0
+            if shutil.which("qemu-io"):
+                # "(ro)": the LUN is write-protected for this host; "(rw)" writes again.
+                assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "10.0.0.0/8, 127.0.0.1(ro)"}))[0] == 303
+                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                assert rc != 0 and "write protected" in out, out  # qemu reads the WP bit of MODE SENSE
+                rc, out = await _run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", url)
+                assert rc == 0 and "read 4096/4096" in out, out
+                assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
+                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                assert rc == 0 and "wrote 4096/4096" in out, out
+            # A larger filesize through the FreeNAS view grows the LUN live.
+            assert (await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_filesize": "2MB"}))[0] == 200
+            rc, out = await _run("iscsi-readcapacity16", "-s", url)
+            assert rc == 0 and out.strip() == str(2 << 20), out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": ""}))[0] == 303
         # Disable again, then change the secret alone: one credential, updated in place.
         status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": False})
