@@ -17,7 +17,9 @@ import fnmatch
 import importlib.util
 import os
 import shutil
+import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from typing import Any
 import pytest
 from support.daemon import BASE_IQN, Daemon
 from support.net import free_port
+from support.rawclient import login_session
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_NAME = "conf"
@@ -115,26 +118,32 @@ def disallowed_skips(run: CuRun, allowed: Iterable[str] = ALLOWED_SKIPS) -> list
     return [n for n in run.names("skip") if not any(fnmatch.fnmatchcase(n, p) for p in pats)]
 
 
-def failure_excerpts(run: CuRun, names: Iterable[str], lines: int = 12) -> str:
-    """The log lines of each named test (its last ``lines`` lines), for assertion messages."""
+def failure_excerpts(run: CuRun, names: Iterable[str], tail: int = 8) -> str:
+    """For each named test: its [FAILED]/[SKIPPED] lines and its last ``tail`` lines."""
     text = run.log_path.read_text(errors="replace").splitlines()
+    wanted = set(names)
     out: list[str] = []
-    wanted = {n.split(".", 1)[1] if "." in n else n: n for n in names}
     suite = ""
     for i, line in enumerate(text):
         s = line.strip()
         if s.startswith("Suite: "):
             suite = s.split()[1]
-        elif s.startswith("Test: "):
-            test = s.split()[1]
-            full = f"{suite}.{test}"
-            if full in wanted.values():
-                end = i + 1
-                while end < len(text) and not text[end].strip().startswith(("Test: ", "Suite: ", "Run Summary")):
-                    end += 1
-                out.append(f"--- {full} (log lines {i + 1}-{end})")
-                out += [x for x in text[max(i, end - lines):end]]
+        elif s.startswith("Test: ") and f"{suite}.{s.split()[1]}" in wanted:
+            end = i + 1
+            while end < len(text) and not text[end].strip().startswith(("Test: ", "Suite: ", "Run Summary")):
+                end += 1
+            body = text[i:end]
+            marked = [x for x in body[:-tail] if "[FAILED]" in x or "[SKIPPED]" in x]
+            out.append(f"--- {suite}.{s.split()[1]} (log lines {i + 1}-{end})")
+            out += marked[:10] + (["    ..."] if marked else []) + body[-tail:]
     return "\n".join(out)
+
+
+def log_file(name: str) -> Path:
+    """A log path that outlives pytest's rotating tmp dirs (printed in every assertion)."""
+    d = Path(os.environ.get("PYSCSI_CONFORMANCE_LOGS") or Path(tempfile.gettempdir()) / "pyscsi-conformance")
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
 # --- a configured target --------------------------------------------------------------
@@ -182,12 +191,63 @@ def configure_target(d: Daemon, *, paths: int = 2, size: str = "256MB", **extent
 
 @contextmanager
 def conformance_target(state_dir: Path, **kw: Any) -> Iterator[ConfTarget]:
+    """A daemon serving ``configure_target(**kw)``; stopped, and its extent file deleted, on exit
+    (a fully written multi-GiB extent must not linger in pytest's kept tmp dirs)."""
     d = Daemon(state_dir, demo=False)
     d.start()
+    t: ConfTarget | None = None
     try:
-        yield configure_target(d, **kw)
+        t = configure_target(d, **kw)
+        yield t
     finally:
         d.stop()
+        if t is not None:
+            t.extent_path.unlink(missing_ok=True)
+
+
+def lbppb_exponent(t: ConfTarget) -> int:
+    """LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT from READ CAPACITY 16."""
+    with login_session("127.0.0.1", t.ports[0], TARGET_IQN) as c:
+        r = c.scsi(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0), read_len=32)
+        assert r.status == 0 and len(r.data) >= 14, r
+        return r.data[13] & 0x0F
+
+
+# --- libiscsi 1.19 test defects ---------------------------------------------------------
+# A main-run failure listed here is excused only if the same test passes when re-run in a
+# configuration where the defect cannot trigger; the re-run is a real check of the target.
+# Anything else that fails, fails CI.
+
+DEFECTS = {
+    "GetLBAStatus.UnmapSingle": (
+        "libiscsi asks GET LBA STATUS at LBA i+1 and wants the first descriptor to start at i+LBPPB; SBC-3 "
+        "makes it start at the requested LBA. Only consistent when LBPPB == 1: re-run with pblocksize=true."),
+    "Sanitize.Reset": (
+        "in a multipath run Sanitize.Reservations leaves a RESERVE(6) on the shared second path, so Reset's "
+        "SANITIZE correctly gets RESERVATION CONFLICT; re-run single path on a 2 GiB LU (the overwrite must "
+        "outlast the test's 3 s + 1 s sleeps)."),
+}
+
+
+def reverify_defects(run: CuRun, failed: list[str], tmp: Any, *, lbppbe: int, multipath: bool,
+                     blocksize: int) -> dict[str, str]:
+    """Re-run each excusable failure where its libiscsi defect cannot apply; returns the
+    excused names with the re-run's evidence."""
+    excused: dict[str, str] = {}
+    for name in failed:
+        if name == "GetLBAStatus.UnmapSingle" and lbppbe > 0:
+            cfg: dict[str, Any] = {"paths": 1, "size": "64MB", "pblocksize": True}
+        elif name == "Sanitize.Reset" and multipath:
+            cfg = {"paths": 1, "size": "2GB"}
+        else:
+            continue
+        with conformance_target(tmp.mktemp("reverify"), blocksize=blocksize, **cfg) as t:
+            if "pblocksize" in cfg:
+                assert lbppb_exponent(t) == 0, "pblocksize=true must report one logical block per physical block"
+            rerun = run_testcu(t.urls(), f"ALL.{name}", log_file(f"reverify-{name}-{blocksize}"))
+        if rerun.results.get(name) == "pass":
+            excused[name] = f"{DEFECTS[name]} Re-run {cfg}: pass ({rerun.log_path})"
+    return excused
 
 
 def assert_no_daemon_errors(d: Daemon) -> None:

@@ -11,6 +11,7 @@ from conformance_support import (
     assert_no_daemon_errors,
     conformance_target,
     failure_excerpts,
+    log_file,
     run_testcu,
 )
 from support.rawclient import login_session, read10, write10
@@ -26,7 +27,7 @@ def _mode_sense6_wp(c) -> bool:  # type: ignore[no-untyped-def]
 
 def test_testcu_readonly_suite_on_ro_extent(tmp_path_factory: pytest.TempPathFactory) -> None:
     state = tmp_path_factory.mktemp("confro")
-    log = tmp_path_factory.mktemp("testcu") / "testcu-readonly.log"
+    log = log_file("testcu-readonly")
     with conformance_target(state, paths=1, size="64MB", ro=True) as t:
         assert t.extent["iscsi_target_extent_ro"] is True
         run = run_testcu(t.urls(), "ALL.ReadOnly", log, flags=("-d",))

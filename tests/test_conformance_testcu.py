@@ -5,6 +5,11 @@ runs and every "second session" test (reservations, SWP, unit attentions across 
 uses a real second path.  The floor: at least 220 of the suite's tests pass, none fails, and
 the only skips are the ones in ``ALLOWED_SKIPS`` (removable-media tests; ReadOnly runs in
 test_conformance_readonly.py against a write-protected LU).  Anything else fails CI.
+
+Two libiscsi 1.19 test defects (``conformance_support.DEFECTS``) make a correct target fail
+in this configuration; such a failure is excused only when the same test passes on a re-run
+where the defect cannot trigger.  The extent keeps the default physical block reporting
+(8 logical blocks per 4 KiB physical block) because five tests run only when LBPPB >= 2.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from conformance_support import (
     conformance_target,
     disallowed_skips,
     failure_excerpts,
+    lbppb_exponent,
+    load_scorer,
+    log_file,
+    reverify_defects,
     run_testcu,
     sparse_usage,
 )
@@ -26,30 +35,35 @@ PASS_FLOOR = 220
 
 
 def test_testcu_all_multipath_thin_512(tmp_path_factory: pytest.TempPathFactory) -> None:
-    state = tmp_path_factory.mktemp("conf512")
-    log = tmp_path_factory.mktemp("testcu") / "testcu-all-512.log"
-    with conformance_target(state, paths=2, size="256MB", blocksize=512) as t:
+    log = log_file("testcu-all-512")
+    with conformance_target(tmp_path_factory.mktemp("conf512"), paths=2, size="256MB", blocksize=512) as t:
         size, used = sparse_usage(t.extent_path)
         assert size == 256 << 20 and used < size // 16, f"extent is not thin: {used} of {size} bytes allocated"
+        lbppbe = lbppb_exponent(t)
         run = run_testcu(t.urls(), "ALL", log)
         assert_no_daemon_errors(t.daemon)
 
     assert "MultipathIO.Simple" in run.results, f"MultipathIO did not run; log: {log}"
-    failed = run.names("fail")
-    assert not failed, (f"{len(failed)} failures: {failed}\n{run.summary()}\n"
-                        + failure_excerpts(run, failed))
-    extra = disallowed_skips(run)
-    assert not extra, (f"skips outside {ALLOWED_SKIPS}: {extra}\n{run.summary()}\n"
-                       + failure_excerpts(run, extra, lines=6))
-    assert run.counts["pass"] >= PASS_FLOOR, f"pass floor {PASS_FLOOR} not met: {run.summary()}"
     assert len(run.results) >= 230, f"the suite ran fewer tests than libiscsi 1.19's 230: {run.summary()}"
+    failed = run.names("fail")
+    excused = reverify_defects(run, failed, tmp_path_factory, lbppbe=lbppbe, multipath=True, blocksize=512)
+    for name, why in excused.items():
+        print(f"excused libiscsi defect {name}: {why}")
+    real = [f for f in failed if f not in excused]
+    extra = disallowed_skips(run)
+    passed = run.counts["pass"] + len(excused)
+    print(f"512-byte multipath run: {run.summary()}; pass incl. re-verified={passed}; skips outside the "
+          f"allowed list: {extra}")
+    assert not real, f"{len(real)} failures: {real}\n{run.summary()}\n" + failure_excerpts(run, real)
+    assert not extra, (f"skips outside {ALLOWED_SKIPS}: {extra}\n{run.summary()}\n"
+                       + failure_excerpts(run, extra, tail=4))
+    assert passed >= PASS_FLOOR, f"pass floor {PASS_FLOOR} not met: {passed} ({run.summary()})"
 
 
 def test_scorer_is_the_shared_one() -> None:
     # The floor above is only as good as its scorer: a FAILED test must never count as a pass.
-    from conformance_support import load_scorer
-
     sample = ("Suite: X\n  Test: A ...passed\n  Test: B ...\n    [SKIPPED] no\npassed\n"
               "  Test: C ...\n    [FAILED] wrong\nFAILED\n  Test: D ...\nRun Summary:\n")
-    assert load_scorer().score(sample) == {"X.A": "pass", "X.B": "skip", "X.C": "fail", "X.D": "fail"}
-    assert Path(load_scorer().__file__).name == "testcu_score.py"
+    scorer = load_scorer()
+    assert scorer.score(sample) == {"X.A": "pass", "X.B": "skip", "X.C": "fail", "X.D": "fail"}
+    assert Path(scorer.__file__).name == "testcu_score.py"
