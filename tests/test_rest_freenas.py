@@ -669,3 +669,33 @@ async def test_disk_extent_on_a_loop_device(tmp_path: Path) -> None:
             assert status == 409 and "iscsi_target_extent_disk" in out
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@aio
+async def test_portals_and_service_switch_listeners_live(tmp_path: Path) -> None:
+    from support.net import free_port
+
+    first, second = free_port(), free_port()
+    async with harness(tmp_path, portals=(f"127.0.0.1:{first}",), real_engine=True) as h:
+        assert port_open("127.0.0.1", first)
+        status, body, _ = await h.call("POST", f"{FN}/portal/", {"iscsi_target_portal_ips": [f"127.0.0.1:{second}"]})
+        assert status == 201 and port_open("127.0.0.1", second)
+        second_id = body["id"]
+        svc = "/api/v1.0/services/services/iscsitarget/"
+        status, body, _ = await h.call("PUT", svc, {"srv_enable": "false"})
+        assert status == 200 and body["srv_state"] == "STOPPED"
+        assert not port_open("127.0.0.1", first) and not port_open("127.0.0.1", second)
+        status, body, _ = await h.call("PUT", svc, {"srv_enable": True})
+        assert status == 200 and port_open("127.0.0.1", first) and port_open("127.0.0.1", second)
+        status, _, _ = await h.call("DELETE", f"{FN}/portal/{second_id}/")
+        assert status == 204 and not port_open("127.0.0.1", second) and port_open("127.0.0.1", first)
+        # A port another program holds: the engine cannot bind, the change is undone (400, not 500).
+        import socket
+
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", 0))
+            squatter.listen()
+            busy = squatter.getsockname()[1]
+            status, body, _ = await h.call("POST", f"{FN}/portal/", {"iscsi_target_portal_ips": [f"127.0.0.1:{busy}"]})
+            assert status == 400 and "in use" in str(body), body
+        assert len(h.service.model.portal_groups) == 1 and len(h.store.load().portal_groups) == 1
