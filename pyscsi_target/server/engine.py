@@ -594,10 +594,13 @@ class Engine:
             log.info("all connections closed after %.2fs", loop.time() - start)
         for proto in list(self.connections):
             proto.close(abort_tasks=True, announce=True)
-        # Let running SCSI tasks finish (their responses go nowhere) before closing LUs.
-        await asyncio.sleep(0)
         for s in list(self._sessions.values()):
             self.session_ended(s)
+        # I/O already in a worker thread cannot be recalled: let it land (briefly) before
+        # the logical units flush and close their backstores under it.
+        drain_until = loop.time() + 2.0
+        while loop.time() < drain_until and any(getattr(lu, "tasks", None) for lu, _e in self._lus.values()):
+            await asyncio.sleep(0.02)
         for lu, _ext in self._lus.values():
             try:
                 lu.close()
