@@ -146,8 +146,9 @@ class Backstore(ABC):
     def discard(self, offset: int, length: int) -> None:
         """Deallocate a range; afterwards it reads as zeroes (LBPRZ)."""
 
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Mapped/deallocated runs covering at least [offset, offset+length)."""
+    def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
+        """Mapped/deallocated runs from ``offset``: all of [offset, offset+length) or the
+        first ``max_runs`` runs of it, whichever is shorter."""
         return [Extent(offset, length, True)]
 
     def allocated_bytes(self) -> int:

@@ -98,12 +98,13 @@ class FileBackstore(Backstore):
                 raise
             super().write_zeroes(offset, length)
 
-    def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Runs from SEEK_DATA/SEEK_HOLE, starting at ``offset``, up to ``offset+length``."""
+    def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
+        """Runs from SEEK_DATA/SEEK_HOLE, starting at ``offset``, up to ``offset+length``
+        (at most ``max_runs`` of them: a fragmented file costs two lseeks per run)."""
         end = min(self.size, offset + length)
         out: list[Extent] = []
         pos = offset
-        while pos < end:
+        while pos < end and len(out) < max_runs:
             try:
                 data = os.lseek(self.fd, pos, os.SEEK_DATA)
             except OSError as e:

@@ -340,7 +340,8 @@ def get_lba_status(lu: LogicalUnit, task: ScsiTask) -> None:
     shift = lu.block_shift
     max_desc = max(1, min(64, (alloc - 8) // 16)) if alloc >= 24 else 1
     span = lu.num_blocks - lba
-    runs = lu.backstore.block_status(lba << shift, span << shift)
+    # Partial filesystem blocks can split one status into two runs: ask for a few spare.
+    runs = lu.backstore.block_status(lba << shift, span << shift, 2 * max_desc + 2)
     descs = bytearray()
     merged: list[list[int]] = []
     for r in runs:
