@@ -762,3 +762,44 @@ def test_random_cdbs_always_complete_once(tmp_path: Path) -> None:
             h.lu.sanitize_failed = False
 
     asyncio.run(_with_harness(tmp_path, body, size=8 << 20))
+
+
+@run
+async def test_wce_off_makes_writes_synchronous(h: Harness) -> None:
+    r = await h.cmd(bytes((0x1A, 0x08, 0x08, 0, 255, 0)))
+    page = bytearray(r.data[4:])
+    assert page[2] & 0x04  # WCE on by default
+    page[2] &= ~0x04
+    data = bytes(4) + bytes(page)
+    assert (await h.cmd(bytes((0x15, 0x10, 0, 0, len(data), 0)), data)).status == GOOD
+    assert not h.lu.modes.wce
+    flushed: list[bool] = []
+    real = h.lu.backstore.write
+
+    def spy(data: Any, off: int, fua: bool = False) -> None:
+        flushed.append(fua)
+        real(data, off, fua)
+
+    h.lu.backstore.write = spy  # type: ignore[method-assign]
+    assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512))).status == GOOD
+    assert flushed == [True]
+
+
+@run
+async def test_xen_drops_serial_padding(h: Harness) -> None:
+    def t10(data: bytes) -> bytes:
+        body = data[4:]
+        while body:
+            if body[1] & 0x0F == 1:
+                return body[4 : 4 + body[3]]
+            body = body[4 + body[3] :]
+        raise AssertionError("no T10 designator")
+
+    padded = t10((await h.cmd(bytes((0x12, 1, 0x83, 0, 255, 0)))).data)
+    assert padded.endswith(b" ") and len(padded) == 8 + 16 + 31
+    ext = h.ext
+    ext.xen = True
+    h.lu.update(ext)
+    check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.INQUIRY_DATA_HAS_CHANGED)
+    bare = t10((await h.cmd(bytes((0x12, 1, 0x83, 0, 255, 0)))).data)
+    assert bare == padded.rstrip(b" ")

@@ -130,6 +130,13 @@ class LogicalUnit:
         LU_REGISTRY[self.naa] = self
 
     def _apply_attributes(self, extent: model.Extent) -> None:
+        """Extent attributes that shape the device model.
+
+        xen: FreeNAS's "Xen initiator compat mode".  FreeNAS pads the serial in the T10
+        vendor ID designator (VPD 83h) to 31 characters with spaces; Xen's initiator
+        mishandles those trailing spaces, so with xen set the designator carries the bare
+        serial.  Nothing else changes.
+        """
         self.read_only = extent.ro
         self.rpm = RPM.get(str(extent.rpm), 0)
         self.serial = (extent.serial or self.naa.hex())[:32]

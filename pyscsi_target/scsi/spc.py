@@ -263,11 +263,17 @@ def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
         blen = struct.unpack_from(">I", bd, 12)[0] if long_lba else int.from_bytes(bd[5:8], "big")
         if blen != lu.block_size:
             raise S.invalid_param(hlen + (12 if long_lba else 5))
+    wce_before = lu.modes.wce
     changed = lu.modes.select(data[hlen + bdlen :], sp)
     if sp:
         lu.save_modes()
     if changed:
         lu.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_key=it_key(task.nexus))
+    if wce_before and not lu.modes.wce:
+        # Write cache turned off: what it still holds must be durable before we answer,
+        # since from now on every acknowledged write is.
+        lu.flush(task)
+        return
     lu.done(task)
 
 
