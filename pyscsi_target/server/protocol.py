@@ -27,6 +27,7 @@ LOGIN_MAX_DATA = 8192  # MaxRecvDataSegmentLength before negotiation (RFC 7143 1
 # Initial receive buffer: holds hundreds of command PDUs per recv and keeps an idle
 # session small (issue 5: < 256 KiB each); the framer grows it for large Data-Out PDUs.
 READ_BUFFER = 32 * 1024
+WRITE_HIGH_WATER = 8 * 1024 * 1024
 
 
 class IscsiProtocol(asyncio.BufferedProtocol):
@@ -56,6 +57,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         from ..iscsi.login import LoginMachine
 
         self.transport = transport  # type: ignore[assignment]
+        # A few large Data-In bursts exceed the default 64 KiB high-water mark; pausing
+        # reads that early would stall a healthy pipeline.  The CmdSN window bounds it.
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
         peer_ip, local_ip, local_port = str(peer[0]), str(sock[0]), int(sock[1])
