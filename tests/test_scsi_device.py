@@ -803,3 +803,43 @@ async def test_xen_drops_serial_padding(h: Harness) -> None:
     check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.INQUIRY_DATA_HAS_CHANGED)
     bare = t10((await h.cmd(bytes((0x12, 1, 0x83, 0, 255, 0)))).data)
     assert bare == padded.rstrip(b" ")
+
+
+def test_pblocksize_disables_physical_block_reporting(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))
+        assert r.data[13] & 0x0F == 0  # LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
+
+    asyncio.run(_with_harness(tmp_path, body, pblocksize=True))
+
+
+@run
+async def test_clear_task_set_notifies_other_nexus(h: Harness) -> None:
+    from pyscsi_target.scsi.task import ScsiTask
+
+    done: list[ScsiTask] = []
+    t = ScsiTask(h.b, 0, rw10(0x2A, 0, 8), 77, TaskAttr.SIMPLE, 4096, bytes(4096), done.append)
+    h.dev.submit(t)  # in the thread pool now
+    assert h.dev.clear_task_set(h.a, 0) == 0
+    assert t.aborted
+    for _ in range(100):
+        if done:
+            break
+        await asyncio.sleep(0.01)
+    assert done == [t]  # still completed once, for the transport to drop
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)
+
+
+@run
+async def test_target_reset_and_nexus_loss(h: Harness) -> None:
+    assert h.dev.target_reset(h.a, cold=False) == 0
+    check(await h.cmd(bytes(6)), S.UNIT_ATTENTION, S.POWER_ON_RESET)
+    assert h.dev.target_reset(h.a, cold=True) == 0
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.POWER_ON_RESET)  # oldest first
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.POWER_ON_OCCURRED)
+    # PR registrations survive nexus loss; RESERVE(6) does not
+    cdb, data = pr_out(0x00, 0, 9)
+    await h.clear_ua(h.a)
+    assert (await h.cmd(cdb, data)).status == GOOD
+    h.dev.nexus_lost(h.a)
+    assert h.lu.pr.regs
