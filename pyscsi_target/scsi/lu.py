@@ -164,7 +164,8 @@ class LogicalUnit:
         if (self.naa, self.serial, self.rpm, self.xen) != old_ident:
             self.add_ua_all(S.INQUIRY_DATA_HAS_CHANGED)
         if extent.type != "Disk":
-            size = parse_size(extent.filesize or "0")
+            # filesize "0" means "the file's own size": pick up a file grown underneath us
+            size = parse_size(extent.filesize or "0") or os.fstat(self.backstore.fd).st_size
             if size > 0 and size != self.backstore.size:
                 self.backstore.resize(size)
         else:
