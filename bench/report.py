@@ -69,14 +69,19 @@ def table(result: dict[str, Any]) -> str:
     mem = sc.get("idle_memory") or {}
     if mem:
         lines.append("")
-        lines.append(f"{'idle sessions':<44} | {'pyscsi KiB/sess':>27} | {'tgtd KiB/sess':>26} | ratio")
+        lines.append(f"{'idle sessions (fresh process)':<44} | {'pyscsi RSS KiB':>14} {'KiB/sess':>8} {'marg.':>6} | "
+                     f"{'tgtd RSS KiB':>12} {'KiB/sess':>8} {'marg.':>6} | ratio")
         pts = {n: {p["sessions"]: p for p in m.get("points", [])} for n, m in mem.items()}
+        base = {n: m.get("baseline_rss_kib") for n, m in mem.items()}
+        lines.append(f"{'0 sessions (baseline)':<44} | {_f(base.get(A), '14,d')} {'':>8} {'':>6} | "
+                     f"{_f(base.get(B), '12,d')} {'':>8} {'':>6} |")
         for n in sorted({k for v in pts.values() for k in v}):
-            a = pts.get(A, {}).get(n, {}).get("kib_per_session")
-            b = pts.get(B, {}).get(n, {}).get("kib_per_session")
-            ratio = a / b if a is not None and b else None
-            lines.append(f"{f'{n} sessions (RSS delta / n)':<44} | {_f(a, '27.1f')} | {_f(b, '26.1f')} | "
-                         f"{_f(ratio, '5.2f')}")
+            a, b = pts.get(A, {}).get(n, {}), pts.get(B, {}).get(n, {})
+            ka, kb = a.get("kib_per_session"), b.get("kib_per_session")
+            lines.append(f"{f'{n} sessions':<44} | {_f(a.get('rss_kib'), '14,d')} {_f(ka, '8.1f')} "
+                         f"{_f(a.get('marginal_kib_per_session'), '6.1f')} | {_f(b.get('rss_kib'), '12,d')} "
+                         f"{_f(kb, '8.1f')} {_f(b.get('marginal_kib_per_session'), '6.1f')} | "
+                         f"{_f(ka / kb if ka is not None and kb else None, '5.2f')}")
         for n, m in mem.items():
             if not m.get("ok"):
                 lines.append(f"  {n}: ERROR {m.get('error')}")

@@ -160,6 +160,11 @@ class PyscsiScaling:
         self.targets = 0
         self.portal_group: int | None = None
 
+    @property
+    def pid(self) -> int:
+        assert self.daemon is not None and self.daemon.proc is not None
+        return self.daemon.proc.pid
+
     def start(self) -> float:
         """Start (or restart) the daemon; seconds until the portal accepts TCP."""
         self.daemon = Daemon(self.state, port=self.port, log_level="warning", demo=False)
@@ -196,6 +201,11 @@ class TgtdScaling:
         self.proc: subprocess.Popen[bytes] | None = None
         self.cport = 0
         self.targets = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def _adm(self, *args: str) -> None:
         subprocess.run(["tgtadm", "-C", str(self.cport), "--lld", "iscsi", *args], check=True,
