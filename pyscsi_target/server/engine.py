@@ -154,10 +154,6 @@ class Listener:
         self.pg_id = pg_id
         self.server: asyncio.AbstractServer | None = None
 
-    @property
-    def wildcard(self) -> bool:
-        return self.host in ("0.0.0.0", "::", "")
-
     async def start(self) -> None:
         from .protocol import IscsiProtocol
 
@@ -198,7 +194,6 @@ class PortalPolicy:
         self.portal_group_tag = pg.tag if pg else 1
         self.read_only = False
         self.session: Session | None = None
-        self.reinstated = False  # connection reinstatement: an existing session is reused
 
     # -- model views --
     def _model(self) -> M.ConfigModel:
@@ -207,7 +202,7 @@ class PortalPolicy:
     def _target_groups_here(self, target_id: int) -> list[M.TargetGroup]:
         return [g for g in self._model().groups_of_target(target_id) if g.portal_group == self.listener.pg_id]
 
-    def _group_allows(self, tg: M.TargetGroup, initiator_name: str, peer_ip: str) -> bool:
+    def group_allows(self, tg: M.TargetGroup, initiator_name: str, peer_ip: str) -> bool:
         if tg.initiator_group is None:
             return True
         ig = self._model().initiator_groups.get(tg.initiator_group)
@@ -247,7 +242,7 @@ class PortalPolicy:
         t = self._model().targets.get(target.target_id)
         if t is None:
             return False
-        if not any(self._group_allows(g, initiator_name, self.peer_ip) for g in self._target_groups_here(t.id)):
+        if not any(self.group_allows(g, initiator_name, self.peer_ip) for g in self._target_groups_here(t.id)):
             return False
         ro = access_decision(t.access_config, self.peer_ip)
         if ro is None:
@@ -263,10 +258,8 @@ class PortalPolicy:
         return pg.discovery_auth_method or "None", m.auth_group(pg.discovery_auth_group)
 
     def complete_login(self, result: LoginResult) -> int:
-        session, reinstated = self.engine.bind_session(self, result)
-        self.session = session
-        self.reinstated = reinstated
-        return session.tsih
+        self.session = self.engine.bind_session(self, result)
+        return self.session.tsih
 
     def send_targets(self, initiator_name: str, which: str) -> list[tuple[str, list[str]]]:
         return self.engine.send_targets(self, initiator_name, which)
@@ -456,7 +449,7 @@ class Engine:
                 continue
             addrs: list[str] = []
             for tg in m.groups_of_target(t.id):
-                if not policy._group_allows(tg, initiator_name, policy.peer_ip):
+                if not policy.group_allows(tg, initiator_name, policy.peer_ip):
                     continue
                 pg = m.portal_groups.get(tg.portal_group)
                 if pg is None:
@@ -478,7 +471,7 @@ class Engine:
 
     # --- sessions -----------------------------------------------------------------------
 
-    def bind_session(self, policy: PortalPolicy, result: LoginResult) -> tuple[Session, bool]:
+    def bind_session(self, policy: PortalPolicy, result: LoginResult) -> Session:
         """complete_login: a new session, a reinstated one, or connection reinstatement."""
         if self.shutting_down:
             raise LoginReject(0x03, 0x01, "target shutting down")  # service unavailable
@@ -498,7 +491,7 @@ class Engine:
                 s.connection = None
                 old.abort_all()
                 self._close_protocol_of(old)
-            return s, True
+            return s
         if result.session_type == "Normal":
             key = (result.initiator_name.lower(), result.isid, target_iqn.lower())
             old_s = self._by_isid.get(key)
@@ -529,7 +522,7 @@ class Engine:
         self._sessions[tsih] = s
         if result.session_type == "Normal":
             self._by_isid[(result.initiator_name.lower(), result.isid, target_iqn.lower())] = s
-        return s, False
+        return s
 
     def _new_tsih(self) -> int:
         while True:
