@@ -278,14 +278,28 @@ class Connection:
             # Fast path: the next SCSI command in CmdSN order (almost every PDU under load).
             if pdu.expstatsn != self.exp_statsn:
                 self._ack_statsn(pdu.expstatsn)
-            cmd = self._setup_cmd(pdu)
-            if cmd is None:
-                self._consume_in_order(pdu.cmdsn)
-                return
-            cmd.counted = True
-            s.active += 1
-            s.advance()
-            self._activate(cmd)
+            itt = pdu.itt
+            if not pdu.write and pdu.final and not pdu.data and itt not in s.tasks and itt != RESERVED_TAG:
+                # A read or no-data command: nothing to gather, straight to the SCSI layer.
+                cmd = Cmd(pdu, self)
+                s.tasks[itt] = cmd
+                if self._aborted_itts:
+                    self._aborted_itts.discard(itt)
+                cmd.counted = True
+                s.active += 1
+                s.advance()
+                s.created_ops += 1
+                cmd.state = Cmd.ACTIVE
+                self._submit(cmd)
+            else:
+                cmd = self._setup_cmd(pdu)
+                if cmd is None:
+                    self._consume_in_order(pdu.cmdsn)
+                    return
+                cmd.counted = True
+                s.active += 1
+                s.advance()
+                self._activate(cmd)
             if s.held:
                 self._drain_held()
             return
@@ -551,6 +565,10 @@ class Connection:
                 self._send_response(cmd, CHECK_CONDITION, fixed_sense(key, asc, ascq), 0, 0)
             self.session.task_finished(cmd)
             return
+        self._submit(cmd)
+
+    def _submit(self, cmd: Cmd) -> None:
+        """All data is in: build the ScsiTask and hand it to the SCSI layer."""
         s = self.session
         attr = _ATTRS[cmd.attr] if cmd.attr < len(_ATTRS) else TaskAttr.SIMPLE
         data_out: Any = None
