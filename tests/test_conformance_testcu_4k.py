@@ -36,6 +36,7 @@ def test_testcu_all_multipath_thin_4096(tmp_path_factory: pytest.TempPathFactory
         run = run_testcu(t.urls(), "ALL", log)
         assert_no_daemon_errors(t.daemon)
     assert "MultipathIO.Simple" in run.results, f"MultipathIO did not run; log: {log}"
+    assert len(run.results) >= 230, f"the suite ran fewer tests than libiscsi 1.19's 230: {run.summary()}"
     failed = run.names("fail")
     excused = reverify_defects(run, failed, tmp_path_factory, lbppbe=lbppbe, multipath=True, blocksize=4096)
     for name, why in excused.items():
