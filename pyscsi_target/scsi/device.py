@@ -88,12 +88,16 @@ def all_commands() -> list[Command]:
 
 
 def command_table_markdown() -> str:
-    """The supported-commands table for README.md (one row per opcode/service action)."""
-    rows = ["| Opcode | SA | Command |", "|---|---|---|"]
+    """The "Supported SCSI commands" section for README.md, generated from the dispatch
+    table so the two cannot drift (tests/test_conformance_commands.py compares them)."""
+    std = {"spc": "SPC-4", "pr": "SPC-4", "tpc": "SPC-4 (third-party copy)", "sbc": "SBC-3", "device": ""}
+    rows = ["## Supported SCSI commands", "", "| Opcode | SA | Command | Standard |", "|---|---|---|---|"]
     for c in all_commands():
         sa = f"{c.sa:02X}h" if c.sa is not None else ""
-        rows.append(f"| {c.opcode:02X}h | {sa} | {c.name} |")
-    return "\n".join(rows)
+        mod = c.handler.__module__.rsplit(".", 1)[-1]
+        standard = std.get(mod) or ("SPC-4" if c.opcode == REPORT_LUNS else "SBC-3")
+        rows.append(f"| {c.opcode:02X}h | {sa} | {c.name} | {standard} |")
+    return "\n".join(rows) + "\n"
 
 
 def lookup(cdb: bytes) -> Command | None:
