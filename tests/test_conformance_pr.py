@@ -202,3 +202,68 @@ def test_pr_registrants_only_and_unit_attentions(daemon_pr: Daemon) -> None:
         no_ua(b, "the clearing nexus")
         assert read_keys(c)[1] == [] and read_reservation(c) is None
         ok(c.scsi(read10(200, 1), read_len=512), "C READ after CLEAR")
+
+
+# SPC-4 5.13.10 (table 53 summarised for READ and WRITE): what the holder, another registrant and
+# a non-registrant may do under each reservation type. "AR" types make every registrant a holder.
+ACCESS = {
+    # type: (registrant read, registrant write, non-registrant read, non-registrant write)
+    1: (True, False, True, False),   # Write Exclusive
+    3: (False, False, False, False),  # Exclusive Access
+    5: (True, True, True, False),    # Write Exclusive - Registrants Only
+    6: (True, True, False, False),   # Exclusive Access - Registrants Only
+    7: (True, True, True, False),    # Write Exclusive - All Registrants
+    8: (True, True, False, False),   # Exclusive Access - All Registrants
+}
+
+
+def test_pr_access_matrix_all_six_types(daemon_pr: Daemon) -> None:
+    d = daemon_pr
+    with ExitStack() as stack:
+        a, b, c = (session(stack, d, w) for w in "ABC")
+        ok(prout(a, REGISTER, sakey=KEY_A), "A REGISTER")
+        ok(prout(b, REGISTER, sakey=KEY_B), "B REGISTER")
+        for rtype, (reg_r, reg_w, non_r, non_w) in ACCESS.items():
+            ok(prout(a, RESERVE, key=KEY_A, rtype=rtype), f"A RESERVE type {rtype}")
+            holder = read_reservation(c)
+            # All-registrants types report a reservation key of zero (SPC-4 6.16.3).
+            assert holder == (0 if rtype in (7, 8) else KEY_A, rtype), (rtype, holder)
+            ok(a.scsi(write10(300, 1), data=BLOCK), f"holder WRITE under type {rtype}")
+            ok(a.scsi(read10(300, 1), read_len=512), f"holder READ under type {rtype}")
+            for who, cl, can_r, can_w in (("registrant B", b, reg_r, reg_w), ("non-registrant C", c, non_r, non_w)):
+                r = cl.scsi(read10(300, 1), read_len=512)
+                (ok if can_r else conflict)(r, f"{who} READ under type {rtype}")
+                r = cl.scsi(write10(300, 1), data=BLOCK)
+                (ok if can_w else conflict)(r, f"{who} WRITE under type {rtype}")
+            ok(prout(a, RELEASE, key=KEY_A, rtype=rtype), f"A RELEASE type {rtype}")
+            if rtype in (5, 6, 7, 8):  # registrants-only / all-registrants: the others hear of it
+                expect_ua(b, RESERVATIONS_RELEASED, f"B after the release of type {rtype}")
+            no_ua(b, f"B after type {rtype}")
+            no_ua(c, f"C after type {rtype}")
+
+
+def test_pr_read_full_status_names_the_initiator_ports(daemon_pr: Daemon) -> None:
+    d = daemon_pr
+    with ExitStack() as stack:
+        a, b = (session(stack, d, w) for w in "AB")
+        ok(prout(a, REGISTER, sakey=KEY_A), "A REGISTER")
+        ok(prout(b, REGISTER, sakey=KEY_B), "B REGISTER")
+        ok(prout(a, RESERVE, key=KEY_A, rtype=WE), "A RESERVE")
+        data = prin(b, 3, 4096)  # READ FULL STATUS
+        _, length = struct.unpack_from(">II", data)
+        found: dict[int, tuple[bool, int, str]] = {}
+        pos = 8
+        while pos < 8 + length:
+            key = struct.unpack_from(">Q", data, pos)[0]
+            flags, scope_type = data[pos + 12], data[pos + 13]
+            add = struct.unpack_from(">I", data, pos + 20)[0]
+            tid = data[pos + 24 : pos + 24 + add]
+            assert tid[0] & 0x0F == 0x5, f"iSCSI protocol identifier expected: {tid.hex()}"
+            name_len = struct.unpack_from(">H", tid, 2)[0]
+            found[key] = (bool(flags & 0x01), scope_type, tid[4 : 4 + name_len].rstrip(b"\0").decode())
+            pos += 24 + add
+        assert set(found) == {KEY_A, KEY_B}, found
+        r_holder, scope_type, port = found[KEY_A]
+        assert r_holder and scope_type == WE, found
+        assert port.lower() == f"{NAMES['A'][0]},i,0x{NAMES['A'][1].hex()}", port
+        assert not found[KEY_B][0] and found[KEY_B][2].lower().startswith(NAMES["B"][0] + ",i,0x"), found
