@@ -843,3 +843,71 @@ async def test_target_reset_and_nexus_loss(h: Harness) -> None:
     assert (await h.cmd(cdb, data)).status == GOOD
     h.dev.nexus_lost(h.a)
     assert h.lu.pr.regs
+
+
+@run
+async def test_orwrite_write_atomic_prefetch_defects(h: Harness) -> None:
+    await h.cmd(rw10(0x2A, 40, 1), b"\x0f" * 512)
+    assert (await h.cmd(rw16(0x8B, 40, 1), b"\xf0" * 512)).status == GOOD  # ORWRITE(16)
+    assert (await h.cmd(rw10(0x28, 40, 1))).data == b"\xff" * 512
+    check(await h.cmd(rw16(0x8B, 40, 1, 0x20), b"\xf0" * 512), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    atomic = struct.pack(">BBQHHBB", 0x9C, 0, 48, 0, 8, 0, 0)
+    assert (await h.cmd(atomic, b"A" * 4096)).status == GOOD
+    assert (await h.cmd(rw10(0x28, 48, 8))).data == b"A" * 4096
+    # ATOMIC ALIGNMENT / GRANULARITY are one 4 KiB page (8 blocks)
+    check(await h.cmd(struct.pack(">BBQHHBB", 0x9C, 0, 49, 0, 8, 0, 0), b"A" * 4096),
+          S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+    check(await h.cmd(struct.pack(">BBQHHBB", 0x9C, 0, h.lu.num_blocks, 0, 8, 0, 0), b"A" * 4096),
+          S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    assert (await h.cmd(rw10(0x34, 0, 64))).status == GOOD  # PRE-FETCH(10)
+    check(await h.cmd(rw16(0x90, h.lu.num_blocks, 1)), S.ILLEGAL_REQUEST, S.LBA_OUT_OF_RANGE)
+    r = await h.cmd(struct.pack(">BBBxxxxHB", 0x37, 0, 0x18 | 0x05, 64, 0))  # READ DEFECT DATA(10)
+    assert r.status == GOOD and r.data == bytes((0, 0x1D, 0, 0))  # PLISTV GLISTV: valid, empty
+
+
+@run
+async def test_register_and_move_and_preempt_and_abort(h: Harness) -> None:
+    for nx, key in ((h.a, 0xA), (h.b, 0xB)):
+        cdb, data = pr_out(0x00, 0, key)
+        assert (await h.cmd(cdb, data, nx=nx)).status == GOOD
+    cdb, data = pr_out(0x01, 0xA, 0, rtype=1)
+    assert (await h.cmd(cdb, data)).status == GOOD
+    # REGISTER AND MOVE the reservation to b's I_T nexus, identified by its TransportID
+    from pyscsi_target.scsi.pr import transport_id
+
+    tid = transport_id(h.b.initiator_port)
+    param = struct.pack(">QQxBHI", 0xA, 0xB, 0x00, h.b.portal_group_tag, len(tid)) + tid
+    cdb = struct.pack(">BBBxxIB", 0x5F, 0x07, 0x01, len(param), 0)
+    assert (await h.cmd(cdb, param)).status == GOOD
+    r = await h.cmd(pr_in(0x01))
+    assert struct.unpack_from(">Q", r.data, 8)[0] == 0xB
+    assert (await h.cmd(rw10(0x2A, 0, 1), bytes(512))).status == RC  # a no longer holds it
+    # PREEMPT AND ABORT: a takes over, b's registration goes, b's queued task is aborted
+    from pyscsi_target.scsi.task import ScsiTask
+
+    done: list[ScsiTask] = []
+    slow = ScsiTask(h.b, 0, rw10(0x2A, 0, 8), 501, TaskAttr.SIMPLE, 4096, bytes(4096), done.append)
+    h.dev.submit(slow)
+    cdb, data = pr_out(0x05, 0xA, 0xB, rtype=3)
+    assert (await h.cmd(cdb, data)).status == GOOD
+    assert slow.aborted or done
+    check(await h.cmd(bytes(6), nx=h.b), S.UNIT_ATTENTION, S.REGISTRATIONS_PREEMPTED)
+    assert 0xB not in h.lu.pr.regs.values()
+
+
+@run
+async def test_sanitize_immed_reports_progress(h: Harness) -> None:
+    param = struct.pack(">BxH", 2, 512) + b"\x5a" * 512  # two passes
+    assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x81, len(param), 0), param)).status == GOOD
+    seen_progress = False
+    for _ in range(500):
+        if not h.lu.sanitizing:
+            break
+        check(await h.cmd(rw10(0x28, 0, 1)), S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS)
+        r = await h.cmd(bytes((0x03, 0, 0, 0, 18, 0)))
+        assert S.sense_key_asc(r.data) == (S.NOT_READY, 0x04, 0x1B) and r.data[15] == 0x80
+        seen_progress = True
+        await asyncio.sleep(0.005)
+    assert not h.lu.sanitizing
+    assert (await h.cmd(rw10(0x28, 3, 1))).data == b"\x5a" * 512
+    _ = seen_progress  # a fast disk may finish before the first poll
