@@ -210,6 +210,24 @@ def test_random_bytes_before_login_dropped(env: Env, seed: int) -> None:
     c.close()
 
 
+def test_discovery_chap_required_by_portal(env: Env) -> None:
+    env.d.set_discovery_auth("CHAP", 2)
+    try:
+        c = env.client()
+        rejected(env, c, c.login(discovery=True), 0x0201)
+        c = env.client()
+        rejected(env, c, c.login(discovery=True, chap=(USER, "wrong-secret-00")), 0x0201)
+        with env.client() as c:
+            assert c.login(discovery=True, chap=(USER, SECRET)).ok
+            assert env.d.iqn in c.text([("SendTargets", "All")]).get("TargetName", [])
+            c.logout()
+        # Normal sessions to an open target are not affected by the portal's discovery auth.
+        with R.login_session(env.d.host, env.d.port, env.d.iqn) as c:
+            c.logout()
+    finally:
+        env.d.set_discovery_auth("None", None)
+
+
 def test_login_after_all_that_still_works(env: Env) -> None:
     with R.login_session(env.d.host, env.d.port, env.d.iqn) as c:
         r = c.scsi(R.inquiry(), read_len=96)
