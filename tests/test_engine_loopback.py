@@ -510,3 +510,45 @@ def test_hundred_concurrent_sessions_do_io(tmp_path: Path) -> None:
         await asyncio.gather(*(one(port, i) for i in range(100)))
 
     run(tmp_path, body)
+
+
+def test_backlog_of_immediate_commands_pauses_reading(tmp_path: Path) -> None:
+    """Immediate commands are not bound by MaxCmdSN: past 2x the queue depth of work in
+    progress the adapter stops reading, and resumes once the backlog drains."""
+
+    class Holding:
+        def __init__(self) -> None:
+            self.held: list[Any] = []
+
+        def submit(self, task: Any) -> None:
+            self.held.append(task)
+
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        assert (await c.login(IQN)).status_class == 0
+        (sess,) = eng._sessions.values()
+        (proto,) = [p for p in eng.connections if p.conn is not None]
+        dev = Holding()
+        real = sess.device
+        sess.device = dev
+        for _ in range(2 * eng.queue_depth + 40):
+            t = P.ScsiCommand(itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn, attr=1, cdb=bytes(16))
+            t.immediate = True
+            c.w.write(t.to_bytes())
+        await c.w.drain()
+        for _ in range(100):
+            if proto._paused_reading:
+                break
+            await asyncio.sleep(0.02)
+        assert proto._paused_reading and len(dev.held) >= 2 * eng.queue_depth
+        sess.device = real
+        for task in dev.held:
+            task.on_done(task)
+        for _ in range(100):
+            if not proto._paused_reading and len(dev.held) == 2 * eng.queue_depth + 40:
+                break
+            await asyncio.sleep(0.02)
+        assert not proto._paused_reading
+        await c.close()
+
+    run(tmp_path, body)
