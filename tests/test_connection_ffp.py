@@ -680,3 +680,16 @@ def test_write_buffer_budget_gives_task_set_full(monkeypatch: pytest.MonkeyPatch
     assert out[0].status == 0 and h.session.write_buffered == 0
     (r2t2,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))  # budget free again
     assert isinstance(r2t2, P.R2T)
+
+
+def test_data_digest_error_on_immediate_data_consumes_cmdsn_and_fails() -> None:
+    h = Harness(initial_r2t=True, immediate_data=True, data_digest=True)
+    c = h.cmd(rw10(0x2A, 0, 1), write=True, edtl=BS, data=bytes(BS))
+    w = bytearray(h.wire(c))
+    w[-1] ^= 0xFF
+    out = h.send_bytes(bytes(w))
+    assert out[0].reason == P.RejectReason.DATA_DIGEST_ERROR
+    assert out[1].status == 2 and out[1].data[2 + 12 : 2 + 14] == b"\x47\x05"
+    assert h.session.exp_cmdsn == 11 and h.dev.submitted == []
+    (rsp,) = h.send(h.cmd(bytes(6)))  # the window moved on
+    assert rsp.status == 0
