@@ -29,7 +29,7 @@ from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.pr import PersistentReservations, PrStore
-from pyscsi_target.scsi.task import Nexus, ScsiTask, TaskAttr
+from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES, Nexus, ScsiTask, TaskAttr
 
 if TYPE_CHECKING:
     from pyscsi_target.scsi.command import Command
@@ -47,9 +47,8 @@ LU_REGISTRY: dict[bytes, LogicalUnit] = {}
 
 RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "15000": 15000}
 
-# MAXIMUM TRANSFER LENGTH (block limits VPD): 64 MiB, the largest Data-Out buffer the iSCSI
-# transport accepts for one command (131072 blocks of 512 bytes, 16384 of 4 KiB).
-MAX_XFER_BYTES = 64 << 20
+# MAXIMUM TRANSFER LENGTH (block limits VPD), shared with the transport through the contract.
+MAX_XFER_BYTES = MAX_TRANSFER_BYTES
 MAX_UNMAP_LBA_COUNT_BYTES = 256 << 20
 MAX_UNMAP_DESCRIPTORS = 256
 MAX_WRITE_SAME_BYTES = 256 << 20

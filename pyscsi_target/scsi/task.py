@@ -142,3 +142,11 @@ def encode_lun(lun: int) -> bytes:
     if lun < 256:
         return bytes((0x00, lun)) + bytes(6)
     return bytes((0x40 | (lun >> 8), lun & 0xFF)) + bytes(6)
+
+
+#: The largest data transfer of one command the SCSI layer accepts (MAXIMUM TRANSFER
+#: LENGTH in the block limits VPD page is this divided by the block size; longer commands
+#: get INVALID FIELD IN CDB).  A transport must accept Data-Out buffers of this size, so
+#: it should size its per-command write buffer limit from this constant.  libiscsi's
+#: WriteSame16.Unmap on a 4 KiB-block LU needs 256 MiB (65536 blocks in one WRITE(16)).
+MAX_TRANSFER_BYTES = 64 << 20
