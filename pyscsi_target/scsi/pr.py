@@ -185,8 +185,6 @@ def parse_transport_id(data: memoryview) -> tuple[str, bool]:
 
 
 def prin(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     sa = task.cdb[1] & 0x1F
     alloc = _alloc16(task)
     pr = lu.pr
@@ -228,7 +226,6 @@ def prin(lu: LogicalUnit, task: ScsiTask) -> None:
         data = struct.pack(">II", pr.generation, len(body)) + body
     else:
         raise S.invalid_cdb(1, 4)
-    _ = it_key  # keep the import for type checkers
     set_data_in(task, data, alloc)
     lu.done(task)
 
@@ -297,8 +294,7 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
     # Every other service action needs a registered nexus with the matching key.
     if mine is None or mine != res_key:
         raise S.ReservationConflict()
-    if aptpl and sa != 0x07:
-        pass  # APTPL is only meaningful on REGISTER; ignored here as SPC-4 allows
+    # (APTPL only matters on the REGISTER family; SPC-4 has it ignored elsewhere.)
     if sa == 0x01:  # RESERVE
         if scope != 0:
             raise S.invalid_cdb(2, 7)

@@ -23,9 +23,6 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
-WRITE_AFTER_SANITIZE_REQUIRED = (0x30, 0x14)
-
-
 def lba_len(cdb: bytes) -> tuple[int, int]:
     """(LBA, number of blocks) of a READ/WRITE/VERIFY-shaped CDB."""
     op = cdb[0]
@@ -674,4 +671,3 @@ COMMANDS = [
         for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x1F, "EXIT FAILURE MODE"))
     ],
 ]
-_ = WRITE_AFTER_SANITIZE_REQUIRED

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.pr import set_data_in
 
 if TYPE_CHECKING:
@@ -406,8 +405,6 @@ def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
     set_data_in(task, data, alloc)
     lu.done(task)
 
-
-_ = ModePages
 
 _RO = F.PR_ALLOWED | F.UA_EXEMPT | F.RESV_ALLOWED | F.SANITIZE_OK
 
