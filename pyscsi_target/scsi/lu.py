@@ -490,7 +490,7 @@ class LogicalUnit:
                 else:
                     try:
                         then(None)
-                    except (S.CheckCondition, S.ReservationConflict) as e:
+                    except Exception as e:  # noqa: BLE001 - SCSI errors and bugs alike end the task
                         self.fail(task, e)
             finally:
                 if self.writes_inflight == 0 and self.excl_waiters and not self.excl_active:
@@ -515,7 +515,7 @@ class LogicalUnit:
                     else:
                         try:
                             then(fut.result())
-                        except (S.CheckCondition, S.ReservationConflict) as e:
+                        except Exception as e:  # noqa: BLE001 - SCSI errors and bugs alike end the task
                             self.fail(task, e)
                 finally:
                     if self.excl_waiters and not self.excl_active:
