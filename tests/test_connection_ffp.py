@@ -693,3 +693,25 @@ def test_data_digest_error_on_immediate_data_consumes_cmdsn_and_fails() -> None:
     assert h.session.exp_cmdsn == 11 and h.dev.submitted == []
     (rsp,) = h.send(h.cmd(bytes(6)))  # the window moved on
     assert rsp.status == 0
+
+
+def test_task_set_scope_abort_vs_clear() -> None:
+    """ABORT TASK SET reaches this session's commands only; CLEAR TASK SET (and LUN RESET)
+    also the commands other sessions still hold at the iSCSI layer (waiting for data)."""
+    a = Harness(initial_r2t=True, immediate_data=False)
+    b = Harness(initial_r2t=True, immediate_data=False)
+    b.dev = a.dev
+    b.session.device = a.dev
+    both = [a.session, b.session]
+    a.session._peers = b.session._peers = lambda: both
+    wa = a.cmd(rw10(0x2A, 0, 1), write=True, edtl=BS)
+    wb = b.cmd(rw10(0x2A, 8, 1), write=True, edtl=BS)
+    (r2ta,) = a.send(wa)
+    (r2tb,) = b.send(wb)
+    (rsp,) = a.send(tmf(a, 2))  # ABORT TASK SET
+    assert rsp.response == 0 and wa.itt not in a.session.tasks and wb.itt in b.session.tasks
+    wa2 = a.cmd(rw10(0x2A, 0, 1), write=True, edtl=BS)
+    a.send(wa2)
+    (rsp,) = a.send(tmf(a, 4))  # CLEAR TASK SET
+    assert rsp.response == 0 and a.session.tasks == {} and b.session.tasks == {}
+    assert b.send(data_out(wb.itt, r2tb.ttt, 0, 0, bytes(BS), True)) == []  # discarded quietly
