@@ -15,7 +15,7 @@ from typing import Any
 from . import report
 from .loads import Load, Runner, Sample, default_loads, tempdir
 from .scaling import run_scaling
-from .targets import GiB, System, fill_file, start_pyscsi, start_tgtd
+from .targets import TGTD_PARAMS, GiB, System, fill_file, start_pyscsi, start_tgtd
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = "pyscsi-target-bench/1"
@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         "schema": SCHEMA, "started": started.isoformat(timespec="seconds"), "quick": quick,
         "machine": report.machine(),
         "config": {"rounds": rounds, "seconds": seconds, "order": "round-major, A then B within each row",
-                   "lun_size": GiB, "session_steps": session_steps, "target_counts": target_counts},
+                   "lun_size": GiB, "tgtd_params": TGTD_PARAMS, "session_steps": session_steps,
+                   "target_counts": target_counts},
         "loads": [], "scaling": {}, "errors": [],
     }
     systems: dict[str, System] = {}

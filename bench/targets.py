@@ -108,6 +108,16 @@ class System:
         self.handle.stop()
 
 
+# tgtd's defaults (MaxRecv/MaxXmitDataSegmentLength 8192, FirstBurstLength 65536, InitialR2T=Yes,
+# MaxOutstandingR2T 1) halve its 128 KiB write throughput here; pyscsi-target declares 256 KiB segments,
+# 256 KiB first burst and accepts InitialR2T=No.  Aligning tgtd to the same limits makes both sessions
+# negotiate the same parameters with libiscsi and qemu, so the rows compare implementations, not defaults.
+# (MaxBurstLength: RFC 7143 caps it at 2^24-1.)
+TGTD_PARAMS = {"MaxRecvDataSegmentLength": "262144", "MaxXmitDataSegmentLength": "262144",
+               "FirstBurstLength": "262144", "MaxBurstLength": "16776192", "InitialR2T": "No",
+               "ImmediateData": "Yes", "MaxOutstandingR2T": "16"}
+
+
 def start_tgtd(workdir: Path, main_image: Path) -> System:
     sp1g, sp1t = workdir / "tgtd-sp1g.img", workdir / "tgtd-sp1t.img"
     for p, size in ((sp1g, GiB), (sp1t, TiB)):
@@ -117,6 +127,12 @@ def start_tgtd(workdir: Path, main_image: Path) -> System:
              control_port=free_tgtd_control_port(), iqn="iqn.2026-11.org.pyscsi-target.bench:tgtd",
              log_path=workdir / "tgtd.log")
     t.start()
+    try:
+        for k, v in TGTD_PARAMS.items():
+            t.adm("--mode", "target", "--op", "update", "--tid", "1", "--name", k, "--value", v)
+    except BaseException:
+        t.stop()
+        raise
     return System("tgtd", t.host, t.port, t.iqn, {"main": 1, "sp1g": 2, "sp1t": 3}, 512, t)
 
 
