@@ -630,6 +630,37 @@ def test_4096_byte_blocks(tmp_path: Path) -> None:
     asyncio.run(_with_harness(tmp_path, body, blocksize=4096))
 
 
+def test_write_same_length_limit(tmp_path: Path) -> None:
+    """MAXIMUM WRITE SAME LENGTH is one WRITE's worth and longer WRITE SAMEs (also n=0
+    reaching further) fail with INVALID FIELD IN CDB (inbox 12:28, 4 KiB LU)."""
+    from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES
+
+    async def body(h: Harness) -> None:
+        bl = (await h.cmd(bytes((0x12, 1, 0xB0, 0, 64, 0)))).data
+        max_ws = struct.unpack_from(">Q", bl, 36)[0]
+        max_xfer = struct.unpack_from(">I", bl, 8)[0]
+        assert max_ws == MAX_TRANSFER_BYTES // 4096 == max_xfer
+        assert h.lu.num_blocks > max_ws
+        ws16 = lambda lba, n, fl=0x08: struct.pack(">BBQIBB", 0x93, fl, lba, n, 0, 0)  # noqa: E731
+        # a range one WRITE can map, one WRITE SAME can unmap
+        assert (await h.cmd(rw16(0x8A, 0, 16), b"\xff" * 16 * 4096)).status == GOOD
+        assert (await h.cmd(ws16(0, max_ws), bytes(4096))).status == GOOD
+        assert (await h.cmd(rw16(0x88, 0, 16))).data == bytes(16 * 4096)
+        check(await h.cmd(ws16(0, max_ws + 1), bytes(4096)), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        check(await h.cmd(ws16(0, max_ws + 1, 0), b"\x01" * 4096), S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        # NUMBER OF LOGICAL BLOCKS 0 = to the end: refused when that is too far, else done
+        check(await h.cmd(ws16(h.lu.num_blocks - max_ws - 1, 0), bytes(4096)),
+              S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+        await h.cmd(rw16(0x8A, h.lu.num_blocks - 1, 1), b"\xee" * 4096)
+        assert (await h.cmd(ws16(h.lu.num_blocks - max_ws, 0), bytes(4096))).status == GOOD
+        assert (await h.cmd(rw16(0x88, h.lu.num_blocks - 1, 1))).data == bytes(4096)
+        # WRITE SAME(10) shares the limit
+        check(await h.cmd(struct.pack(">BBIBHB", 0x41, 0, 0, 0, max_ws + 1, 0), bytes(4096)),
+              S.ILLEGAL_REQUEST, S.INVALID_FIELD_IN_CDB)
+
+    asyncio.run(_with_harness(tmp_path, body, blocksize=4096, size=128 << 20))
+
+
 def test_capacity_change_ua(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         ext = h.ext

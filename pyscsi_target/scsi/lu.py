@@ -51,7 +51,16 @@ RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "1500
 MAX_XFER_BYTES = MAX_TRANSFER_BYTES
 MAX_UNMAP_LBA_COUNT_BYTES = 256 << 20
 MAX_UNMAP_DESCRIPTORS = 256
-MAX_WRITE_SAME_BYTES = 256 << 20
+# MAXIMUM WRITE SAME LENGTH (block limits VPD), enforced with INVALID FIELD IN CDB as LIO
+# does.  0 ("no limit") would let Linux sd send up to 0x7FFFFF blocks per WRITE SAME
+# (write_same_max_bytes / write_zeroes_max_bytes: 4 GiB at 512 B, 32 GiB at 4 KiB), each
+# holding every other write to the LU while it runs (WRITE SAME is exclusive) and risking
+# the initiator's command timeout.  One WRITE's worth (64 MiB) bounds that work like any
+# other command, still lets Linux zero in 64 MiB steps with WRITE SAME(16), and stays far
+# above what VAAI block zeroing sends per command.  Keeping it <= MAXIMUM TRANSFER
+# LENGTH also keeps the two limits consistent for initiators (libiscsi's WriteSame16.Unmap
+# among them) that write a range with one WRITE before unmapping it with one WRITE SAME.
+MAX_WRITE_SAME_BYTES = MAX_XFER_BYTES
 MAX_CAW_BLOCKS = 255  # COMPARE AND WRITE NUMBER OF LOGICAL BLOCKS is one byte
 MAX_ATOMIC_BYTES = 1 << 20
 

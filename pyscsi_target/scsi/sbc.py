@@ -288,6 +288,9 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
         raise S.lba_out_of_range()
     if n == 0:
         n = lu.num_blocks - lba  # WSNZ=0: to the end of the medium
+    if n << lu.block_shift > lumod.MAX_WRITE_SAME_BYTES:
+        # More than MAXIMUM WRITE SAME LENGTH (also when n=0 reaches that far): SBC-3 5.42
+        raise S.invalid_cdb(10 if sixteen else 7)
     lu.check_range(lba, n)
     bsz = lu.block_size
     task.xfer_len = 0 if ndob else bsz

@@ -120,7 +120,7 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
         struct.pack_into(">I", buf, 28, max(1, 4096 // bs))
         struct.pack_into(">I", buf, 32, 0x80000000)  # UGAVALID, alignment 0
-        struct.pack_into(">Q", buf, 36, 0)  # MAXIMUM WRITE SAME LENGTH: no limit
+        struct.pack_into(">Q", buf, 36, lumod.MAX_WRITE_SAME_BYTES // bs)  # MAXIMUM WRITE SAME LENGTH
         struct.pack_into(">I", buf, 44, lumod.MAX_ATOMIC_BYTES // bs)
         # Atomic writes are whole 4 KiB pages: aligned to and a multiple of them.
         struct.pack_into(">I", buf, 48, max(1, 4096 // bs))  # atomic alignment
