@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pyscsi_target.backstore.base import Extent, RangeSet
 from pyscsi_target.backstore.block import BlockBackstore
 from pyscsi_target.backstore.file import FileBackstore, create_sparse, parse_size
 
@@ -98,10 +100,39 @@ def test_block_backstore_refuses_regular_file(tmp_path: Path) -> None:
         BlockBackstore(str(p))
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/loop-control") or os.geteuid() != 0, reason="needs loop devices")
-def test_block_backstore_on_loop_device(tmp_path: Path) -> None:
+def test_range_set() -> None:
+    r = RangeSet()
+    assert not r and r.runs(0, 100, 10) == [Extent(0, 100, True)]
+    r.add(10, 20)
+    r.add(30, 40)
+    r.add(20, 25)  # touching merges
+    assert (r.starts, r.ends) == ([10, 30], [25, 40])
+    assert r.runs(0, 50, 10) == [Extent(0, 10, True), Extent(10, 15, False), Extent(25, 5, True),
+                                 Extent(30, 10, False), Extent(40, 10, True)]
+    assert r.runs(12, 35, 2) == [Extent(12, 13, False), Extent(25, 5, True)]
+    r.remove(12, 14)  # split
+    assert (r.starts, r.ends) == ([10, 14, 30], [12, 25, 40])
+    r.remove(0, 35)
+    assert (r.starts, r.ends) == ([35], [40])
+    r.add(0, 100)
+    assert (r.starts, r.ends) == ([0], [100])
+    r.remove(0, 100)
+    assert not r
+    small = RangeSet(max_ranges=2)
+    small.add(0, 1)
+    small.add(5, 6)
+    small.add(10, 11)  # a third entry is not recorded: the set never over-reports
+    small.add(1, 5)  # merging needs no new entry
+    assert (small.starts, small.ends) == ([0], [6])
+
+
+@pytest.fixture
+def loop_dev(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loop device over a 32 MiB sparse file (removed again afterwards)."""
     import subprocess
 
+    if not os.path.exists("/dev/loop-control") or os.geteuid() != 0:
+        pytest.skip("needs loop devices (root)")
     p = tmp_path / "loop.img"
     create_sparse(str(p), 32 << 20)
     try:
@@ -110,15 +141,36 @@ def test_block_backstore_on_loop_device(tmp_path: Path) -> None:
     except (subprocess.CalledProcessError, FileNotFoundError):
         pytest.skip("losetup unavailable")
     try:
-        b = BlockBackstore(dev)
-        try:
-            assert b.size == 32 << 20
-            b.write([b"q" * 4096], 8192, fua=True)
-            b.discard(8192, 4096)
-            got = bytearray(4096)
-            b.read_into(got, 8192)
-            assert got == bytes(4096)
-        finally:
-            b.close()
+        yield dev, p
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+        p.unlink(missing_ok=True)
+
+
+def test_block_backstore_on_loop_device(loop_dev: tuple[str, Path]) -> None:
+    dev, backing = loop_dev
+    b = BlockBackstore(dev)
+    try:
+        assert b.size == 32 << 20 and b.thin
+        assert b.block_status(0, b.size) == [Extent(0, b.size, True)]  # unknown = mapped
+        b.write([b"q" * (1 << 20)], 1 << 20, fua=True)
+        allocated = os.stat(backing).st_blocks * 512
+        assert allocated >= 1 << 20
+        b.discard(1 << 20, 1 << 20)
+        got = bytearray(4096)
+        b.read_into(got, (1 << 20) + 8192)
+        assert got == bytes(4096)
+        # the device's own deallocation really freed the space (no re-allocating zero-out)
+        assert os.stat(backing).st_blocks * 512 <= allocated - (1 << 20)
+        assert b.block_status(0, 3 << 20) == [Extent(0, 1 << 20, True), Extent(1 << 20, 1 << 20, False),
+                                              Extent(2 << 20, 1 << 20, True)]
+        # any write maps again: WRITE, write-zeroes (WRITE SAME without UNMAP)
+        b.write([b"w" * 4096], (1 << 20) + 4096)
+        b.write_zeroes((2 << 20) - 4096, 4096)
+        assert b.block_status(1 << 20, 1 << 20) == [
+            Extent(1 << 20, 4096, False), Extent((1 << 20) + 4096, 4096, True),
+            Extent((1 << 20) + 8192, (1 << 20) - 12288, False), Extent((2 << 20) - 4096, 4096, True)]
+        b.read_into(got, (2 << 20) - 4096)
+        assert got == bytes(4096)
+    finally:
+        b.close()

@@ -661,6 +661,48 @@ def test_write_same_length_limit(tmp_path: Path) -> None:
     asyncio.run(_with_harness(tmp_path, body, blocksize=4096, size=128 << 20))
 
 
+def test_disk_extent_provisioning_on_loop_device(tmp_path: Path) -> None:
+    """Disk extent (loop device over a sparse file): UNMAP and SANITIZE BLOCK ERASE use the
+    device's own deallocation and GET LBA STATUS reports what was deallocated (inbox 12:40)."""
+    import subprocess
+
+    from pyscsi_target.config.model import Extent
+
+    if not os.path.exists("/dev/loop-control") or os.geteuid() != 0:
+        pytest.skip("needs loop devices (root)")
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(b"")
+    os.truncate(backing, 16 << 20)
+    out = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"no loop device: {out.stderr.strip()}")
+    dev = out.stdout.strip()
+
+    async def body(h: Harness) -> None:
+        n = h.lu.num_blocks
+        r = await h.cmd(struct.pack(">BBQIBB", 0x9E, 0x10, 0, 32, 0, 0))
+        assert r.data[14] & 0xC0 == 0xC0  # LBPME, LBPRZ
+        assert await _lba_status(h, 0) == [(0, n, 0)]  # nothing known deallocated yet
+        await h.cmd(rw10(0x2A, 0, 2048), b"d" * (1 << 20))
+        param = struct.pack(">HH4xQI4x", 22, 16, 256, 512)
+        assert (await _unmap_raw(h, param)).status == GOOD
+        assert (await _lba_status(h, 0))[:3] == [(0, 256, 0), (256, 512, 1), (768, n - 768, 0)]
+        assert (await h.cmd(rw10(0x28, 300, 1))).data == bytes(512)
+        assert (await h.cmd(rw10(0x28, 100, 1))).data == b"d" * 512
+        await h.cmd(rw10(0x2A, 300, 1), b"m" * 512)  # written again: mapped
+        assert (await _lba_status(h, 256))[:3] == [(256, 44, 1), (300, 1, 0), (301, 467, 1)]
+        assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x02, 0, 0))).status == GOOD
+        assert await _lba_status(h, 0) == [(0, n, 1)]
+        assert (await h.cmd(rw10(0x28, 100, 1))).data == bytes(512)
+        assert os.stat(backing).st_blocks == 0  # the erase really freed the backing space
+
+    try:
+        ext = Extent(id=4242, name="loopdisk", type="Disk", path=dev, pblocksize=True)
+        asyncio.run(_with_harness(tmp_path, body, extent=ext))
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
 def test_capacity_change_ua(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         ext = h.ext

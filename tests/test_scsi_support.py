@@ -61,9 +61,10 @@ def nexus(initiator: str = "iqn.1994-05.com.example:a", isid: int = 0x23D0000000
 
 
 class Harness:
-    def __init__(self, tmp: Path, store: MemoryPrStore | None = None, **ext_kw: object) -> None:
+    def __init__(self, tmp: Path, store: MemoryPrStore | None = None, extent: Extent | None = None,
+                 **ext_kw: object) -> None:
         self.store = store if store is not None else MemoryPrStore()
-        self.ext = make_extent(tmp, **ext_kw)  # type: ignore[arg-type]
+        self.ext = extent if extent is not None else make_extent(tmp, **ext_kw)  # type: ignore[arg-type]
         self.lu: LogicalUnit = open_logical_unit(self.ext, self.store)
         self.dev = ScsiDevice(TARGET)
         self.dev.set_luns({0: self.lu})

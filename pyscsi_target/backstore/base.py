@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from abc import ABC, abstractmethod
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -26,6 +28,78 @@ class Extent(NamedTuple):
     offset: int
     length: int
     mapped: bool
+
+
+class RangeSet:
+    """Disjoint, merged byte ranges [start, end), thread-safe (I/O runs in worker threads).
+
+    At most ``max_ranges`` ranges are kept: a range that would need a new entry beyond that
+    is not recorded, so the set may under-report but never over-reports.
+    """
+
+    def __init__(self, max_ranges: int = 1 << 16) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.max_ranges = max_ranges
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        with self._lock:
+            i = bisect_left(self.ends, start)  # first range ending at or after start (touching merges)
+            j = bisect_right(self.starts, end)  # ranges [i, j) overlap or touch [start, end]
+            if i == j and len(self.starts) >= self.max_ranges:
+                return
+            if i < j:
+                start = min(start, self.starts[i])
+                end = max(end, self.ends[j - 1])
+            self.starts[i:j] = [start]
+            self.ends[i:j] = [end]
+
+    def remove(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        with self._lock:
+            i = bisect_right(self.ends, start)  # first range ending after start
+            j = bisect_left(self.starts, end)  # ranges [i, j) overlap [start, end)
+            if i >= j:
+                return
+            ns: list[int] = []
+            ne: list[int] = []
+            if self.starts[i] < start:
+                ns.append(self.starts[i])
+                ne.append(start)
+            if self.ends[j - 1] > end:
+                ns.append(end)
+                ne.append(self.ends[j - 1])
+            self.starts[i:j] = ns
+            self.ends[i:j] = ne
+
+    def clear(self) -> None:
+        with self._lock:
+            self.starts.clear()
+            self.ends.clear()
+
+    def runs(self, offset: int, end: int, max_runs: int) -> list[Extent]:
+        """[offset, end) split into runs: inside the set -> mapped=False, outside -> True."""
+        out: list[Extent] = []
+        with self._lock:
+            i = bisect_right(self.ends, offset)
+            pos = offset
+            while pos < end and len(out) < max_runs:
+                if i < len(self.starts) and self.starts[i] <= pos:
+                    stop = min(self.ends[i], end)
+                    out.append(Extent(pos, stop - pos, False))
+                    i += 1
+                else:
+                    stop = min(self.starts[i], end) if i < len(self.starts) else end
+                    out.append(Extent(pos, stop - pos, True))
+                pos = stop
+        return out
 
 
 class Backstore(ABC):

@@ -1,4 +1,24 @@
-"""Block device backstore: a disk, partition, zvol or LV opened exclusively."""
+"""Block device backstore: a disk, partition, zvol or LV opened exclusively.
+
+Provisioning on a block device (issue 3: "Disk extents use the block device's own discard"):
+
+* discard() deallocates with fallocate(PUNCH_HOLE | KEEP_SIZE) on the device, which the
+  kernel turns into a WRITE ZEROES that may unmap (REQ_OP_WRITE_ZEROES without NOUNMAP:
+  a hole in a loop device's file, NVMe Write Zeroes with DEAC, SCSI WRITE SAME + UNMAP...)
+  and refuses when the device cannot zero that way.  Then we fall back to BLKDISCARD
+  (frees space where the device can, but need not zero) followed by BLKZEROOUT.  Either
+  way discarded blocks read back as zeroes, so LBPRZ=1 holds on every device.  (BLKDISCARD
+  then BLKZEROOUT must not be the first choice: BLKZEROOUT is NOUNMAP and re-allocates what
+  the discard just freed, e.g. a thin LV or a loop device's backing file.)
+
+* A block device has no SEEK_HOLE: its allocation cannot be queried.  GET LBA STATUS
+  reports as deallocated exactly the ranges this backstore deallocated since it opened the
+  device and that nothing has written since (kept in memory, so SANITIZE BLOCK ERASE and
+  UNMAP are visible as SBC-3 requires); everything else is reported mapped, which SBC-4
+  defines as "mapped or unknown".  The set is deliberately not persisted: after a crash it
+  could claim zeroes for blocks written before the crash, while forgetting it only ever
+  reports "mapped" for blocks that happen to be deallocated.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +27,18 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Sequence
 
-from pyscsi_target.backstore.base import Backstore
+from pyscsi_target.backstore.base import Backstore, Extent, RangeSet
+from pyscsi_target.backstore.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 BLKSSZGET = 0x1268
-BLKDISCARDZEROES = 0x127C
+
+#: errnos meaning "this device cannot do that operation at all" (remembered per device).
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
 
 
 class BlockBackstore(Backstore):
@@ -31,8 +55,10 @@ class BlockBackstore(Backstore):
             raise
         super().__init__(path, fd, size)
         self.read_only = read_only
-        self._discard_ok = True
-        self.thin = True  # BLKDISCARD falls back to BLKZEROOUT, so LBPRZ stays true
+        self._punch_ok = True  # fallocate(PUNCH_HOLE): zeroing deallocation
+        self._discard_ok = True  # BLKDISCARD
+        self.thin = True  # every discard path leaves zeroes: LBPRZ holds
+        self.deallocated = RangeSet()  # what we deallocated and nobody wrote since
 
     @staticmethod
     def device_size(fd: int) -> int:
@@ -42,29 +68,68 @@ class BlockBackstore(Backstore):
         except OSError:
             return os.lseek(fd, 0, os.SEEK_END)
 
+    # --- writes clear the deallocated state (after the data landed: see discard) -----------
+
+    def write_nowait(self, data: Sequence[bytes | bytearray | memoryview], offset: int) -> bool:
+        if not super().write_nowait(data, offset):
+            return False
+        if self.deallocated:
+            self.deallocated.remove(offset, offset + sum(memoryview(d).nbytes for d in data))
+        return True
+
+    def write(self, data: Sequence[bytes | bytearray | memoryview], offset: int, fua: bool = False) -> None:
+        super().write(data, offset, fua)
+        if self.deallocated:
+            self.deallocated.remove(offset, offset + sum(memoryview(d).nbytes for d in data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Zeroes that stay mapped (WRITE SAME without UNMAP)."""
+        self._zero(offset, length)
+        if self.deallocated:
+            self.deallocated.remove(offset, offset + length)
+
+    def _zero(self, offset: int, length: int) -> None:
+        try:
+            # BLKZEROOUT is NOUNMAP: the device writes (or offloads) zeroes, blocks stay allocated.
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+        except OSError as e:
+            if e.errno not in (*_UNSUPPORTED, errno.EINVAL):
+                raise
+            super().write_zeroes(offset, length)
+
+    # --- provisioning ----------------------------------------------------------------
+
     def discard(self, offset: int, length: int) -> None:
         if length <= 0:
             return
+        # Recorded before the device is touched: a write racing with this discard clears
+        # the range after its own data landed, so a race can only make us report "mapped".
+        self.deallocated.add(offset, offset + length)
+        if self._punch_ok:
+            try:
+                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                return
+            except OSError as e:
+                if e.errno in _UNSUPPORTED:
+                    self._punch_ok = False
+                elif e.errno != errno.EINVAL:  # EINVAL: this range only (alignment)
+                    raise
         if self._discard_ok:
             try:
                 fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
-                # Discarded blocks need not read back as zeroes on every device; zero them
-                # explicitly (BLKZEROOUT uses WRITE ZEROES/unmap where the device has it).
-                self.write_zeroes(offset, length)
-                return
             except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                if e.errno in _UNSUPPORTED:
+                    self._discard_ok = False
+                elif e.errno != errno.EINVAL:
                     raise
-                self._discard_ok = False
-        self.write_zeroes(offset, length)
+        # A plain discard need not zero: make LBPRZ true explicitly.
+        self._zero(offset, length)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        try:
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
-                raise
-            super().write_zeroes(offset, length)
+    def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return []
+        return self.deallocated.runs(offset, end, max_runs)
 
     def resize(self, size: int) -> None:
         """A device's size is its own: re-read it (after the zvol/LV was grown)."""
