@@ -24,7 +24,7 @@ from typing import Any
 
 from crc32c import crc32c
 
-from ..scsi.task import ScsiTask, TaskAttr, TmfResult
+from ..scsi.task import MAX_TRANSFER_BYTES, ScsiTask, TaskAttr, TmfResult
 from . import pdu as P
 from .params import SessionParams
 from .pdu import (
@@ -91,10 +91,11 @@ TASK_SET_FULL = 0x28
 FAIL_TASK_SET_FULL = (0x100, 0, 0)
 _ATTRS = tuple(TaskAttr)  # task attribute codes 0..4, looked up without an enum call
 
-# The largest ExpectedDataTransferLength we preallocate a write buffer for, and the most
-# write-buffer memory one session may hold at once.
-MAX_WRITE_BUFFER = 64 * 1024 * 1024
-MAX_SESSION_WRITE_BUFFERS = 256 * 1024 * 1024
+# The largest ExpectedDataTransferLength we preallocate a write buffer for: the SCSI layer's
+# MAXIMUM TRANSFER LENGTH (scsi.task contract), so the two cannot drift apart.  And the most
+# write-buffer memory one session may hold at once (always room for one maximal command).
+MAX_WRITE_BUFFER = MAX_TRANSFER_BYTES
+MAX_SESSION_WRITE_BUFFERS = max(256 * 1024 * 1024, MAX_WRITE_BUFFER)
 
 
 def fixed_sense(key: int, asc: int, ascq: int) -> bytes:
