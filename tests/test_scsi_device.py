@@ -984,3 +984,68 @@ async def test_sanitize_immed_reports_progress(h: Harness) -> None:
     assert not h.lu.sanitizing
     assert (await h.cmd(rw10(0x28, 3, 1))).data == b"\x5a" * 512
     _ = seen_progress  # a fast disk may finish before the first poll
+
+
+def test_sanitize_overwrite_is_durable_chunked_and_reports_progress(tmp_path: Path) -> None:
+    """SANITIZE OVERWRITE: every chunk written through and a final flush before GOOD; chunks
+    are separate thread-pool jobs, so another LU's I/O is served while it runs on a one-thread
+    pool; TEST UNIT READY reports SANITIZE IN PROGRESS with progress, across an LU reset."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyscsi_target.scsi import sbc
+
+    other_ext = make_extent(tmp_path, size=8 << 20, name="other")
+
+    async def body(h: Harness) -> None:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1))
+        bs = h.lu.backstore
+        ops: list[tuple[str, bool]] = []
+        real_write, real_flush = bs.write, bs.flush
+
+        def write(data: Any, offset: int, fua: bool = False) -> None:
+            ops.append(("write", fua))
+            real_write(data, offset, fua)
+
+        def flush() -> None:
+            ops.append(("flush", True))
+            real_flush()
+
+        bs.write, bs.flush = write, flush  # type: ignore[method-assign]
+        # not IMMED: GOOD only once everything is durable
+        param = struct.pack(">BxH", 1, 4) + b"\x11\x22\x33\x44"
+        assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x01, len(param), 0), param)).status == GOOD
+        chunks = (h.lu.num_blocks << h.lu.block_shift) // sbc.SANITIZE_CHUNK
+        # each chunk written through (write + fdatasync), then a final flush
+        assert ops == [("write", True), ("flush", True)] * chunks + [("flush", True)]
+        ops.clear()
+        # IMMED, three passes: progress while it runs, another LU's synchronous write meanwhile
+        other = open_logical_unit(other_ext, h.store)
+        h.dev.set_luns({0: h.lu, 1: other})
+        await h.clear_ua(h.a, lun=1)
+        await h.clear_ua(h.a, lun=0)
+        param = struct.pack(">BxH", 3, 512) + b"\x77" * 512
+        assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x81, len(param), 0), param)).status == GOOD
+        r = await h.cmd(bytes(6))
+        check(r, S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS)
+        assert r.sense is not None and r.sense[15] & 0x80  # SKSV: progress indication
+        assert (await h.cmd(rw10(0x2A, 0, 8, 0x08), b"o" * 4096, lun=1)).status == GOOD  # FUA: a thread job
+        assert h.lu.sanitizing, "the other LU's write waited for the whole sanitize"
+        assert h.dev.lun_reset(h.a, 0) == 0
+        progress = []
+        for _ in range(2000):
+            r = await h.cmd(bytes(6))
+            if r.status == GOOD:
+                break
+            if r.key_asc == (S.UNIT_ATTENTION, *S.BUS_DEVICE_RESET_OCCURRED):
+                continue
+            check(r, S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS)
+            assert r.sense is not None
+            progress.append(struct.unpack_from(">H", r.sense, 16)[0])
+            await asyncio.sleep(0.002)
+        assert not h.lu.sanitizing and not h.lu.sanitize_failed
+        assert progress == sorted(progress) and progress
+        assert ops[-1] == ("flush", True) and all(fua for _, fua in ops)
+        assert (await h.cmd(rw10(0x28, h.lu.num_blocks - 1, 1))).data == b"\x77" * 512
+        other.close()
+
+    asyncio.run(_with_harness(tmp_path, body))

@@ -356,11 +356,19 @@ class LogicalUnit:
         if self.pr.reservation is not None and self.pr.conflicts(key, cmd.flags):
             raise S.ReservationConflict()
         if self.sanitizing and not cmd.flags & F.SANITIZE_OK:
-            raise S.CheckCondition(S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS)
+            raise self.sanitize_in_progress()
         if self.sanitize_failed and cmd.flags & F.MEDIUM:
             raise S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
         if self.stopped and cmd.flags & F.MEDIUM:
             raise S.CheckCondition(S.NOT_READY, S.LUN_NOT_READY_INIT_REQUIRED)
+
+    def sanitize_in_progress(self) -> S.CheckCondition:
+        """NOT READY, SANITIZE IN PROGRESS with the progress indication (SPC-4 4.5.2.4.4:
+        SKSV=1 and the fraction done in 65536ths) that TEST UNIT READY and REQUEST SENSE
+        pollers read."""
+        progress = min(0xFFFF, int(self.sanitize_progress * 65536))
+        return S.CheckCondition(S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS,
+                                sks=bytes((0x80, progress >> 8, progress & 0xFF)))
 
     # --- task management -------------------------------------------------------------
 
@@ -536,6 +544,13 @@ class LogicalUnit:
             self.excl_waiters.append((True, start))
             return
         start()
+
+    def after_writes(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` on the loop once every write accepted so far has completed."""
+        if self.excl_active or self.writes_inflight or self.excl_waiters:
+            self.excl_waiters.append((True, fn))
+            return
+        fn()
 
     def _drain_excl(self) -> None:
         while self.excl_waiters and not self.excl_active:

@@ -7,7 +7,12 @@ command never has side effects.
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import struct
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from pyscsi_target.scsi import lu as lumod
@@ -18,6 +23,8 @@ from pyscsi_target.scsi.pr import set_data_in
 if TYPE_CHECKING:
     from pyscsi_target.scsi.lu import LogicalUnit
     from pyscsi_target.scsi.task import ScsiTask
+
+log = logging.getLogger(__name__)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -521,6 +528,12 @@ def start_stop_unit(lu: LogicalUnit, task: ScsiTask) -> None:
         lu.flush(task)
 
 
+#: One step of a sanitize operation: one executor job, so a long sanitize never holds a
+#: worker thread for long and other LUs' I/O queued meanwhile runs between its steps.
+SANITIZE_CHUNK = 4 << 20
+SANITIZE_ERASE_CHUNK = 256 << 20  # deallocation is cheap per byte: bigger steps
+
+
 def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     cdb = task.cdb
     sa = cdb[1] & 0x1F
@@ -542,14 +555,12 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.writable(task)
     bs = lu.backstore
     size = lu.num_blocks << lu.block_shift
+    steps: list[Callable[[], None]] = []
     if sa == 0x02:
         if plen:
             raise S.invalid_cdb(7)
-
-        def work() -> None:
-            bs.discard(0, size)
-            bs.flush()
-            lu.sanitize_progress = 1.0
+        for pos in range(0, size, SANITIZE_ERASE_CHUNK):
+            steps.append(partial(bs.discard, pos, min(SANITIZE_ERASE_CHUNK, size - pos)))
     else:
         if plen < 5 or plen > lu.block_size + 4:
             raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
@@ -567,53 +578,58 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
             raise S.param_list_length_error()
         pattern = bytes(data[4 : 4 + patlen])
         block = (pattern * (lu.block_size // patlen + 1))[: lu.block_size]
-        inv = bytes(b ^ 0xFF for b in block)
-
-        def work() -> None:
-            # Each pass is flushed chunk by chunk: the pattern must reach the medium
-            # (not just the page cache) and dirty memory stays bounded.
-            chunk_blocks = max(1, (4 << 20) >> lu.block_shift)
-            for i in range(count):
-                # INVERT: the pattern is inverted between consecutive passes; the last
-                # pass writes it as given (SBC-3 5.30.2).
-                blk = inv if invert and (count - 1 - i) % 2 else block
-                buf = blk * chunk_blocks
-                pos = 0
-                while pos < size:
-                    m = min(len(buf), size - pos)
-                    bs.write([memoryview(buf)[:m]], pos, True)
-                    pos += m
-                    lu.sanitize_progress = (i * size + pos) / (count * size)
-
+        chunk_blocks = max(1, SANITIZE_CHUNK >> lu.block_shift)
+        plain = memoryview(block * chunk_blocks)
+        inverted = memoryview(bytes(b ^ 0xFF for b in block) * chunk_blocks) if invert and count > 1 else plain
+        for i in range(count):
+            # INVERT: the pattern is inverted between consecutive passes; the last pass
+            # writes it as given (SBC-3 5.30.2).
+            buf = inverted if invert and (count - 1 - i) % 2 else plain
+            for pos in range(0, size, len(buf)):
+                # Each chunk is written through (fdatasync): the pattern must reach the
+                # medium, not just the page cache, and dirty memory stays bounded.
+                steps.append(partial(bs.write, [buf[: min(len(buf), size - pos)]], pos, True))
+    # Nothing is acknowledged (GOOD without IMMED, or SANITIZE IN PROGRESS ending) before
+    # everything the sanitize wrote or deallocated is on stable storage.
+    steps.append(bs.flush)
     immed = bool(cdb[1] & 0x80)
     lu.sanitizing = True  # from now on medium access gets NOT READY, SANITIZE IN PROGRESS
     lu.sanitize_progress = 0.0
 
-    def guarded() -> BaseException | None:
-        try:
-            work()
-        except OSError as e:
-            return e
-        return None
-
     def end(exc: BaseException | None) -> None:
         lu.sanitizing = False
         lu.sanitize_failed = exc is not None  # until EXIT FAILURE MODE (SBC-3 4.11)
+        if exc is not None:
+            log.error("LU %s: sanitize failed: %r", lu.extent.name, exc)
+        if immed:
+            return
+        if exc is not None:
+            lu.fail(task, S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED))
+        else:
+            lu.done(task)
+
+    def step(i: int) -> None:
+        if i == len(steps):
+            end(None)
+            return
+        if lu.closed:
+            end(OSError(errno.ESHUTDOWN, "logical unit closed"))
+            return
+
+        def after(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            if exc is not None:
+                end(exc)
+                return
+            lu.sanitize_progress = (i + 1) / len(steps)
+            step(i + 1)
+
+        lu.loop.run_in_executor(None, steps[i]).add_done_callback(after)
 
     if immed:
-        # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires).
-        fut = lu.loop.run_in_executor(None, guarded)
-        fut.add_done_callback(lambda f: end(f.result() if not f.cancelled() else None))
-        lu.done(task)
-        return
-
-    def then(exc: BaseException | None) -> None:
-        end(exc)
-        if exc is not None:
-            raise S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED)
-        lu.done(task)
-
-    lu.exclusive(task, guarded, then=then)
+        lu.done(task)  # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires)
+    # Writes accepted before the SANITIZE land first; later ones are refused by precheck.
+    lu.after_writes(lambda: step(0))
 
 
 _RW = F.MEDIUM | F.WRITE | F.PR_WRITE

@@ -178,10 +178,7 @@ def request_sense(lu: LogicalUnit, task: ScsiTask) -> None:
     if code is not None:
         data = S.build_sense(S.UNIT_ATTENTION, code, desc)
     elif lu.sanitizing:
-        # sense-key specific progress indication (SPC-4 4.5.2.4.4): fraction of 65536
-        progress = min(0xFFFF, int(lu.sanitize_progress * 65536))
-        sks = bytes((0x80,)) + struct.pack(">H", progress)
-        data = S.build_sense(S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS, desc, sks=sks)
+        data = lu.sanitize_in_progress().encode(desc)
     elif lu.stopped:
         data = S.build_sense(S.NOT_READY, S.LUN_NOT_READY_INIT_REQUIRED, desc)
     else:
