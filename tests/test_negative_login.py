@@ -111,7 +111,7 @@ def test_reflected_chap_challenge_is_refused(env: Env) -> None:
     assert rsp.status_class == 0
     rsp = c.login_exchange([("CHAP_A", "5")], csg=0, nsg=1, transit=False)
     keys = dict(R.P.parse_text(rsp.data))
-    ident, challenge = int(keys["CHAP_I"], 0), R._hexval(keys["CHAP_C"])
+    ident, challenge = R._int_value(keys["CHAP_I"]), R._hexval(keys["CHAP_C"])
     answer = R.chap_response(5, ident, SECRET.encode(), challenge)
     rsp = c.login_exchange([("CHAP_N", USER), ("CHAP_R", "0x" + answer.hex()), ("CHAP_I", str(ident)),
                             ("CHAP_C", keys["CHAP_C"])], csg=0, nsg=1, transit=True)

@@ -90,6 +90,11 @@ def _hexval(v: str) -> bytes:
     raise ValueError(f"binary value without 0x/0b prefix: {v!r}")
 
 
+def _int_value(v: str) -> int:
+    """A numeric key value: decimal, or 0x hex (RFC 7143 5.1); decimal may have leading zeros."""
+    return int(v[2:], 16) if v[:2].lower() == "0x" else int(v, 10)
+
+
 def isid_random() -> bytes:
     # Type 0x80 (random) qualifier, as RFC 7143 10.12.5 allows.
     return bytes([0x80]) + os.urandom(5)
@@ -294,7 +299,7 @@ class RawClient:
             if not out.ok:
                 return out
             alg = int(keys["CHAP_A"])
-            ident = int(keys["CHAP_I"], 0)
+            ident = _int_value(keys["CHAP_I"])
             challenge = _hexval(keys["CHAP_C"])
             answer = [("CHAP_N", chap[0]),
                       ("CHAP_R", "0x" + chap_response(alg, ident, chap[1].encode(), challenge).hex())]
