@@ -690,6 +690,11 @@ def test_disk_extent_provisioning_on_loop_device(tmp_path: Path) -> None:
         assert (await h.cmd(rw10(0x28, 300, 1))).data == bytes(512)
         assert (await h.cmd(rw10(0x28, 100, 1))).data == b"d" * 512
         await h.cmd(rw10(0x2A, 300, 1), b"m" * 512)  # written again: mapped
+        # a device's allocation is unknown: no threshold UA (avail_threshold=1), no made-up
+        # LOG SENSE provisioning counts
+        assert (await h.cmd(bytes(6))).status == GOOD
+        r = await h.cmd(struct.pack(">BBBBxHHB", 0x4D, 0, 0x4C, 0, 0, 64, 0))
+        assert r.status == GOOD and r.data == bytes((0x0C, 0, 0, 0))
         assert (await _lba_status(h, 256))[:3] == [(256, 44, 1), (300, 1, 0), (301, 467, 1)]
         assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x02, 0, 0))).status == GOOD
         assert await _lba_status(h, 0) == [(0, n, 1)]
@@ -697,7 +702,7 @@ def test_disk_extent_provisioning_on_loop_device(tmp_path: Path) -> None:
         assert os.stat(backing).st_blocks == 0  # the erase really freed the backing space
 
     try:
-        ext = Extent(id=4242, name="loopdisk", type="Disk", path=dev, pblocksize=True)
+        ext = Extent(id=4242, name="loopdisk", type="Disk", path=dev, pblocksize=True, avail_threshold=1)
         asyncio.run(_with_harness(tmp_path, body, extent=ext))
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)

@@ -225,9 +225,14 @@ class Backstore(ABC):
         first ``max_runs`` runs of it, whichever is shorter."""
         return [Extent(offset, length, True)]
 
-    def allocated_bytes(self) -> int:
-        """Bytes of backing storage in use (for the thin-provisioning threshold)."""
-        return self.size
+    def allocated_bytes(self) -> int | None:
+        """Bytes of backing storage in use (thin-provisioning threshold, LOG SENSE), or None
+        where the backstore cannot measure it (a block device's allocation is its own)."""
+        return None
+
+    def free_bytes(self) -> int | None:
+        """Bytes the backing storage can still allocate, or None when unknown."""
+        return None
 
     def resize(self, size: int) -> None:
         """Change the LU's size (files only; devices report their own)."""

@@ -125,6 +125,10 @@ class FileBackstore(Backstore):
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 
+    def free_bytes(self) -> int:
+        st = os.fstatvfs(self.fd)
+        return st.f_bavail * st.f_frsize
+
     def resize(self, size: int) -> None:
         if size > os.fstat(self.fd).st_size:
             os.ftruncate(self.fd, size)

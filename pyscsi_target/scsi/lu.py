@@ -578,6 +578,8 @@ class LogicalUnit:
             used = self.backstore.allocated_bytes()
         except OSError:
             return
+        if used is None:  # a block device: nothing to measure the threshold against
+            return
         limit = self.backstore.size * self.avail_threshold // 100
         if used >= limit and self.threshold_armed:
             self.threshold_armed = False
@@ -590,7 +592,3 @@ class LogicalUnit:
             self.pr_store.save(f"modepages:{self.naa.hex()}", self.modes.serialize_saved())
 
 
-
-def fs_free_bytes(path: str) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize

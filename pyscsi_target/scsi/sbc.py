@@ -599,7 +599,7 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     def end(exc: BaseException | None) -> None:
         lu.sanitizing = False
         lu.sanitize_failed = exc is not None  # until EXIT FAILURE MODE (SBC-3 4.11)
-        if exc is not None:
+        if exc is not None and not lu.closed:
             log.error("LU %s: sanitize failed: %r", lu.extent.name, exc)
         if immed:
             return

@@ -301,14 +301,22 @@ def log_sense(lu: LogicalUnit, task: ScsiTask) -> None:
         if pointer > 2:
             raise S.invalid_cdb(5)
         exp = threshold_exponent(lu)
-        used = lu.backstore.allocated_bytes() >> lu.block_shift
         try:
-            free = lumod.fs_free_bytes(lu.backstore.path) >> lu.block_shift
+            used_bytes = lu.backstore.allocated_bytes()
+            free_bytes = lu.backstore.free_bytes()
         except OSError:
-            free = 0
-        avail = min(free, max(0, lu.num_blocks - used))
+            used_bytes = free_bytes = None
+        counts: list[tuple[int, int]] = []
+        # A block device cannot tell its allocation: its parameters are left out rather
+        # than guessed (both are optional in SBC-3's logical block provisioning page).
+        if used_bytes is not None:
+            used = used_bytes >> lu.block_shift
+            avail = max(0, lu.num_blocks - used)
+            if free_bytes is not None:
+                avail = min(avail, free_bytes >> lu.block_shift)
+            counts = [(0x0001, avail), (0x0002, used)]
         params = b""
-        for code, value in ((0x0001, avail), (0x0002, used)):
+        for code, value in counts:
             if code >= pointer and pc in (1, 3):  # cumulative values only
                 # FORMAT AND LINKING 11b; scope 01b: dedicated to this LU
                 params += struct.pack(">HBBIB3x", code, 0x03, 8, min(value >> exp, 0xFFFFFFFF), 0x01)
