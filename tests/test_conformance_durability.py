@@ -26,8 +26,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
+import shutil
 import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -287,3 +290,58 @@ def test_sigkill_mid_stream_keeps_acknowledged_blocks(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q", "-s"]))
+
+
+def test_fdatasync_syscalls_hit_the_extent_file_under_strace(tmp_path: Path) -> None:
+    """Syscall-level cross-check of the hook test: with ``strace -f -y`` attached to the running
+    daemon, every FUA write and SYNCHRONIZE CACHE shows up as an fdatasync(2)/fsync(2) on the
+    extent file's descriptor.  (Debian's ``strace``; without it, or without ptrace rights, the
+    test is skipped.)"""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    trace = tmp_path / "strace.out"
+    d = Daemon(tmp_path / "state")
+    d.start()
+    tracer: subprocess.Popen[bytes] | None = None
+    try:
+        assert d.proc is not None
+        pid = d.proc.pid
+        extent = os.path.realpath(_extent_path(d))
+        # -p with -f attaches every existing thread (the executor threads do the syncs).
+        tracer = subprocess.Popen([strace, "-f", "-y", "-qq", "-e", "trace=fdatasync,fsync", "-o", str(trace),
+                                   "-p", str(pid)], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def traced() -> bool:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            return all(re.search(r"^TracerPid:\s*[1-9]", (t / "status").read_text(), re.M) for t in tasks)
+
+        deadline = time.monotonic() + 10
+        while not traced() and tracer.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not traced():
+            err = tracer.stderr.read().decode(errors="replace") if tracer.poll() is not None and tracer.stderr else ""
+            pytest.skip(f"strace cannot attach here (ptrace refused?): {err[-300:]}")
+        c = login_session(d.host, d.port, DEMO_IQN)
+        try:
+            for i in range(10):
+                assert c.scsi(write16_fua(5000 + 8 * i, 8), data=pattern(4, i, 0) * 8).status == 0
+            for i in range(10):
+                assert c.scsi(write10(6000 + 8 * i, 8), data=pattern(5, i, 0) * 8).status == 0
+                assert c.scsi(sync_cache10()).status == 0
+        finally:
+            c.close()
+    finally:
+        if tracer is not None:
+            tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
+            try:
+                tracer.wait(20)
+            except subprocess.TimeoutExpired:
+                tracer.kill()
+                tracer.wait(10)
+        d.stop()
+    calls = [ln for ln in trace.read_text(errors="replace").splitlines()
+             if re.search(r"\b(fdatasync|fsync)\(\d+<" + re.escape(extent) + r">\) += 0", ln)]
+    assert len(calls) >= 20, f"expected >= 20 fdatasync/fsync on {extent}, strace saw {len(calls)}:\n" + \
+        trace.read_text(errors="replace")[-2000:]
+    assert d.returncode == 0, "the daemon did not stop cleanly after strace detached"
