@@ -10,6 +10,8 @@ import struct
 
 import pytest
 from conformance_support import (
+    ALLOWED_SKIPS,
+    LBPPB1_SKIPS,
     TARGET_IQN,
     assert_no_daemon_errors,
     conformance_target,
@@ -38,10 +40,13 @@ def test_testcu_all_multipath_thin_4096(tmp_path_factory: pytest.TempPathFactory
     assert "MultipathIO.Simple" in run.results, f"MultipathIO did not run; log: {log}"
     assert len(run.results) >= 230, f"the suite ran fewer tests than libiscsi 1.19's 230: {run.summary()}"
     failed = run.names("fail")
-    excused = reverify_defects(run, failed, tmp_path_factory, lbppbe=lbppbe, multipath=True, blocksize=4096)
+    assert lbppbe == 0, "4 KiB logical blocks are whole 4 KiB physical blocks"
+    excused, refused = reverify_defects(run, tmp_path_factory, lbppbe=lbppbe, multipath=True, blocksize=4096)
     for name, why in excused.items():
         print(f"excused libiscsi defect {name}: {why}")
     real = [f for f in failed if f not in excused]
-    print(f"4096-byte multipath run: {run.summary()}; pass incl. re-verified={run.counts['pass'] + len(excused)}; "
-          f"skips: {run.names('skip')}; outside the allowed list: {disallowed_skips(run)}")
-    assert not real, f"{len(real)} failures: {real}\n{run.summary()}\n" + failure_excerpts(run, real)
+    print(f"4096-byte multipath run: {run.summary()}; excused {sorted(excused)}; skips: {run.names('skip')}")
+    assert not real, (f"{len(real)} failures: {real}\nnot excused: {refused}\n{run.summary()}\n"
+                      + failure_excerpts(run, real))
+    extra = disallowed_skips(run, ALLOWED_SKIPS + LBPPB1_SKIPS)
+    assert not extra, f"skips outside ALLOWED_SKIPS + LBPPB1_SKIPS: {extra}\n" + failure_excerpts(run, extra, tail=4)
