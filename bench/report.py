@@ -88,15 +88,16 @@ def table(result: dict[str, Any]) -> str:
     tg = sc.get("targets") or {}
     if tg:
         lines.append("")
-        lines.append(f"{'targets configured':<44} | {'pyscsi start s':>14} {'disc. s':>12} | {'tgtd start s':>13} "
-                     f"{'disc. s':>12} | disc. ratio")
+        lines.append(f"{'targets configured (config s: adding them)':<44} | {'pyscsi start s':>14} {'disc. s':>8} "
+                     f"{'config s':>8} | {'tgtd start s':>12} {'disc. s':>8} {'config s':>8} | disc. ratio")
         pts = {n: {p["targets"]: p for p in m.get("points", [])} for n, m in tg.items()}
         for n in sorted({k for v in pts.values() for k in v}):
             a, b = pts.get(A, {}).get(n, {}), pts.get(B, {}).get(n, {})
             da, db = a.get("discovery_s"), b.get("discovery_s")
-            lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '12.4f')} | "
-                         f"{_f(b.get('startup_s'), '13.3f')} {_f(db, '12.4f')} | "
-                         f"{_f(da / db if da is not None and db else None, '5.2f')}")
+            ratio = da / db if da is not None and db else None
+            lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '8.4f')} "
+                         f"{_f(a.get('configure_s'), '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} "
+                         f"{_f(b.get('configure_s'), '8.2f')} | {_f(ratio, '5.2f')}")
         for n, m in tg.items():
             if not m.get("ok"):
                 lines.append(f"  {n}: ERROR {m.get('error')}")
