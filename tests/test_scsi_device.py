@@ -1054,3 +1054,35 @@ def test_sanitize_overwrite_is_durable_chunked_and_reports_progress(tmp_path: Pa
         other.close()
 
     asyncio.run(_with_harness(tmp_path, body))
+
+
+def test_sanitize_interrupted_by_close_resumes_on_reopen(tmp_path: Path) -> None:
+    """A SANITIZE cut short by the LU's close (daemon restart, extent reopened) runs again when
+    the LU is opened with the same state store: partially sanitized data is never served."""
+
+    async def body(h: Harness) -> None:
+        await h.cmd(rw10(0x2A, h.lu.num_blocks - 8, 8), b"secret!!" * 512)
+        param = struct.pack(">BxH", 4, 8) + b"\xa5" * 8
+        assert (await h.cmd(struct.pack(">BBxxxxxHB", 0x48, 0x81, len(param), 0), param)).status == GOOD
+        old = h.lu
+        while old.sanitize_progress == 0.0:
+            await asyncio.sleep(0.001)
+        assert old.sanitizing and h.store.data.get(f"sanitize:{old.naa.hex()}")
+        old.close()  # mid-operation; the step in the worker thread still owns the fd
+        while old.backstore.fd >= 0:
+            await asyncio.sleep(0.005)
+        assert old.sanitizing  # it did not complete
+        new = open_logical_unit(h.ext, h.store)
+        h.lu = new
+        h.dev.set_luns({0: new})
+        assert new.sanitizing
+        r = await h.cmd(bytes(6))
+        while r.status != GOOD:
+            if r.key_asc != (S.UNIT_ATTENTION, *S.REPORTED_LUNS_DATA_HAS_CHANGED):
+                check(r, S.NOT_READY, S.LUN_NOT_READY_SANITIZE_IN_PROGRESS)
+            await asyncio.sleep(0.01)
+            r = await h.cmd(bytes(6))
+        assert not new.sanitize_failed and f"sanitize:{new.naa.hex()}" not in h.store.data
+        assert (await h.cmd(rw10(0x28, new.num_blocks - 8, 8))).data == b"\xa5" * 4096
+
+    asyncio.run(_with_harness(tmp_path, body))

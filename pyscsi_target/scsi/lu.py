@@ -131,11 +131,16 @@ class LogicalUnit:
         self.stopped = False
         self.sanitizing = False
         self.sanitize_failed = False
-        self.sanitize_progress = 0.0  # written by the sanitize worker, read by REQUEST SENSE
+        self.sanitize_progress = 0.0  # fraction done, for the progress indication
+        self.sanitize_busy = False  # a sanitize step is in a worker thread (close waits for it)
         self.copy_results: dict[tuple[ITKey, int], Any] = {}
         self.threshold_armed = True
         self.closed = False
         LU_REGISTRY[self.naa] = self
+        if pr_store is not None:
+            from pyscsi_target.scsi.sbc import resume_sanitize
+
+            resume_sanitize(self)  # a SANITIZE interrupted by a restart runs again
 
     def _apply_attributes(self, extent: model.Extent) -> None:
         """Extent attributes that shape the device model.
@@ -190,6 +195,13 @@ class LogicalUnit:
             del LU_REGISTRY[self.naa]
         for task in list(self.tasks.values()):
             task.aborted = True
+        if self.sanitize_busy:
+            return  # the sanitize step in a worker thread still uses the fd: it closes it
+        self.close_backstore()
+
+    def close_backstore(self) -> None:
+        if self.backstore.fd < 0:
+            return
         try:
             self.backstore.flush()
         except OSError:

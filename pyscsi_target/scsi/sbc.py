@@ -8,7 +8,6 @@ command never has side effects.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import struct
 from collections.abc import Callable
@@ -534,6 +533,10 @@ SANITIZE_CHUNK = 4 << 20
 SANITIZE_ERASE_CHUNK = 256 << 20  # deallocation is cheap per byte: bigger steps
 
 
+def _sanitize_key(lu: LogicalUnit) -> str:
+    return f"sanitize:{lu.naa.hex()}"
+
+
 def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     cdb = task.cdb
     sa = cdb[1] & 0x1F
@@ -548,36 +551,65 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
         if plen:
             raise S.invalid_cdb(7)
         lu.sanitize_failed = False
+        if lu.pr_store is not None:
+            lu.pr_store.save(_sanitize_key(lu), None)  # the initiator gave the sanitize up
         lu.done(task)
         return
     if sa not in (0x01, 0x02):  # crypto erase: no encryption key to destroy
         raise S.invalid_cdb(1, 4)
     lu.writable(task)
+    if sa == 0x02:
+        if plen:
+            raise S.invalid_cdb(7)
+        start_sanitize(lu, sa, 0, False, b"", task, bool(cdb[1] & 0x80))
+        return
+    if plen < 5 or plen > lu.block_size + 4:
+        raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
+    data = _data_view(task)[:plen]
+    if len(data) < plen:
+        raise S.param_list_length_error()
+    invert = bool(data[0] & 0x80)
+    count = data[0] & 0x1F
+    patlen = _U16.unpack_from(data, 2)[0]
+    if count == 0:
+        raise S.invalid_param(0, 4)
+    if patlen == 0 or patlen > lu.block_size:
+        raise S.invalid_param(2)
+    if plen != 4 + patlen:
+        raise S.param_list_length_error()
+    start_sanitize(lu, sa, count, invert, bytes(data[4 : 4 + patlen]), task, bool(cdb[1] & 0x80))
+
+
+def resume_sanitize(lu: LogicalUnit) -> None:
+    """Run again a SANITIZE that a restart (or the LU's close) interrupted.
+
+    SBC-3 keeps a sanitize going until it completes, whatever resets happen; partially
+    overwritten data must not be served as if the sanitize never started.  Overwrite and
+    block erase are idempotent, so the whole operation simply starts over.
+    """
+    rec = lu.pr_store.load(_sanitize_key(lu)) if lu.pr_store is not None else None
+    if not rec or len(rec) < 3:
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # opened outside the event loop: cannot run it, so fail safe
+        lu.sanitize_failed = True
+        return
+    log.warning("LU %s: resuming an interrupted SANITIZE", lu.extent.name)
+    start_sanitize(lu, rec[0], rec[1], bool(rec[2]), bytes(rec[3:]), None, True)
+
+
+def start_sanitize(
+    lu: LogicalUnit, sa: int, count: int, invert: bool, pattern: bytes, task: ScsiTask | None, immed: bool
+) -> None:
     bs = lu.backstore
     size = lu.num_blocks << lu.block_shift
     steps: list[Callable[[], None]] = []
     if sa == 0x02:
-        if plen:
-            raise S.invalid_cdb(7)
         for pos in range(0, size, SANITIZE_ERASE_CHUNK):
             steps.append(partial(bs.discard, pos, min(SANITIZE_ERASE_CHUNK, size - pos)))
     else:
-        if plen < 5 or plen > lu.block_size + 4:
-            raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
-        data = _data_view(task)[:plen]
-        if len(data) < plen:
-            raise S.param_list_length_error()
-        invert = bool(data[0] & 0x80)
-        count = data[0] & 0x1F
-        patlen = _U16.unpack_from(data, 2)[0]
-        if count == 0:
-            raise S.invalid_param(0, 4)
-        if patlen == 0 or patlen > lu.block_size:
-            raise S.invalid_param(2)
-        if plen != 4 + patlen:
-            raise S.param_list_length_error()
-        pattern = bytes(data[4 : 4 + patlen])
-        block = (pattern * (lu.block_size // patlen + 1))[: lu.block_size]
+        block = (pattern * (lu.block_size // len(pattern) + 1))[: lu.block_size]
         chunk_blocks = max(1, SANITIZE_CHUNK >> lu.block_shift)
         plain = memoryview(block * chunk_blocks)
         inverted = memoryview(bytes(b ^ 0xFF for b in block) * chunk_blocks) if invert and count > 1 else plain
@@ -592,16 +624,25 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
     # Nothing is acknowledged (GOOD without IMMED, or SANITIZE IN PROGRESS ending) before
     # everything the sanitize wrote or deallocated is on stable storage.
     steps.append(bs.flush)
-    immed = bool(cdb[1] & 0x80)
+    key = _sanitize_key(lu)
+    if lu.pr_store is not None:  # so a restart resumes it (resume_sanitize)
+        lu.pr_store.save(key, bytes((sa, count, int(invert))) + pattern)
     lu.sanitizing = True  # from now on medium access gets NOT READY, SANITIZE IN PROGRESS
     lu.sanitize_progress = 0.0
 
     def end(exc: BaseException | None) -> None:
+        if lu.closed:  # interrupted: the record stays for resume_sanitize
+            lu.close_backstore()
+            if task is not None and not immed:
+                lu.fail(task, S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED))
+            return
         lu.sanitizing = False
         lu.sanitize_failed = exc is not None  # until EXIT FAILURE MODE (SBC-3 4.11)
-        if exc is not None and not lu.closed:
+        if exc is not None:
             log.error("LU %s: sanitize failed: %r", lu.extent.name, exc)
-        if immed:
+        elif lu.pr_store is not None:
+            lu.pr_store.save(key, None)
+        if task is None or immed:
             return
         if exc is not None:
             lu.fail(task, S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED))
@@ -609,14 +650,12 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
             lu.done(task)
 
     def step(i: int) -> None:
-        if i == len(steps):
+        if i == len(steps) or lu.closed:
             end(None)
-            return
-        if lu.closed:
-            end(OSError(errno.ESHUTDOWN, "logical unit closed"))
             return
 
         def after(fut: asyncio.Future[None]) -> None:
+            lu.sanitize_busy = False
             exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
             if exc is not None:
                 end(exc)
@@ -624,9 +663,10 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
             lu.sanitize_progress = (i + 1) / len(steps)
             step(i + 1)
 
+        lu.sanitize_busy = True
         lu.loop.run_in_executor(None, steps[i]).add_done_callback(after)
 
-    if immed:
+    if task is not None and immed:
         lu.done(task)  # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires)
     # Writes accepted before the SANITIZE land first; later ones are refused by precheck.
     lu.after_writes(lambda: step(0))
