@@ -226,3 +226,23 @@ def test_final_bit_on_command_ends_unsolicited_data(target: Daemon) -> None:
         assert res.status == 0
         assert c.scsi(R.read10(12_000, len(data) // 512), read_len=len(data)).data == data
         c.logout()
+
+
+def test_session_reinstatement_same_isid_closes_old_session(target: Daemon) -> None:
+    # After a timeout at ERL 0, open-iscsi logs in again with the same ISID and TSIH 0: the
+    # target must reinstate (close the old session) rather than keep both (RFC 7143 6.3.5).
+    old = kernel_session(target, InitialR2T="Yes", ImmediateData="No")
+    _stuck_write(old, 32_000)  # something in flight on the old session
+    new = R.RawClient(target.host, target.port, initiator=KERNEL_INITIATOR, isid=old.isid)
+    try:
+        out = new.login(target.iqn, operational=OPEN_ISCSI_KEYS)
+        assert out.ok and new.tsih != old.tsih
+        old.wait_closed(timeout=10)
+        new.clear_unit_attentions()
+        data = os.urandom(4096)
+        assert new.scsi(R.write10(32_000, 8), data=data).status == 0
+        assert new.scsi(R.read10(32_000, 8), read_len=4096).data == data
+        new.logout()
+    finally:
+        old.close()
+        new.close()
