@@ -326,7 +326,7 @@ def sanitize_reset_signature(run: CuRun) -> str | None:
 
 def prove_sanitize_conflicts_with_other_paths_reserve6(tmp: Any, blocksize: int) -> None:
     """The target side of the excuse: with RESERVE(6) held through path 2, SANITIZE through path 1
-    gets RESERVATION CONFLICT and nothing starts (TEST UNIT READY stays GOOD)."""
+    gets RESERVATION CONFLICT and nothing starts (the holder's TEST UNIT READY stays GOOD)."""
     with conformance_target(tmp.mktemp("sanitize-resv"), paths=2, size="64MB", blocksize=blocksize) as t:
         p1 = login_session("127.0.0.1", t.ports[0], TARGET_IQN)
         p2 = login_session("127.0.0.1", t.ports[1], TARGET_IQN)
@@ -335,8 +335,9 @@ def prove_sanitize_conflicts_with_other_paths_reserve6(tmp: Any, blocksize: int)
             param = struct.pack(">BBH", 0x01, 0, blocksize) + bytes(blocksize)
             r = p1.scsi(struct.pack(">BBBBBBBHB", 0x48, 0x01, 0, 0, 0, 0, 0, len(param), 0), data=param)
             assert r.status == 0x18, f"SANITIZE under another path's RESERVE(6): {r.status:#x} {r.sense.hex()}"
-            r = p1.scsi(bytes(6))
-            assert r.status == 0, f"TEST UNIT READY after the refused SANITIZE: {r.status:#x} {r.sense.hex()}"
+            # Path 1's own TEST UNIT READY conflicts too (SPC-2); the holder sees no sanitize running.
+            r = p2.scsi(bytes(6))
+            assert r.status == 0, f"TEST UNIT READY on path 2 after the refused SANITIZE: {r.status:#x} {r.sense.hex()}"
             assert p2.scsi(bytes([0x17, 0, 0, 0, 0, 0])).status == 0, "RELEASE(6) on path 2"
         finally:
             p1.close()
