@@ -54,6 +54,9 @@ ALLOWED_SKIPS = (
 # With 4 KiB logical = 4 KiB physical blocks (LBPPB 1) these need LBPPB >= 2 ("LBPPB < 2. Skipping").
 LBPPB1_SKIPS = ("CompareAndWrite.InvalidDataOutSize", "WriteSame10.InvalidDataOutSize",
                 "WriteSame16.InvalidDataOutSize", "WriteSame10.UnmapUnaligned", "WriteSame16.UnmapUnaligned")
+# With 4 KiB logical blocks an atomic write is one block: alignment and granularity 1 mean "no
+# restrictions", so libiscsi skips its misaligned/granularity checks.
+BLOCK4K_SKIPS = LBPPB1_SKIPS + ("WriteAtomic16.VPD",)
 
 
 def _scorer_candidates() -> list[Path]:

@@ -11,7 +11,7 @@ import struct
 import pytest
 from conformance_support import (
     ALLOWED_SKIPS,
-    LBPPB1_SKIPS,
+    BLOCK4K_SKIPS,
     TARGET_IQN,
     assert_no_daemon_errors,
     conformance_target,
@@ -48,5 +48,5 @@ def test_testcu_all_multipath_thin_4096(tmp_path_factory: pytest.TempPathFactory
     print(f"4096-byte multipath run: {run.summary()}; excused {sorted(excused)}; skips: {run.names('skip')}")
     assert not real, (f"{len(real)} failures: {real}\nnot excused: {refused}\n{run.summary()}\n"
                       + failure_excerpts(run, real))
-    extra = disallowed_skips(run, ALLOWED_SKIPS + LBPPB1_SKIPS)
-    assert not extra, f"skips outside ALLOWED_SKIPS + LBPPB1_SKIPS: {extra}\n" + failure_excerpts(run, extra, tail=4)
+    extra = disallowed_skips(run, ALLOWED_SKIPS + BLOCK4K_SKIPS)
+    assert not extra, f"skips outside ALLOWED_SKIPS + BLOCK4K_SKIPS: {extra}\n" + failure_excerpts(run, extra, tail=4)
