@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,3 +34,15 @@ def daemon_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 def daemon(daemon_factory: Callable[..., Daemon]) -> Daemon:
     """A fresh demo daemon (target iqn.2026-11.org.pyscsi-target:demo, LUN 0, open to all)."""
     return daemon_factory()
+
+
+# `make test` installs every tool the suite drives, so there a skip can only mean something is
+# missing or broken: with PYSCSI_TARGET_NO_SKIPS=1 (set by `make test`, hence by CI) a skip fails.
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("PYSCSI_TARGET_NO_SKIPS") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under PYSCSI_TARGET_NO_SKIPS=1 (make test installs every tool): {reason}"
