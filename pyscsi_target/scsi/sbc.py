@@ -581,7 +581,7 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def resume_sanitize(lu: LogicalUnit) -> None:
-    """Run again a SANITIZE that a restart (or the LU's close) interrupted.
+    """Run again a SANITIZE that a restart (or the LU's close) interrupted, or that failed.
 
     SBC-3 keeps a sanitize going until it completes, whatever resets happen; partially
     overwritten data must not be served as if the sanitize never started.  Overwrite and
@@ -604,26 +604,35 @@ def start_sanitize(
 ) -> None:
     bs = lu.backstore
     size = lu.num_blocks << lu.block_shift
-    steps: list[Callable[[], None]] = []
     if sa == 0x02:
-        for pos in range(0, size, SANITIZE_ERASE_CHUNK):
-            steps.append(partial(bs.discard, pos, min(SANITIZE_ERASE_CHUNK, size - pos)))
+        unit, passes = SANITIZE_ERASE_CHUNK, 1
+        plain = inverted = memoryview(b"")
     else:
         block = (pattern * (lu.block_size // len(pattern) + 1))[: lu.block_size]
         chunk_blocks = max(1, SANITIZE_CHUNK >> lu.block_shift)
         plain = memoryview(block * chunk_blocks)
         inverted = memoryview(bytes(b ^ 0xFF for b in block) * chunk_blocks) if invert and count > 1 else plain
-        for i in range(count):
-            # INVERT: the pattern is inverted between consecutive passes; the last pass
-            # writes it as given (SBC-3 5.30.2).
-            buf = inverted if invert and (count - 1 - i) % 2 else plain
-            for pos in range(0, size, len(buf)):
-                # Each chunk is written through (fdatasync): the pattern must reach the
-                # medium, not just the page cache, and dirty memory stays bounded.
-                steps.append(partial(bs.write, [buf[: min(len(buf), size - pos)]], pos, True))
-    # Nothing is acknowledged (GOOD without IMMED, or SANITIZE IN PROGRESS ending) before
-    # everything the sanitize wrote or deallocated is on stable storage.
-    steps.append(bs.flush)
+        unit, passes = len(plain), count
+    per_pass = -(-size // unit)
+    # The last step flushes: nothing is acknowledged (GOOD without IMMED, or SANITIZE IN
+    # PROGRESS ending) before everything written or deallocated is on stable storage.
+    total = passes * per_pass + 1
+
+    def job(i: int) -> Callable[[], None]:
+        """Step ``i``, built when it runs (a multi-TiB LU has millions of steps)."""
+        if i == total - 1:
+            return bs.flush
+        p, k = divmod(i, per_pass)
+        pos = k * unit
+        m = min(unit, size - pos)
+        if sa == 0x02:
+            return partial(bs.discard, pos, m)
+        # INVERT: the pattern is inverted between consecutive passes; the last pass writes
+        # it as given (SBC-3 5.30.2).  Each chunk is written through (fdatasync): the pattern
+        # must reach the medium, not just the page cache, and dirty memory stays bounded.
+        buf = inverted if invert and (count - 1 - p) % 2 else plain
+        return partial(bs.write, [buf[:m]], pos, True)
+
     key = _sanitize_key(lu)
     if lu.pr_store is not None:  # so a restart resumes it (resume_sanitize)
         lu.pr_store.save(key, bytes((sa, count, int(invert))) + pattern)
@@ -650,7 +659,7 @@ def start_sanitize(
             lu.done(task)
 
     def step(i: int) -> None:
-        if i == len(steps) or lu.closed:
+        if i == total or lu.closed:
             end(None)
             return
 
@@ -660,11 +669,11 @@ def start_sanitize(
             if exc is not None:
                 end(exc)
                 return
-            lu.sanitize_progress = (i + 1) / len(steps)
+            lu.sanitize_progress = (i + 1) / total
             step(i + 1)
 
         lu.sanitize_busy = True
-        lu.loop.run_in_executor(None, steps[i]).add_done_callback(after)
+        lu.loop.run_in_executor(None, job(i)).add_done_callback(after)
 
     if task is not None and immed:
         lu.done(task)  # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires)
