@@ -74,20 +74,29 @@ def write(lu: LogicalUnit, task: ScsiTask) -> None:
     lba, n = lba_len(cdb)
     if cdb[0] != 0x0A and cdb[1] >> 5:  # WRPROTECT
         raise S.invalid_cdb(1, 7)
-    _check_xfer(lu, n, 7)
-    lu.check_range(lba, n)
-    lu.writable(task)
-    task.xfer_len = n << lu.block_shift
-    fua = cdb[0] != 0x0A and bool(cdb[1] & 0x08)
-    data = _data_view(task)
-    # Only whole blocks the initiator really sent are written (EDTL < transfer length).
-    blocks = min(n, len(data) >> lu.block_shift)
-    if blocks == 0:
-        lu.done(task)
+    payload = _write_payload(lu, task, lba, n, 7)
+    if payload is None:
         return
     if lu.avail_threshold:
         lu.check_threshold()
-    lu.write(task, lba, [data[: blocks << lu.block_shift]], fua)
+    lu.write(task, lba, [payload], cdb[0] != 0x0A and bool(cdb[1] & 0x08))
+
+
+def _write_payload(lu: LogicalUnit, task: ScsiTask, lba: int, n: int, len_byte: int) -> memoryview | None:
+    """The checks every write-type command shares; returns the Data-Out blocks to act on.
+
+    Only whole blocks the initiator really sent count (EDTL may be below the transfer
+    length).  None when there are none: the task is then already complete."""
+    _check_xfer(lu, n, len_byte)
+    lu.check_range(lba, n)
+    lu.writable(task)
+    task.xfer_len = n << lu.block_shift
+    data = _data_view(task)
+    blocks = min(n, len(data) >> lu.block_shift)
+    if blocks == 0:
+        lu.done(task)
+        return None
+    return data[: blocks << lu.block_shift]
 
 
 # --- VERIFY / WRITE AND VERIFY ----------------------------------------------------------
@@ -155,16 +164,10 @@ def write_and_verify(lu: LogicalUnit, task: ScsiTask) -> None:
     lba, n = lba_len(cdb)
     if cdb[1] >> 5:
         raise S.invalid_cdb(1, 7)
-    _check_xfer(lu, n, 7)
-    lu.check_range(lba, n)
-    lu.writable(task)
-    task.xfer_len = n << lu.block_shift
-    data = _data_view(task)
-    blocks = min(n, len(data) >> lu.block_shift)
-    if blocks == 0:
-        lu.done(task)
+    written = _write_payload(lu, task, lba, n, 7)
+    if written is None:
         return
-    written = data[: blocks << lu.block_shift]
+    blocks = len(written) >> lu.block_shift
 
     def verify_back(_r: object) -> None:
         def check(buf: bytearray) -> None:
@@ -428,16 +431,10 @@ def orwrite(lu: LogicalUnit, task: ScsiTask) -> None:
     lba, n = _U64.unpack_from(cdb, 2)[0], _U32.unpack_from(cdb, 10)[0]
     if cdb[1] >> 5:  # ORPROTECT
         raise S.invalid_cdb(1, 7)
-    _check_xfer(lu, n, 10)
-    lu.check_range(lba, n)
-    lu.writable(task)
-    task.xfer_len = n << lu.block_shift
-    data = _data_view(task)
-    blocks = min(n, len(data) >> lu.block_shift)
-    if blocks == 0:
-        lu.done(task)
+    payload = _write_payload(lu, task, lba, n, 10)
+    if payload is None:
         return
-    mask = bytes(data[: blocks << lu.block_shift])
+    mask = bytes(payload)
     off = lba << lu.block_shift
     bs = lu.backstore
     sync = bool(cdb[1] & 0x08) or not lu.modes.wce
