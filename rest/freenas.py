@@ -261,14 +261,26 @@ def _list_handler(res: Resource) -> Callable[..., Any]:
     return handler
 
 
+def _existing_id(request: web.Request, res: Resource) -> int | None:
+    """The URL's object id when it names an existing object of ``res``."""
+    raw = request.match_info["id"]
+    if not _ID_RE.match(raw):
+        return None
+    obj_id = int(raw)
+    return obj_id if obj_id in getattr(request.app[SERVICE_KEY].model, res.kind) else None
+
+
+def _not_found(res: Resource) -> web.Response:
+    return json_response({"error": f"{res.label} not found."}, 404)
+
+
 def _get_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service = request.app[SERVICE_KEY]
-        raw = request.match_info["id"]
-        obj = getattr(service.model, res.kind).get(int(raw)) if _ID_RE.match(raw) else None
-        if obj is None:
-            return json_response({"error": f"{res.label} not found."}, 404)
-        return json_response(res.serialize(service.model, obj))
+        obj_id = _existing_id(request, res)
+        if obj_id is None:
+            return _not_found(res)
+        return json_response(res.serialize(service.model, getattr(service.model, res.kind)[obj_id]))
 
     return handler
 
@@ -292,15 +304,15 @@ def _create_handler(res: Resource) -> Callable[..., Any]:
 def _update_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service: ConfigService = request.app[SERVICE_KEY]
-        obj_id = request.match_info["id"]
-        if not _ID_RE.match(obj_id) or int(obj_id) not in getattr(service.model, res.kind):
-            return json_response({"error": f"{res.label} not found."}, 404)
+        obj_id = _existing_id(request, res)
+        if obj_id is None:
+            return _not_found(res)
         try:
             body = await read_object(request)
         except BadJSON:
             return _bad_json()
         try:
-            obj = await getattr(service, res.update)(int(obj_id), res.to_model(body, drop_null=True))
+            obj = await getattr(service, res.update)(obj_id, res.to_model(body, drop_null=True))
         except ConfigError as exc:
             return _error_response(exc, res)
         return json_response(res.serialize(service.model, obj), 200)
@@ -311,9 +323,9 @@ def _update_handler(res: Resource) -> Callable[..., Any]:
 def _delete_handler(res: Resource) -> Callable[..., Any]:
     async def handler(request: web.Request) -> web.Response:
         service: ConfigService = request.app[SERVICE_KEY]
-        obj_id = request.match_info["id"]
-        if not _ID_RE.match(obj_id) or int(obj_id) not in getattr(service.model, res.kind):
-            return json_response({"error": f"{res.label} not found."}, 404)
+        obj_id = _existing_id(request, res)
+        if obj_id is None:
+            return _not_found(res)
         kwargs: dict[str, Any] = {}
         if res.name == "extent":
             # FreeNAS: DELETE with {"delete": true} also removes the file; default keeps it.
@@ -324,7 +336,7 @@ def _delete_handler(res: Resource) -> Callable[..., Any]:
             flag = body.get("delete", False)
             kwargs["delete_file"] = flag is True or (isinstance(flag, str) and flag.lower() in ("true", "1", "yes"))
         try:
-            await getattr(service, res.delete)(int(obj_id), **kwargs)
+            await getattr(service, res.delete)(obj_id, **kwargs)
         except ConfigError as exc:
             return _error_response(exc, res)
         return web.Response(status=204, content_type="application/json")
