@@ -7,7 +7,8 @@ reservations, the third-party-copy results, and the I/O machinery on the backsto
 Execution model: everything runs on the event loop thread.  A command completes
 synchronously inside submit when it can (page-cache hits, metadata commands), else
 its blocking part runs in the loop's default executor and completes from the
-future's done-callback (no asyncio Task per command).
+future's done-callback (no asyncio Task per command).  Writes that leave the loop go to
+the LU's own writer thread instead (scsi/writer.py: batches, group commit).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.pr import PersistentReservations, PrStore
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES, Nexus, ScsiTask, TaskAttr
+from pyscsi_target.scsi.writer import WriteQueue
 
 if TYPE_CHECKING:
     from pyscsi_target.scsi.command import Command
@@ -125,6 +127,7 @@ class LogicalUnit:
         self.ordered_running: set[ScsiTask] = set()  # ORDERED tasks currently running
         # write serialisation for COMPARE AND WRITE & co.
         self.writes_inflight = 0
+        self.writer: WriteQueue | None = None  # started by the first write that leaves the loop
         self.excl_active = False
         self.excl_waiters: deque[tuple[bool, Callable[[], None]]] = deque()
         # device state
@@ -200,6 +203,9 @@ class LogicalUnit:
         self.close_backstore()
 
     def close_backstore(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()  # queued writes land before the flush and close below
+            self.writer = None
         if self.backstore.fd < 0:
             return
         try:
@@ -508,10 +514,9 @@ class LogicalUnit:
             return
         self.writes_inflight += 1
 
-        def _cb(fut: asyncio.Future[Any]) -> None:
+        def _written(exc: BaseException | None) -> None:
             self.writes_inflight -= 1
             try:
-                exc = fut.exception()
                 if exc is not None:
                     self.fail(task, exc)
                 elif then is None:
@@ -525,7 +530,9 @@ class LogicalUnit:
                 if self.writes_inflight == 0 and self.excl_waiters and not self.excl_active:
                     self._drain_excl()
 
-        self.loop.run_in_executor(None, self.backstore.write, data, off, sync).add_done_callback(_cb)
+        if self.writer is None:
+            self.writer = WriteQueue(self.backstore, self.loop)
+        self.writer.submit(off, data, sync, _written)
 
     def exclusive(self, task: ScsiTask, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> None:
         """Run blocking ``fn`` with no other write in flight (COMPARE AND WRITE, ORWRITE...)."""
