@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .values import parse_listen
 
 
 def default_state_dir() -> Path:
@@ -20,19 +22,13 @@ def default_state_dir() -> Path:
     return Path.home() / ".local" / "state" / "pyscsi-target"
 
 
-def _hostport(default_port: int):
+def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
     def parse(text: str) -> tuple[str, int]:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            host, port = text, str(default_port)
-        host = host.strip("[]")
         try:
-            value = int(port)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad port in {text!r}") from None
-        if not host or not 0 < value < 65536:
-            raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-        return host, value
+            addr = parse_listen(text, default_port=default_port, allow_zero=True)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return addr.host, addr.port
 
     return parse
 

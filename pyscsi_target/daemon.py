@@ -14,9 +14,10 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config.service import ConfigService, format_listen
+from .config.service import ConfigService
 from .config.store import ConfigStore
 from .server.engine import Engine
+from .values import format_listen
 
 log = logging.getLogger("pyscsi_target")
 

@@ -10,17 +10,7 @@ import pytest
 
 from pyscsi_target.backstore.base import Extent, RangeSet
 from pyscsi_target.backstore.block import BlockBackstore
-from pyscsi_target.backstore.file import FileBackstore, create_sparse, parse_size
-
-
-def test_parse_size() -> None:
-    assert parse_size("0") == 0
-    assert parse_size("4096") == 4096
-    assert parse_size("10MB") == 10 << 20
-    assert parse_size("2 GiB") == 2 << 30
-    assert parse_size("1T") == 1 << 40
-    with pytest.raises(ValueError):
-        parse_size("ten")
+from pyscsi_target.backstore.file import FileBackstore, create_sparse
 
 
 def test_create_sparse_allocates_nothing(tmp_path: Path) -> None:

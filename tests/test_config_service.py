@@ -6,8 +6,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from support.rest_harness import FakeEngine, aio
 
 from pyscsi_target.config.service import (
@@ -15,10 +13,7 @@ from pyscsi_target.config.service import (
     ConflictError,
     NotFoundError,
     ValidationError,
-    format_listen,
     is_local_address,
-    parse_listen,
-    parse_size,
 )
 from pyscsi_target.config.store import ConfigStore
 
@@ -28,24 +23,7 @@ def _service(tmp_path: Path) -> tuple[ConfigService, FakeEngine]:
     return ConfigService(ConfigStore(tmp_path), engine), engine
 
 
-def test_parse_helpers() -> None:
-    assert parse_size("512") == 512
-    assert parse_size("10MB") == 10 << 20
-    assert parse_size("10mb") == 10 << 20
-    assert parse_size("1.5 KB") == 1536
-    assert parse_size("2TB") == 2 << 40
-    assert parse_size("1PB") == 1 << 50
-    assert parse_size("4K") == 4096 and parse_size("4KiB") == 4096
-    for bad in ("", "MB", "1.0000001KB", "-5", "1e9", "10 XB"):
-        with pytest.raises(ValueError):
-            parse_size(bad)
-    assert parse_listen("0.0.0.0:3260") == ("0.0.0.0", 3260)
-    assert parse_listen("[::]:3260") == ("::", 3260)
-    assert parse_listen("[fe80:0::1]:1") == ("fe80::1", 1)
-    for bad in ("1.2.3.4", "::1:3260", "[::1]", "1.2.3.4:0", "1.2.3.4:65536", "a:1", "1.2.3.4:x"):
-        with pytest.raises(ValueError):
-            parse_listen(bad)
-    assert format_listen("::1", 3260) == "[::1]:3260"
+def test_is_local_address() -> None:
     assert is_local_address("127.0.0.1") and is_local_address("0.0.0.0") and is_local_address("::")
     assert not is_local_address("203.0.113.7")
 
@@ -137,19 +115,3 @@ async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: P
     with pytest.raises(ValidationError):
         await service.patch_hnas_target(bare.id, {"enable_authentication": True, "secret": "x" * 12})
     assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60))
-def test_parsers_only_raise_value_error(text: str) -> None:
-    from pyscsi_target.config.service import access_for, parse_access_config
-
-    for fn in (parse_size, parse_listen, parse_access_config):
-        try:
-            fn(text)
-        except ValueError:
-            pass
-    try:
-        access_for(text, "127.0.0.1")
-    except ValueError:
-        pass

@@ -9,7 +9,7 @@ from pathlib import Path
 from test_engine_loopback import IQN, Client, make_model
 
 from pyscsi_target.config import model as M
-from pyscsi_target.server.engine import Engine, parse_listen
+from pyscsi_target.server.engine import Engine
 
 
 def _extent(tmp: Path, eid: int, name: str) -> M.Extent:
@@ -17,13 +17,6 @@ def _extent(tmp: Path, eid: int, name: str) -> M.Extent:
     with open(img, "wb") as f:
         f.truncate(8 << 20)
     return M.Extent(eid, name, "File", str(img), naa=f"0x6589cfc0000001{eid:02x}", serial=f"s{eid}")
-
-
-def test_parse_listen() -> None:
-    assert parse_listen("0.0.0.0:3260") == ("0.0.0.0", 3260)
-    assert parse_listen("[::1]:3261") == ("::1", 3261)
-    assert parse_listen("[::]") == ("::", 3260)
-    assert parse_listen("10.0.0.1") == ("10.0.0.1", 3260)
 
 
 def test_reconcile_luns_targets_listeners(tmp_path: Path) -> None:

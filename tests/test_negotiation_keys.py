@@ -14,7 +14,6 @@ from pyscsi_target.iscsi.negotiation import (
     encode_pairs,
     parse_number,
     parse_pairs,
-    valid_iscsi_name,
 )
 from pyscsi_target.iscsi.params import SessionParams, TargetValues
 
@@ -225,13 +224,3 @@ def test_duplicates():
                                         ("18446744073709551616", None), ("-1", None), ("0x", None), ("4.0", None)])
 def test_parse_number(text, value):
     assert parse_number(text) == value
-
-
-@pytest.mark.parametrize("name,ok", [
-    ("iqn.1994-05.com.redhat:abc", True), ("IQN.2001-04.com.example", True),
-    ("eui.02004567A425678D", True), ("naa.52004567BA64678D", True),
-    ("naa.62004567BA64678D0123456789ABCDEF", True), ("eui.123", False), ("iqn.", False),
-    ("foo", False), ("iqn.with space", False), ("iqn." + "a" * 220, False), ("", False),
-])
-def test_valid_iscsi_name(name, ok):
-    assert valid_iscsi_name(name) is ok

@@ -11,7 +11,6 @@ import pytest
 from support.net import free_port
 from support.rest_harness import FN, HN, aio, basic, harness
 
-from pyscsi_target.config.service import access_for, parse_access_config
 from pyscsi_target.config.store import api_key_create
 
 TARGET_FIELDS = {
@@ -195,19 +194,6 @@ async def test_access_config_and_errors(tmp_path: Path) -> None:
         oid2 = (await h.call("GET", HN))[1]["iscsiTargets"][1]["objectId"]
         status, body, _ = await h.call("PATCH", f"{HN}/{oid2}", {"enableAuthentication": True})
         assert status == 400 and "secret" in body["errorMsg"]
-
-
-def test_access_config_semantics() -> None:
-    assert parse_access_config("") == [] and parse_access_config("  ") == []
-    assert access_for("", "10.1.2.3") == "rw"
-    cfg = "127.0.0.1(ro), 10.0.0.0/8; *(ro)"
-    assert access_for(cfg, "127.0.0.1") == "ro"
-    assert access_for(cfg, "10.9.9.9") == "rw"
-    assert access_for(cfg, "192.0.2.1") == "ro"
-    assert access_for("10.0.0.0/8", "127.0.0.1") is None
-    assert access_for("10.0.0.0/8", "::ffff:10.0.0.1") == "rw"
-    assert access_for("::1(ro)", "::1") == "ro"
-    assert access_for("10.0.0.0/8(RW)", "10.0.0.1") == "rw"
 
 
 @aio

@@ -10,7 +10,6 @@ import ctypes
 import ctypes.util
 import errno
 import os
-import re
 
 from pyscsi_target.backstore.base import Backstore, Extent
 
@@ -23,24 +22,12 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(I?B)?\s*$", re.I)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def parse_size(text: str | int) -> int:
-    """FreeNAS filesize: bytes, or a number with KB/MB/GB/TB (binary units); "0" = auto."""
-    if isinstance(text, int):
-        return text
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
 def create_sparse(path: str, size: int) -> None:

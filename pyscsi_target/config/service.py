@@ -50,6 +50,18 @@ from pyscsi_target.config.model import (
     TargetGroup,
 )
 from pyscsi_target.config.store import ConfigStore, StoreTransaction
+from pyscsi_target.values import (
+    MAX_ISCSI_NAME,
+    check_iscsi_name,
+    format_listen,
+    initiator_names_text,
+    is_full_iscsi_name,
+    networks_text,
+    parse_access_config,
+    parse_listen,
+    parse_naa,
+    parse_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +72,12 @@ CONFLICT = "conflict"
 NOT_FOUND = "not_found"
 
 MAX_LUN = 1023  # FreeNAS/ctld limit; also keeps REPORT LUNS in peripheral/flat addressing
-MAX_IQN_LEN = 223  # RFC 7143 section 4.2.7.1 (iSCSI names are at most 223 bytes)
+MAX_IQN_LEN = MAX_ISCSI_NAME
 CHAP_MIN, CHAP_MAX = 12, 16
 DEMO_SIZE = 1 << 30
 
-_TARGET_NAME_RE = re.compile(r"^[-a-z0-9.:]+$")
-_IQN_RE = re.compile(r"^iqn\.\d{4}-\d{2}\.[a-z0-9][-a-z0-9.]*(:[-a-z0-9.:]*)?$")
-_EUI_RE = re.compile(r"^eui\.[0-9a-f]{16}$")
-_NAA_NAME_RE = re.compile(r"^naa\.([0-9a-f]{16}|[0-9a-f]{32})$")
-_NAA_RE = re.compile(r"^0x[0-9a-fA-F]{16}$")
 _SERIAL_RE = re.compile(r"^[\x21-\x7e]{1,16}$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\s*$", re.IGNORECASE)
-_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[^\[\]]+)\]|(?P<v4>[^:\[\]]+)):(?P<port>\d{1,5})$")
-_ACCESS_ENTRY_RE = re.compile(r"^(?P<host>[^()\s]+)\s*(?:\(\s*(?P<mode>ro|rw)\s*\))?$", re.IGNORECASE)
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
-_UNITS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 
 # --- errors --------------------------------------------------------------------------------
@@ -195,100 +198,6 @@ def _as_bool(errs: _Errors, field: str, value: Any) -> bool | None:
     return None
 
 
-def parse_size(text: str) -> int:
-    """``"10MB"`` -> 10485760.  Units KB..PB are binary multiples, as FreeNAS meant them."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"Invalid size {text!r}: use bytes or a number with KB, MB, GB, TB or PB.")
-    number, unit = m.group(1), m.group(2).upper()
-    mult = 1 << (10 * _UNITS[unit])
-    if "." in number:
-        whole, frac = number.split(".")
-        value = int(whole) * mult + (int(frac) * mult) // (10 ** len(frac))
-        if (int(frac) * mult) % (10 ** len(frac)):
-            raise ValueError(f"Invalid size {text!r}: not a whole number of bytes.")
-        return value
-    return int(number) * mult
-
-
-def parse_listen(entry: str, *, allow_zero: bool = False) -> tuple[str, int]:
-    """``"IP:PORT"`` or ``"[v6]:PORT"`` -> (ip, port); ValueError with a user message.
-
-    Port 0 (kernel-chosen) is only for the daemon's own ``--portal`` seeding, never the API.
-    """
-    m = _LISTEN_RE.match(entry.strip())
-    if not m:
-        raise ValueError(f"{entry!r} is not IP:PORT (write IPv6 addresses as [addr]:port).")
-    host = m.group("v6") or m.group("v4")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not a valid IP address.") from None
-    if m.group("v4") and ip.version != 4:
-        raise ValueError(f"{entry!r}: write IPv6 addresses as [addr]:port.")
-    port = int(m.group("port"))
-    if not (1 if not allow_zero else 0) <= port <= 65535:
-        raise ValueError(f"Port {port} is out of range 1-65535.")
-    return str(ip), port
-
-
-def format_listen(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
-AccessRule = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | None, bool]
-
-
-def parse_access_config(text: str) -> list[AccessRule]:
-    """The Hitachi ``accessConfig`` syntax -> [(network or None for '*', read_only)].
-
-    Entries are separated by ``,`` or ``;``; each is an IP address, a CIDR network or ``*``,
-    optionally followed by ``(ro)`` or ``(rw)`` (default rw).  A blank string means
-    everyone, read-write (returned as ``[]``).  The first matching entry wins.
-    """
-    if not text.strip():
-        return []
-    rules: list[AccessRule] = []
-    for raw in re.split(r"[,;]", text):
-        item = raw.strip()
-        if not item:
-            raise ValueError("Empty entry in access configuration.")
-        m = _ACCESS_ENTRY_RE.match(item)
-        if not m:
-            raise ValueError(
-                f"Invalid access configuration entry {item!r}: use IP, CIDR or * optionally followed by (ro) or (rw)."
-            )
-        host = m.group("host")
-        ro = (m.group("mode") or "rw").lower() == "ro"
-        if host == "*":
-            rules.append((None, ro))
-            continue
-        try:
-            rules.append((ipaddress.ip_network(host, strict=False), ro))
-        except ValueError:
-            raise ValueError(
-                f"Invalid host {host!r} in access configuration: use an IP address, a CIDR network or *."
-            ) from None
-    return rules
-
-
-def access_for(text: str, address: str) -> str | None:
-    """Access level of an initiator address under an accessConfig: "rw", "ro" or None (refused)."""
-    rules = parse_access_config(text)
-    if not rules:
-        return "rw"
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    for net, ro in rules:
-        if net is None or (ip.version == net.version and ip in net):
-            return "ro" if ro else "rw"
-    return None
-
-
 def is_local_address(ip: str) -> bool:
     """True if ``ip`` is a wildcard or configured on this host (a bind to it succeeds)."""
     addr = ipaddress.ip_address(ip)
@@ -373,8 +282,7 @@ class ConfigService:
                 model = ConfigModel(global_config=GlobalConfig(basename=DEFAULT_BASENAME))
                 listen = []
                 for entry in default_portals:
-                    ip, port = parse_listen(entry, allow_zero=True)
-                    listen.append(format_listen(ip, port))
+                    listen.append(str(parse_listen(entry, allow_zero=True)))
                 new_pg = PortalGroup(id=0, tag=1, listen=listen, comment="default") if listen else None
 
                 def seed(tx: StoreTransaction) -> None:
@@ -491,9 +399,15 @@ class ConfigService:
             if changes.get("basename") is not None:
                 basename = _as_str(errs, "basename", changes["basename"], max_len=MAX_IQN_LEN)
                 if basename is not None:
-                    if not _TARGET_NAME_RE.match(basename) or not basename.startswith(("iqn.", "eui.", "naa.")):
+                    try:
+                        check_iscsi_name(basename)
+                    except ValueError:
+                        ok = False
+                    else:
+                        ok = True
+                    if not is_full_iscsi_name(basename) or (not ok and not basename.startswith("iqn.")):
                         errs.add("basename", "Base name must be an iqn., eui. or naa. name in lower case.")
-                    elif basename.startswith("iqn.") and not _IQN_RE.match(basename):
+                    elif not ok:
                         errs.add("basename", "Base name must look like iqn.yyyy-mm.reversed.domain.")
                     else:
                         gc.basename = basename
@@ -549,11 +463,11 @@ class ConfigService:
                         errs.add("listen", "Each portal must be an IP:PORT string.")
                         continue
                     try:
-                        ip, port = parse_listen(entry)
+                        addr = parse_listen(entry)
                     except ValueError as exc:
                         errs.add("listen", str(exc))
                         continue
-                    norm = format_listen(ip, port)
+                    ip, norm = addr.host, str(addr)
                     if norm in out:
                         errs.add("listen", f"{norm} is listed twice.")
                         continue
@@ -590,9 +504,11 @@ class ConfigService:
             if other.tag == pg.tag:
                 raise ConflictError({"tag": [f"Portal group tag {pg.tag} already exists."]})
             for entry in other.listen:
-                taken[parse_listen(entry, allow_zero=True)] = other
+                a = parse_listen(entry, allow_zero=True)
+                taken[(a.host, a.port)] = other
         for entry in pg.listen:
-            ip, port = parse_listen(entry, allow_zero=True)
+            a = parse_listen(entry, allow_zero=True)
+            ip, port = a.host, a.port
             if port == 0:
                 continue  # never collides: the kernel picks a free port
             for (oip, oport), other in taken.items():
@@ -652,27 +568,17 @@ class ConfigService:
         if fields.get("initiators") is not None:
             text = _as_str(errs, "initiators", fields["initiators"], max_len=65536, allow_ctrl=True)
             if text is not None:
-                names = text.split()
-                if not names or any(n.upper() == "ALL" for n in names):
-                    ig.initiators = "ALL"
-                else:
-                    for name in names:
-                        if len(name.encode()) > MAX_IQN_LEN or _CTRL_RE.search(name):
-                            errs.add("initiators", f"{name[:40]!r} is not a valid initiator name.")
-                    ig.initiators = "\n".join(names)
+                try:
+                    ig.initiators = initiator_names_text(text)
+                except ValueError as exc:
+                    errs.add("initiators", str(exc))
         if fields.get("auth_network") is not None:
             text = _as_str(errs, "auth_network", fields["auth_network"], max_len=65536, allow_ctrl=True)
             if text is not None:
-                nets = text.replace(",", " ").split()
-                if not nets or any(n.upper() == "ALL" for n in nets):
-                    ig.auth_network = "ALL"
-                else:
-                    for net in nets:
-                        try:
-                            ipaddress.ip_network(net, strict=False)
-                        except ValueError:
-                            errs.add("auth_network", f"{net[:60]!r} is not an IP address or CIDR network.")
-                    ig.auth_network = "\n".join(nets)
+                try:
+                    ig.auth_network = networks_text(text)
+                except ValueError as exc:
+                    errs.add("auth_network", str(exc))
         errs.raise_if_any()
         return ig
 
@@ -770,16 +676,13 @@ class ConfigService:
         if not t.name and "name" not in errs:
             errs.add("name", "This field is required.")
         elif "name" not in errs:
-            if not _TARGET_NAME_RE.match(t.name):
-                errs.add("name", "Use lowercase alphanumeric characters plus dot (.), dash (-), and colon (:).")
-            elif t.name.startswith("iqn.") and not _IQN_RE.match(t.name):
-                errs.add("name", "An iqn. name must look like iqn.yyyy-mm.reversed.domain[:identifier].")
-            elif t.name.startswith("eui.") and not _EUI_RE.match(t.name):
-                errs.add("name", "An eui. name is eui. followed by 16 hex digits.")
-            elif t.name.startswith("naa.") and not _NAA_NAME_RE.match(t.name):
-                errs.add("name", "A naa. name is naa. followed by 16 or 32 hex digits.")
-            elif len(model.target_iqn(t).encode()) > MAX_IQN_LEN:
-                errs.add("name", "The target's IQN would be longer than 223 bytes.")
+            try:
+                check_iscsi_name(t.name)
+            except ValueError as exc:
+                errs.add("name", str(exc))
+            else:
+                if len(model.target_iqn(t).encode()) > MAX_IQN_LEN:
+                    errs.add("name", "The target's IQN would be longer than 223 bytes.")
         if "alias" in fields:
             alias = fields["alias"]
             if alias is None or alias == "":
@@ -1018,10 +921,10 @@ class ConfigService:
         if fields.get("naa") is not None:
             naa = _as_str(errs, "naa", fields["naa"])
             if naa is not None:
-                if naa and not _NAA_RE.match(naa):
-                    errs.add("naa", "An naa is 0x followed by 16 hex digits.")
-                else:
-                    e.naa = naa.lower()
+                try:
+                    e.naa = parse_naa(naa) if naa else naa
+                except ValueError as exc:
+                    errs.add("naa", str(exc))
         if fields.get("filesize") is not None:
             size = _as_str(errs, "filesize", fields["filesize"], max_len=40)
             if size is not None:

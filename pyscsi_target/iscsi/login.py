@@ -61,17 +61,16 @@ import secrets
 from collections.abc import Callable
 
 from ..config.model import AuthCredential
+from ..values import MAX_ISCSI_NAME, acceptable_peer_name
 from .chap import ChapError, ChapServer
 from .negotiation import (
     KEYS,
-    MAX_ISCSI_NAME,
     Negotiator,
     TextError,
     check_duplicates,
     encode_pairs,
     is_security_key,
     parse_pairs,
-    valid_iscsi_name,
 )
 from .params import LoginPolicy, LoginReject, LoginResult, TargetInfo, TargetValues
 from .pdu import PDU, LoginRequest, LoginResponse
@@ -300,7 +299,7 @@ class LoginMachine:
         name = d.get("InitiatorName")
         if name is None:
             raise _reject(MISSING_PARAMETER, "no InitiatorName in the first login request")
-        if not valid_iscsi_name(name):
+        if not acceptable_peer_name(name):
             raise _reject(INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}")
         self.initiator_name = name
         stype = d.get("SessionType", "Normal")

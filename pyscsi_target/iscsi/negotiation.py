@@ -37,12 +37,12 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from ..values import MAX_ISCSI_NAME
 from .params import SessionParams, TargetValues
 
 MAX_KEY_NAME = 63
 MAX_VALUE = 255
 MAX_LARGE_VALUE = 8192
-MAX_ISCSI_NAME = 223  # RFC 7143 4.2.7.1 / RFC 3722
 # RFC 7143 13.10-13.14: the numerical range of the data-segment and burst lengths.
 MIN_DSL, MAX_DSL = 512, (1 << 24) - 1
 
@@ -209,23 +209,6 @@ def parse_number(value: str) -> int | None:
     else:
         return None
     return n if n < (1 << 64) else None
-
-
-def valid_iscsi_name(name: str) -> bool:
-    """Loose RFC 7143 4.2.7 check: iqn./eui./naa. form, no spaces or control characters."""
-    raw = name.encode()
-    if not raw or len(raw) > MAX_ISCSI_NAME:
-        return False
-    if any(c <= 0x20 or c == 0x7F for c in raw):
-        return False
-    low = name.lower()
-    if low.startswith("iqn."):
-        return len(low) > 4
-    if low.startswith("eui."):
-        return len(low) == 20 and all(c in "0123456789abcdef" for c in low[4:])
-    if low.startswith("naa."):
-        return len(low) in (20, 36) and all(c in "0123456789abcdef" for c in low[4:])
-    return False
 
 
 class Negotiator:

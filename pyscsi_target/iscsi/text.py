@@ -43,8 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..values import MAX_ISCSI_NAME
 from .negotiation import (
-    MAX_ISCSI_NAME,
     REJECT,
     Negotiator,
     TextError,

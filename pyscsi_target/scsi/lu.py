@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyscsi_target.backstore.base import Backstore
 from pyscsi_target.backstore.block import BlockBackstore
-from pyscsi_target.backstore.file import FileBackstore, parse_size
+from pyscsi_target.backstore.file import FileBackstore
 from pyscsi_target.config import model
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import F
@@ -32,6 +32,7 @@ from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.pr import PersistentReservations, PrStore
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES, Nexus, ScsiTask, TaskAttr
 from pyscsi_target.scsi.writer import WriteQueue
+from pyscsi_target.values import parse_size
 
 if TYPE_CHECKING:
     from pyscsi_target.scsi.command import Command

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import logging
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from ..config import model as M
 from ..iscsi.params import LoginReject, LoginResult, TargetInfo
 from ..iscsi.session import Session
 from ..scsi.task import Nexus
+from ..values import format_listen, parse_access_config, parse_initiator_names, parse_listen, parse_networks
 
 if TYPE_CHECKING:
     from .protocol import IscsiProtocol
@@ -68,74 +67,6 @@ class EngineError(OSError):
     An OSError so that callers treating bind failures as such (the daemon) see it."""
 
 
-def parse_listen(addr: str) -> tuple[str, int]:
-    """ "IP:PORT", "[v6]:PORT", "IP" or "v6" -> (host, port)."""
-    addr = addr.strip()
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", addr)
-    if m:
-        return m.group(1), int(m.group(2) or DEFAULT_PORT)
-    if addr.count(":") == 1:
-        host, port = addr.rsplit(":", 1)
-        return host, int(port)
-    return addr, DEFAULT_PORT  # bare IPv4/hostname, or a bare IPv6 address
-
-
-def format_addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _split_words(text: str) -> list[str]:
-    return [w for w in re.split(r"[\s,]+", text or "") if w]
-
-
-def _ip_matches(peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None, spec: str) -> bool:
-    """``spec`` is an IP or a CIDR; IPv4-mapped IPv6 peers match IPv4 specs."""
-    if peer is None:
-        return False
-    try:
-        net = ipaddress.ip_network(spec, strict=False)
-    except ValueError:
-        return False
-    candidates = [peer]
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        candidates.append(peer.ipv4_mapped)
-    return any(c.version == net.version and c in net for c in candidates)
-
-
-def parse_access_config(text: str) -> list[tuple[str, bool]]:
-    """'host[(ro|rw)], ...' (',' or ';' separated) -> [(host, read_only)]."""
-    out = []
-    for item in re.split(r"[,;]", text or ""):
-        item = item.strip()
-        if not item:
-            continue
-        ro = False
-        m = re.fullmatch(r"(.*?)\s*\((ro|rw)\)", item, re.IGNORECASE)
-        if m:
-            item, ro = m.group(1).strip(), m.group(2).lower() == "ro"
-        out.append((item, ro))
-    return out
-
-
-def access_decision(access_config: str, peer_ip: str) -> bool | None:
-    """None: denied; else read_only.  A blank config lets everyone in read-write."""
-    entries = parse_access_config(access_config)
-    if not entries:
-        return False
-    peer = _parse_ip(peer_ip)
-    for host, ro in entries:
-        if host == "*" or _ip_matches(peer, host):
-            return ro
-    return None
-
-
-def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-
-
 @dataclass
 class TargetRuntime:
     target_id: int
@@ -167,10 +98,10 @@ class Listener:
                 family=socket.AF_INET6 if ":" in self.host else socket.AF_UNSPEC,
             )
         except OSError as e:
-            raise EngineError(f"cannot listen on {format_addr(self.host, self.port)}: {e.strerror or e}") from e
+            raise EngineError(f"cannot listen on {format_listen(self.host, self.port)}: {e.strerror or e}") from e
         if self.port == 0 and self.server.sockets:
             self.port = self.server.sockets[0].getsockname()[1]
-        log.info("listening on %s (portal group %d)", format_addr(self.host, self.port), self.pg_id)
+        log.info("listening on %s (portal group %d)", format_listen(self.host, self.port), self.pg_id)
 
     async def stop(self) -> None:
         if self.server is not None:
@@ -178,7 +109,7 @@ class Listener:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 1.0)
             self.server = None
-            log.info("stopped listening on %s", format_addr(self.host, self.port))
+            log.info("stopped listening on %s", format_listen(self.host, self.port))
 
 
 class PortalPolicy:
@@ -208,14 +139,9 @@ class PortalPolicy:
         ig = self._model().initiator_groups.get(tg.initiator_group)
         if ig is None:
             return False  # a dangling reference admits nobody
-        names = _split_words(ig.initiators)
-        if not any(n.upper() == "ALL" for n in names) and initiator_name.lower() not in {n.lower() for n in names}:
-            return False
-        nets = _split_words(ig.auth_network)
-        if any(n.upper() == "ALL" for n in nets) or not nets:
-            return True
-        peer = _parse_ip(peer_ip)
-        return any(_ip_matches(peer, n) for n in nets)
+        return parse_initiator_names(ig.initiators).allows(initiator_name) and parse_networks(
+            ig.auth_network
+        ).allows(peer_ip)
 
     # -- LoginPolicy --
     def lookup_target(self, name: str) -> TargetInfo | None:
@@ -244,10 +170,10 @@ class PortalPolicy:
             return False
         if not any(self.group_allows(g, initiator_name, self.peer_ip) for g in self._target_groups_here(t.id)):
             return False
-        ro = access_decision(t.access_config, self.peer_ip)
-        if ro is None:
+        access = parse_access_config(t.access_config).decide(self.peer_ip)
+        if access is None:
             return False
-        self.read_only = ro
+        self.read_only = access == "ro"
         return True
 
     def discovery_auth(self) -> tuple[str, list[M.AuthCredential]]:
@@ -393,8 +319,8 @@ class Engine:
         if model.service_enabled and not self.shutting_down:
             for pg in model.portal_groups.values():
                 for addr in pg.listen:
-                    host, port = parse_listen(addr)
-                    wanted[(host, port)] = pg.id
+                    a = parse_listen(addr, allow_zero=True)
+                    wanted[(a.host, a.port)] = pg.id
         for key in list(self._listeners):
             if key not in wanted:
                 await self._listeners.pop(key).stop()
@@ -445,7 +371,7 @@ class Engine:
         out = []
         for rt in candidates:
             t = m.targets.get(rt.target_id)
-            if t is None or access_decision(t.access_config, policy.peer_ip) is None:
+            if t is None or parse_access_config(t.access_config).decide(policy.peer_ip) is None:
                 continue
             addrs: list[str] = []
             for tg in m.groups_of_target(t.id):
@@ -455,14 +381,15 @@ class Engine:
                 if pg is None:
                     continue
                 for addr in pg.listen:
-                    host, port = parse_listen(addr)
+                    a = parse_listen(addr, allow_zero=True)
+                    host, port = a.host, a.port
                     lst = self._listeners.get((host, port))
                     if lst is not None:
                         port = lst.port
                     if host in ("0.0.0.0", "::", ""):
                         # A wildcard listener: report the address this connection came in on.
                         host = policy.local_ip
-                    entry = f"{format_addr(host, port)},{pg.tag}"
+                    entry = f"{format_listen(host, port)},{pg.tag}"
                     if entry not in addrs:
                         addrs.append(entry)
             if addrs:
