@@ -21,6 +21,8 @@ from pyscsi_target.config.store import ConfigStore, admin_credentials
 from . import freenas, hnas, openapi
 from .common import ADMIN_KEY, ALLOWED_VS_KEY, SERVICE_KEY, STORE_KEY, json_response
 
+DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
+
 log = logging.getLogger(__name__)
 
 REALM = "pyscsi-target"
@@ -49,27 +51,26 @@ def _check_password(app: web.Application, user: str, password: str) -> bool:
     return ok_user and ok_pw
 
 
-def authenticate(request: web.Request) -> list[int] | None | bool:
-    """[] or a list of allowed virtual servers if authenticated ([] = all), False if not."""
+def authenticate(request: web.Request) -> list[int] | None:
+    """The virtual servers the credentials may use ([] = all); None if not authenticated."""
     app = request.app
     header = request.headers.get("Authorization", "")
     if header[:6].lower() == "basic ":
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8", "surrogateescape")
         except (binascii.Error, ValueError):
-            return False
+            return None
         user, sep, password = decoded.partition(":")
-        return [] if sep and _check_password(app, user, password) else False
+        return [] if sep and _check_password(app, user, password) else None
     if _is_v9(request):
         key = request.headers.get("X-Api-Key")
         if key:
-            allowed = app[STORE_KEY].check_api_key(key)
-            return False if allowed is None else allowed
+            return app[STORE_KEY].check_api_key(key)
         sub_user = request.headers.get("X-Subsystem-User")
         sub_pw = request.headers.get("X-Subsystem-Password")
         if sub_user is not None and sub_pw is not None:
-            return [] if _check_password(app, sub_user, sub_pw) else False
-    return False
+            return [] if _check_password(app, sub_user, sub_pw) else None
+    return None
 
 
 @web.middleware
@@ -78,7 +79,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     protected = request.path.startswith(("/api/v1.0/", "/v9/"))
     if protected:
         allowed = authenticate(request)
-        if allowed is False:
+        if allowed is None:
             return _unauthorized(request)
         request[ALLOWED_VS_KEY] = allowed
     try:
@@ -109,7 +110,7 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 async def _openapi_handler(request: web.Request) -> web.Response:
-    return json_response(openapi.document())
+    return json_response(request.app[DOC_KEY].document())
 
 
 def make_app(
@@ -133,8 +134,9 @@ def make_app(
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
     app.on_response_prepare.append(_on_prepare)
     app.router.add_get("/api/openapi.json", _openapi_handler)
-    freenas.setup_routes(app)
-    hnas.setup_routes(app)
+    doc = app[DOC_KEY] = openapi.new_doc()
+    freenas.setup_routes(app, doc)
+    hnas.setup_routes(app, doc)
     return app
 
 

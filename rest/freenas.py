@@ -3,232 +3,150 @@
 Behaviour follows what FreeNAS 9.3-11.3 did and what its clients depend on: bare JSON
 arrays for lists with ``offset``/``limit`` paging, 201/200/204, partial PUT where null
 leaves a value as it is, ids accepted as strings, ``{"field": ["message"]}`` errors,
-409 with FreeNAS's own conflict messages.
+409 with FreeNAS's own conflict messages.  Field names and rules: ``freenas_tables``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from pyscsi_target import __version__
+from pyscsi_target.config.errors import ConfigError, Errors
+from pyscsi_target.config.fields import UNSET, Boolean, Field, Schema
+from pyscsi_target.config.global_settings import ServiceFields
 from pyscsi_target.config.model import ConfigModel
-from pyscsi_target.config.service import ConfigError, ConfigService
+from pyscsi_target.config.service import ConfigService
+from pyscsi_target.config.transaction import (
+    AUTH_CREDENTIALS,
+    EXTENTS,
+    INITIATOR_GROUPS,
+    LUN_MAPS,
+    PORTAL_GROUPS,
+    TARGET_GROUPS,
+    TARGETS,
+    Kind,
+)
 
-from .common import SERVICE_KEY, BadJSON, add_route, json_response, read_object
+from . import freenas_tables as tables
+from .common import SERVICE_KEY, BadJSON, json_response, read_object
+from .openapi import ApiDoc, Operation, Response, crud_links, obj, ref
+from .tables import Table
 
 BASE = "/api/v1.0/services/iscsi"
+TAG = "FreeNAS v1.0"
 _ID_RE = re.compile(r"^[0-9]{1,18}$")  # ASCII digits only: int() would take "²" or 5000 digits badly
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 1000
 
+Fields = Mapping[str, object]
 
-@dataclasses.dataclass(frozen=True)
+
+@dataclass(frozen=True)
 class Resource:
-    """One FreeNAS resource: URL name, model collection, API field <-> model field map."""
+    """One FreeNAS CRUD resource: its URL name, table, model collection and service methods."""
 
     name: str
-    kind: str
-    label: str
-    fields: dict[str, str]  # API field -> model attribute
-    serialize: Callable[[ConfigModel, Any], dict[str, Any]]
-    create: str
-    update: str
-    delete: str
-
-    def to_model(self, body: dict[str, Any], *, drop_null: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for api_name, value in body.items():
-            attr = self.fields.get(api_name)
-            if attr is None:
-                continue  # unknown fields (and "id") are ignored, as tastypie did
-            if value is None and drop_null:
-                continue
-            out[attr] = value
-        return out
-
-    def errors_to_api(self, errors: dict[str, list[str]]) -> dict[str, list[str]]:
-        reverse: dict[str, str] = {}
-        for api_name, attr in self.fields.items():
-            reverse.setdefault(attr, api_name)
-        out: dict[str, list[str]] = {}
-        for key, msgs in errors.items():
-            out.setdefault(reverse.get(key, "__all__"), []).extend(msgs)
-        return out
+    table: Table
+    kind: Kind[Any]
+    label: str  # "<label> not found."
+    create: Callable[[ConfigService, Fields], Awaitable[Any]]
+    update: Callable[[ConfigService, int, Fields], Awaitable[Any]]
+    delete: Callable[[ConfigService, int], Awaitable[None]]
+    removes_file: bool = False  # DELETE takes {"delete": true} to remove the backing file too
 
 
-def _portal(model: ConfigModel, pg: Any) -> dict[str, Any]:
-    return {
-        "id": pg.id,
-        "iscsi_target_portal_tag": pg.tag,
-        "iscsi_target_portal_comment": pg.comment,
-        "iscsi_target_portal_discoveryauthmethod": pg.discovery_auth_method,
-        "iscsi_target_portal_discoveryauthgroup": pg.discovery_auth_group,
-        "iscsi_target_portal_ips": list(pg.listen),
-    }
+RESOURCES: tuple[Resource, ...] = (
+    Resource(
+        "portal",
+        tables.PORTAL,
+        PORTAL_GROUPS,
+        "Portal",
+        ConfigService.create_portal_group,
+        ConfigService.update_portal_group,
+        ConfigService.delete_portal_group,
+    ),
+    Resource(
+        "authorizedinitiator",
+        tables.AUTHORIZED_INITIATOR,
+        INITIATOR_GROUPS,
+        "Authorized initiator",
+        ConfigService.create_initiator_group,
+        ConfigService.update_initiator_group,
+        ConfigService.delete_initiator_group,
+    ),
+    Resource(
+        "authcredential",
+        tables.AUTH_CREDENTIAL,
+        AUTH_CREDENTIALS,
+        "Auth credential",
+        ConfigService.create_auth_credential,
+        ConfigService.update_auth_credential,
+        ConfigService.delete_auth_credential,
+    ),
+    Resource(
+        "target",
+        tables.TARGET,
+        TARGETS,
+        "Target",
+        ConfigService.create_target,
+        ConfigService.update_target,
+        ConfigService.delete_target,
+    ),
+    Resource(
+        "targetgroup",
+        tables.TARGET_GROUP,
+        TARGET_GROUPS,
+        "Target group",
+        ConfigService.create_target_group,
+        ConfigService.update_target_group,
+        ConfigService.delete_target_group,
+    ),
+    Resource(
+        "extent",
+        tables.EXTENT,
+        EXTENTS,
+        "Extent",
+        ConfigService.create_extent,
+        ConfigService.update_extent,
+        ConfigService.delete_extent,
+        removes_file=True,
+    ),
+    Resource(
+        "targettoextent",
+        tables.TARGET_TO_EXTENT,
+        LUN_MAPS,
+        "Target to extent",
+        ConfigService.create_lun_map,
+        ConfigService.update_lun_map,
+        ConfigService.delete_lun_map,
+    ),
+)
+
+# FreeNAS: DELETE of an extent with {"delete": true} also removes the file; default keeps it.
+DELETE_FILE = Field("delete", Boolean(true_words=("true", "1", "yes"), false_words=(), numbers=False))
 
 
-def _initiator(model: ConfigModel, ig: Any) -> dict[str, Any]:
-    return {
-        "id": ig.id,
-        "iscsi_target_initiator_tag": ig.tag,
-        "iscsi_target_initiator_initiators": ig.initiators,
-        "iscsi_target_initiator_auth_network": ig.auth_network,
-        "iscsi_target_initiator_comment": ig.comment,
-    }
+# --- responses -------------------------------------------------------------------------------
 
 
-def _authcred(model: ConfigModel, ac: Any) -> dict[str, Any]:
-    return {
-        "id": ac.id,
-        "iscsi_target_auth_tag": ac.tag,
-        "iscsi_target_auth_user": ac.user,
-        "iscsi_target_auth_secret": ac.secret,
-        "iscsi_target_auth_peeruser": ac.peeruser,
-        "iscsi_target_auth_peersecret": ac.peersecret,
-    }
-
-
-def _target(model: ConfigModel, t: Any) -> dict[str, Any]:
-    return {"id": t.id, "iscsi_target_name": t.name, "iscsi_target_alias": t.alias}
-
-
-def _targetgroup(model: ConfigModel, g: Any) -> dict[str, Any]:
-    return {
-        "id": g.id,
-        "iscsi_target": g.target,
-        "iscsi_target_portalgroup": g.portal_group,
-        "iscsi_target_initiatorgroup": g.initiator_group,
-        "iscsi_target_authgroup": g.auth_group,
-        "iscsi_target_authtype": g.auth_type,
-        "iscsi_target_initialdigest": g.initial_digest,
-    }
-
-
-def _extent(model: ConfigModel, e: Any) -> dict[str, Any]:
-    kind = "ZVOL" if e.type == "Disk" and e.disk.startswith("zvol/") else e.type
-    return {
-        "id": e.id,
-        "iscsi_target_extent_name": e.name,
-        "iscsi_target_extent_type": kind,
-        "iscsi_target_extent_path": e.path,
-        "iscsi_target_extent_disk": e.disk,
-        "iscsi_target_extent_filesize": e.filesize,
-        "iscsi_target_extent_blocksize": e.blocksize,
-        "iscsi_target_extent_pblocksize": e.pblocksize,
-        "iscsi_target_extent_rpm": e.rpm,
-        "iscsi_target_extent_serial": e.serial,
-        "iscsi_target_extent_naa": e.naa,
-        "iscsi_target_extent_ro": e.ro,
-        "iscsi_target_extent_insecure_tpc": e.insecure_tpc,
-        "iscsi_target_extent_xen": e.xen,
-        "iscsi_target_extent_avail_threshold": e.avail_threshold,
-        "iscsi_target_extent_comment": e.comment,
-    }
-
-
-def _lunmap(model: ConfigModel, m: Any) -> dict[str, Any]:
-    return {"id": m.id, "iscsi_target": m.target, "iscsi_extent": m.extent, "iscsi_lunid": m.lunid}
-
-
-RESOURCES: dict[str, Resource] = {
-    r.name: r
-    for r in (
-        Resource(
-            "portal", "portal_groups", "Portal",
-            {
-                "iscsi_target_portal_tag": "tag",
-                "iscsi_target_portal_comment": "comment",
-                "iscsi_target_portal_ips": "listen",
-                "iscsi_target_portal_discoveryauthmethod": "discovery_auth_method",
-                "iscsi_target_portal_discoveryauthgroup": "discovery_auth_group",
-            },
-            _portal, "create_portal_group", "update_portal_group", "delete_portal_group",
-        ),
-        Resource(
-            "authorizedinitiator", "initiator_groups", "Authorized initiator",
-            {
-                "iscsi_target_initiator_tag": "tag",
-                "iscsi_target_initiator_initiators": "initiators",
-                "iscsi_target_initiator_auth_network": "auth_network",
-                "iscsi_target_initiator_comment": "comment",
-                "scsi_target_initiator_comment": "comment",  # the document's own spelling
-            },
-            _initiator, "create_initiator_group", "update_initiator_group", "delete_initiator_group",
-        ),
-        Resource(
-            "authcredential", "auth_credentials", "Auth credential",
-            {
-                "iscsi_target_auth_tag": "tag",
-                "iscsi_target_auth_user": "user",
-                "iscsi_target_auth_secret": "secret",
-                "iscsi_target_auth_peeruser": "peeruser",
-                "iscsi_target_auth_peersecret": "peersecret",
-            },
-            _authcred, "create_auth_credential", "update_auth_credential", "delete_auth_credential",
-        ),
-        Resource(
-            "target", "targets", "Target",
-            {"iscsi_target_name": "name", "iscsi_target_alias": "alias"},
-            _target, "create_target", "update_target", "delete_target",
-        ),
-        Resource(
-            "targetgroup", "target_groups", "Target group",
-            {
-                "iscsi_target": "target",
-                "iscsi_target_portalgroup": "portal_group",
-                "iscsi_target_initiatorgroup": "initiator_group",
-                "iscsi_target_authgroup": "auth_group",
-                "iscsi_target_authtype": "auth_type",
-                "iscsi_target_initialdigest": "initial_digest",
-            },
-            _targetgroup, "create_target_group", "update_target_group", "delete_target_group",
-        ),
-        Resource(
-            "extent", "extents", "Extent",
-            {
-                f"iscsi_target_extent_{n}": n
-                for n in (
-                    "name", "type", "path", "disk", "filesize", "blocksize", "pblocksize", "rpm", "serial",
-                    "naa", "ro", "insecure_tpc", "xen", "avail_threshold", "comment",
-                )
-            },
-            _extent, "create_extent", "update_extent", "delete_extent",
-        ),
-        Resource(
-            "targettoextent", "lun_maps", "Target to extent",
-            {"iscsi_target": "target", "iscsi_extent": "extent", "iscsi_lunid": "lunid"},
-            _lunmap, "create_lun_map", "update_lun_map", "delete_lun_map",
-        ),
-    )
-}
-
-GLOBAL_FIELDS = {
-    "iscsi_basename": "basename",
-    "iscsi_isns_servers": "isns_servers",
-    "iscsi_pool_avail_threshold": "pool_avail_threshold",
-}
-
-
-def _error_response(exc: ConfigError, resource: Resource | None) -> web.Response:
-    if resource is not None:
-        body = resource.errors_to_api(exc.errors)
-    else:
-        reverse = {v: k for k, v in GLOBAL_FIELDS.items()}
-        body = {reverse.get(k, k): v for k, v in exc.errors.items()}
+def _error_response(exc: ConfigError, table: Table) -> web.Response:
     status = {"invalid": 400, "conflict": 409, "not_found": 404}[exc.kind]
-    return json_response(body, status)
+    return json_response(table.errors_to_api(exc.errors), status)
 
 
 def _bad_json() -> web.Response:
     return json_response({"error": "Request is not valid JSON."}, 400)
 
 
-def _page(request: web.Request, items: list[Any]) -> list[Any] | web.Response:
+def _not_found(res: Resource) -> web.Response:
+    return json_response({"error": f"{res.label} not found."}, 404)
+
+
+def _page(request: web.Request, items: Sequence[Any]) -> Sequence[Any] | web.Response:
     """``offset``/``limit`` as tastypie: limit 20 by default, 0 = all, at most 1000."""
     values = {}
     for name, default in (("offset", 0), ("limit", DEFAULT_LIMIT)):
@@ -248,200 +166,262 @@ def _page(request: web.Request, items: list[Any]) -> list[Any] | web.Response:
     return items[offset : offset + limit]
 
 
-def _list_handler(res: Resource) -> Callable[..., Any]:
-    async def handler(request: web.Request) -> web.Response:
-        service = request.app[SERVICE_KEY]
-        model = service.model
-        objs = [getattr(model, res.kind)[k] for k in sorted(getattr(model, res.kind))]
-        page = _page(request, objs)
-        if isinstance(page, web.Response):
-            return page
-        return json_response([res.serialize(model, o) for o in page])
-
-    return handler
-
-
 def _existing_id(request: web.Request, res: Resource) -> int | None:
     """The URL's object id when it names an existing object of ``res``."""
     raw = request.match_info["id"]
     if not _ID_RE.match(raw):
         return None
     obj_id = int(raw)
-    return obj_id if obj_id in getattr(request.app[SERVICE_KEY].model, res.kind) else None
+    return obj_id if obj_id in res.kind.of(request.app[SERVICE_KEY].model) else None
 
 
-def _not_found(res: Resource) -> web.Response:
-    return json_response({"error": f"{res.label} not found."}, 404)
+# --- the CRUD handlers -------------------------------------------------------------------------
 
 
-def _get_handler(res: Resource) -> Callable[..., Any]:
+def _list_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        model = request.app[SERVICE_KEY].model
+        objs = res.kind.of(model)
+        page = _page(request, [objs[k] for k in sorted(objs)])
+        if isinstance(page, web.Response):
+            return page
+        return json_response([res.table.serialize(model, o) for o in page])
+
+    return handler
+
+
+def _get_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        model = request.app[SERVICE_KEY].model
+        obj_id = _existing_id(request, res)
+        if obj_id is None:
+            return _not_found(res)
+        return json_response(res.table.serialize(model, res.kind.of(model)[obj_id]))
+
+    return handler
+
+
+def _create_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        service = request.app[SERVICE_KEY]
+        try:
+            body = await read_object(request)
+        except BadJSON:
+            return _bad_json()
+        try:
+            created = await res.create(service, res.table.to_model(body, drop_null=False))
+        except ConfigError as exc:
+            return _error_response(exc, res.table)
+        return json_response(res.table.serialize(service.model, created), 201)
+
+    return handler
+
+
+def _update_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         service = request.app[SERVICE_KEY]
         obj_id = _existing_id(request, res)
         if obj_id is None:
             return _not_found(res)
-        return json_response(res.serialize(service.model, getattr(service.model, res.kind)[obj_id]))
-
-    return handler
-
-
-def _create_handler(res: Resource) -> Callable[..., Any]:
-    async def handler(request: web.Request) -> web.Response:
-        service: ConfigService = request.app[SERVICE_KEY]
         try:
             body = await read_object(request)
         except BadJSON:
             return _bad_json()
         try:
-            obj = await getattr(service, res.create)(res.to_model(body, drop_null=False))
+            updated = await res.update(service, obj_id, res.table.to_model(body, drop_null=True, create=False))
         except ConfigError as exc:
-            return _error_response(exc, res)
-        return json_response(res.serialize(service.model, obj), 201)
+            return _error_response(exc, res.table)
+        return json_response(res.table.serialize(service.model, updated), 200)
 
     return handler
 
 
-def _update_handler(res: Resource) -> Callable[..., Any]:
+def _delete_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
-        service: ConfigService = request.app[SERVICE_KEY]
+        service = request.app[SERVICE_KEY]
         obj_id = _existing_id(request, res)
         if obj_id is None:
             return _not_found(res)
         try:
-            body = await read_object(request)
-        except BadJSON:
-            return _bad_json()
-        try:
-            obj = await getattr(service, res.update)(obj_id, res.to_model(body, drop_null=True))
+            if res.removes_file:
+                try:
+                    body = await read_object(request)
+                except BadJSON:
+                    return _bad_json()
+                await service.delete_extent(obj_id, delete_file=DELETE_FILE.read(body, Errors()) is True)
+            else:
+                await res.delete(service, obj_id)
         except ConfigError as exc:
-            return _error_response(exc, res)
-        return json_response(res.serialize(service.model, obj), 200)
-
-    return handler
-
-
-def _delete_handler(res: Resource) -> Callable[..., Any]:
-    async def handler(request: web.Request) -> web.Response:
-        service: ConfigService = request.app[SERVICE_KEY]
-        obj_id = _existing_id(request, res)
-        if obj_id is None:
-            return _not_found(res)
-        kwargs: dict[str, Any] = {}
-        if res.name == "extent":
-            # FreeNAS: DELETE with {"delete": true} also removes the file; default keeps it.
-            try:
-                body = await read_object(request)
-            except BadJSON:
-                return _bad_json()
-            flag = body.get("delete", False)
-            kwargs["delete_file"] = flag is True or (isinstance(flag, str) and flag.lower() in ("true", "1", "yes"))
-        try:
-            await getattr(service, res.delete)(obj_id, **kwargs)
-        except ConfigError as exc:
-            return _error_response(exc, res)
+            return _error_response(exc, res.table)
         return web.Response(status=204, content_type="application/json")
 
     return handler
 
 
-# --- globalconfiguration (a singleton on the list URL) -----------------------------------
-
-
-def _global(model: ConfigModel) -> dict[str, Any]:
-    gc = model.global_config
-    return {
-        "id": gc.id,
-        "iscsi_basename": gc.basename,
-        "iscsi_isns_servers": gc.isns_servers,
-        "iscsi_pool_avail_threshold": gc.pool_avail_threshold,
-    }
+# --- globalconfiguration, services/iscsitarget, system/version ----------------------------------
 
 
 async def get_global(request: web.Request) -> web.Response:
-    return json_response(_global(request.app[SERVICE_KEY].model))
+    model = request.app[SERVICE_KEY].model
+    return json_response(tables.GLOBAL_CONFIGURATION.serialize(model, model.global_config))
 
 
 async def put_global(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
+    table = tables.GLOBAL_CONFIGURATION
     try:
         body = await read_object(request)
     except BadJSON:
         return _bad_json()
-    changes = {GLOBAL_FIELDS[k]: v for k, v in body.items() if k in GLOBAL_FIELDS and v is not None}
     try:
-        await service.update_global(changes)
+        await service.update_global(table.to_model(body, drop_null=True, create=False))
     except ConfigError as exc:
-        return _error_response(exc, None)
-    return json_response(_global(service.model))
+        return _error_response(exc, table)
+    return json_response(table.serialize(service.model, service.model.global_config))
 
 
-# --- services/iscsitarget and system/version ----------------------------------------------
-
-
-def _iscsi_service(service: ConfigService) -> dict[str, Any]:
-    enabled = service.model.service_enabled
-    return {
-        "id": 4,
-        "srv_service": "iscsitarget",
-        "srv_enable": enabled,
-        "srv_state": "RUNNING" if enabled else "STOPPED",
-    }
+def _iscsi_service(model: ConfigModel) -> dict[str, object]:
+    return tables.ISCSI_SERVICE.serialize(model, None)
 
 
 async def get_iscsi_service(request: web.Request) -> web.Response:
-    return json_response(_iscsi_service(request.app[SERVICE_KEY]))
+    return json_response(_iscsi_service(request.app[SERVICE_KEY].model))
 
 
 async def list_services(request: web.Request) -> web.Response:
-    page = _page(request, [_iscsi_service(request.app[SERVICE_KEY])])
+    page = _page(request, [_iscsi_service(request.app[SERVICE_KEY].model)])
     return page if isinstance(page, web.Response) else json_response(page)
 
 
 async def put_iscsi_service(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
+    table = tables.ISCSI_SERVICE
     try:
         body = await read_object(request)
     except BadJSON:
         return _bad_json()
-    value = body.get("srv_enable")
-    if value is not None:
-        if isinstance(value, bool):
-            enabled = value
-        elif isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-            enabled = value.strip().lower() in ("true", "1")
-        elif isinstance(value, int) and value in (0, 1):
-            enabled = bool(value)
-        else:
-            return json_response({"srv_enable": ["Enter a boolean (true or false)."]}, 400)
+    errs = Errors()
+    enabled = ServiceFields.enabled.read(table.to_model(body, drop_null=True), errs)
+    if errs.errors:
+        return json_response(table.errors_to_api(errs.errors), 400)
+    if enabled is not UNSET:
         try:
             await service.set_service_enabled(enabled)
         except ConfigError as exc:
             return json_response({"__all__": [exc.message]}, 400)
-    return json_response(_iscsi_service(service))
+    return json_response(_iscsi_service(service.model))
 
 
 async def get_version(request: web.Request) -> web.Response:
-    # Clients (democratic-csi, proxmox plugins) parse "FreeNAS-<version>" out of fullversion.
-    return json_response(
-        {
-            "fullversion": f"FreeNAS-11.3-U5 (pyscsi-target {__version__})",
-            "name": "FreeNAS",
-            "version": "11.3-U5",
-        }
+    return json_response(tables.SYSTEM_VERSION.serialize(request.app[SERVICE_KEY].model, None))
+
+
+# --- routes and their documentation ----------------------------------------------------------
+
+
+def errors(*codes: int) -> dict[int, Response]:
+    table = {
+        400: Response("Invalid values, invalid JSON or bad paging parameters", ref("FreeNASError")),
+        401: Response("Missing or wrong credentials", ref("FreeNASError")),
+        404: Response("No object with this id", ref("FreeNASError")),
+        409: Response("Uniqueness conflict or object in use", ref("FreeNASError")),
+        413: Response("Request body too large"),
+    }
+    return {c: table[c] for c in codes}
+
+
+PAGING: tuple[Schema, ...] = (
+    {"name": "offset", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "default": 0}},
+    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0, "default": 20}},
+)
+ID_PARAM: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+
+
+def _add_resource(app: web.Application, doc: ApiDoc, res: Resource) -> None:
+    name, table = res.name, res.table
+    out = doc.component(table.name, table.output_schema())
+    body = doc.component(table.name + "Input", {**table.input_schema(), "example": table.example()})
+    changes = doc.component(table.name + "Update", table.input_schema(create=False))
+    links = crud_links(
+        {f"{verb.capitalize()}{table.name}": f"{verb}_{name}" for verb in ("get", "update", "delete")},
+        "id",
+        "$response.body#/id",
     )
+    base, item = f"{BASE}/{name}/", f"{BASE}/{name}/{{id}}/"
+    ops = (
+        Operation(
+            "GET", base, _list_handler(res), f"list_{name}", TAG,
+            {200: Response("The objects, by id", {"type": "array", "items": out}), **errors(400, 401)},
+            summary=f"List {name} objects", query=PAGING,
+        ),
+        Operation(
+            "POST", base, _create_handler(res), f"create_{name}", TAG,
+            {201: Response("Created", out, links=links), **errors(400, 401, 409, 413)},
+            summary=f"Create a {name}", request=body,
+        ),
+        Operation(
+            "GET", item, _get_handler(res), f"get_{name}", TAG,
+            {200: Response("The object", out), **errors(401, 404)}, path_params=(ID_PARAM,),
+        ),
+        Operation(
+            "PUT", item, _update_handler(res), f"update_{name}", TAG,
+            {200: Response("Updated", out), **errors(400, 401, 404, 409, 413)},
+            summary=f"Update a {name} (partial; null leaves a value unchanged)", request=changes,
+            path_params=(ID_PARAM,),
+        ),
+        Operation(
+            "DELETE", item, _delete_handler(res), f"delete_{name}", TAG,
+            {204: Response("Deleted"), **errors(400, 401, 404, 409, 413)},
+            request=obj({"delete": DELETE_FILE.type.schema()}) if res.removes_file else None,
+            path_params=(ID_PARAM,),
+        ),
+    )
+    for op in ops:
+        doc.add(app, op)
 
 
-def setup_routes(app: web.Application) -> None:
-    for res in RESOURCES.values():
-        base = f"{BASE}/{res.name}"
-        add_route(app, "GET", base, _list_handler(res))
-        add_route(app, "POST", base, _create_handler(res))
-        add_route(app, "GET", base + "/{id}", _get_handler(res))
-        add_route(app, "PUT", base + "/{id}", _update_handler(res))
-        add_route(app, "DELETE", base + "/{id}", _delete_handler(res))
-    add_route(app, "GET", f"{BASE}/globalconfiguration", get_global)
-    add_route(app, "PUT", f"{BASE}/globalconfiguration", put_global)
-    add_route(app, "GET", "/api/v1.0/services/services", list_services)
-    add_route(app, "GET", "/api/v1.0/services/services/iscsitarget", get_iscsi_service)
-    add_route(app, "PUT", "/api/v1.0/services/services/iscsitarget", put_iscsi_service)
-    add_route(app, "GET", "/api/v1.0/system/version", get_version)
+def setup_routes(app: web.Application, doc: ApiDoc) -> None:
+    doc.component(
+        "FreeNASError",
+        {
+            "type": "object",
+            "description": '{"field": ["message", ...]} ("__all__" for the whole object) or {"error": "message"}',
+            "additionalProperties": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        },
+    )
+    for res in RESOURCES:
+        _add_resource(app, doc, res)
+    gc = tables.GLOBAL_CONFIGURATION
+    gc_out = gc.output_schema()
+    svc = tables.ISCSI_SERVICE
+    svc_out = svc.output_schema()
+    services = "/api/v1.0/services/services"
+    for op in (
+        Operation(
+            "GET", f"{BASE}/globalconfiguration/", get_global, "get_globalconfiguration", TAG,
+            {200: Response("Global configuration", gc_out), **errors(401)},
+        ),
+        Operation(
+            "PUT", f"{BASE}/globalconfiguration/", put_global, "update_globalconfiguration", TAG,
+            {200: Response("Updated", gc_out), **errors(400, 401, 413)},
+            request=gc.input_schema(create=False),
+        ),
+        Operation(
+            "GET", f"{services}/", list_services, "list_services", TAG,
+            {200: Response("Services", {"type": "array", "items": svc_out}), **errors(400, 401)}, query=PAGING,
+        ),
+        Operation(
+            "GET", f"{services}/iscsitarget/", get_iscsi_service, "get_iscsitarget_service", TAG,
+            {200: Response("The iSCSI service", svc_out), **errors(401)},
+        ),
+        Operation(
+            "PUT", f"{services}/iscsitarget/", put_iscsi_service, "update_iscsitarget_service", TAG,
+            {200: Response("The iSCSI service", svc_out), **errors(400, 401, 413)},
+            summary="Start (true) or stop (false) every portal", request=svc.input_schema(create=False),
+        ),
+        Operation(
+            "GET", "/api/v1.0/system/version/", get_version, "get_version", TAG,
+            {200: Response("Version", tables.SYSTEM_VERSION.output_schema()), **errors(401)},
+        ),
+    ):
+        doc.add(app, op)

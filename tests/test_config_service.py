@@ -8,14 +8,11 @@ from pathlib import Path
 import pytest
 from support.rest_harness import FakeEngine, aio
 
-from pyscsi_target.config.service import (
-    ConfigService,
-    ConflictError,
-    NotFoundError,
-    ValidationError,
-    is_local_address,
-)
+from pyscsi_target.config.errors import ConflictError, NotFoundError, ValidationError
+from pyscsi_target.config.portal_groups import is_local_address
+from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore
+from rest.hnas_view import patch_target, target_auth
 
 
 def _service(tmp_path: Path) -> tuple[ConfigService, FakeEngine]:
@@ -84,17 +81,17 @@ async def test_hnas_auth_never_touches_a_shared_group(tmp_path: Path) -> None:
     for name in ("a", "b"):
         t = await service.create_target({"name": name})
         await service.create_target_group({"target": t.id, "portal_group": 1, "auth_type": "CHAP", "auth_group": 1})
-    assert service.target_auth(service.model, 1) == (True, "sharedsecret")
-    await service.patch_hnas_target(1, {"secret": "own-secret-1"})
+    assert target_auth(service.model, 1) == (True, "sharedsecret")
+    await patch_target(service, 1, {"secret": "own-secret-1"})
     m = service.model
     assert m.auth_credentials[shared.id].secret == "sharedsecret"
     new_tag = m.target_groups[1].auth_group
     assert new_tag != 1 and [c.user for c in m.auth_group(new_tag)] == ["a"]
-    assert service.target_auth(m, 1) == (True, "own-secret-1")
-    assert service.target_auth(m, 2) == (True, "sharedsecret")
+    assert target_auth(m, 1) == (True, "own-secret-1")
+    assert target_auth(m, 2) == (True, "sharedsecret")
     # Deleting the target leaves other targets' state alone.
     await service.delete_target(1)
-    assert service.target_auth(service.model, 2) == (True, "sharedsecret")
+    assert target_auth(service.model, 2) == (True, "sharedsecret")
 
 
 @aio
@@ -106,12 +103,12 @@ async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: P
     t = await service.create_target({"name": "a"})
     await service.create_target_group({"target": t.id, "portal_group": 1, "auth_group": 5})
     await service.create_target_group({"target": t.id, "portal_group": 2})
-    await service.patch_hnas_target(t.id, {"enable_authentication": True})
+    await patch_target(service, t.id, {"enable_authentication": True})
     groups = service.model.groups_of_target(t.id)
     assert [(g.auth_type, g.auth_group) for g in groups] == [("CHAP", 5), ("CHAP", 5)]
-    assert service.target_auth(engine.last, t.id) == (True, "sharedsecret")
+    assert target_auth(engine.last, t.id) == (True, "sharedsecret")
     # A target with no group at all cannot "enable" anything: refused, nothing changed.
     bare = await service.create_target({"name": "bare"})
     with pytest.raises(ValidationError):
-        await service.patch_hnas_target(bare.id, {"enable_authentication": True, "secret": "x" * 12})
+        await patch_target(service, bare.id, {"enable_authentication": True, "secret": "x" * 12})
     assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1

@@ -1,0 +1,151 @@
+"""Extents (FreeNAS "extent"): a file or block device exported as a logical unit."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Mapping
+
+from pyscsi_target.config.errors import ConflictError, Errors
+from pyscsi_target.config.extent_files import ExtentRoots, resolve_disk
+from pyscsi_target.config.fields import UNSET, Boolean, Choice, Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.model import BLOCK_SIZES, EXTENT_TYPES, RPM_VALUES, ConfigModel, Extent
+from pyscsi_target.values import parse_naa, parse_size
+
+_SERIAL_RE = re.compile(r"^[\x21-\x7e]{1,16}$")
+
+
+class ExtentFields(FieldSet):
+    name = Field("name", Text(max_len=120))
+    type = Field("type", Choice(Text(), EXTENT_TYPES, aliases={"ZVOL": "Disk"}, shown=("ZVOL",)))
+    path = Field("path", Text(max_len=4096))
+    disk = Field("disk", Text(max_len=4096))
+    filesize = Field("filesize", Text(max_len=40))
+    blocksize = Field("blocksize", Choice(Integer(), BLOCK_SIZES))
+    pblocksize = Field("pblocksize", Boolean())
+    rpm = Field("rpm", Choice(Text(), RPM_VALUES))
+    serial = Field("serial", Text())
+    naa = Field("naa", Text(pattern="^0x[0-9a-fA-F]{16}$"))
+    ro = Field("ro", Boolean())
+    insecure_tpc = Field("insecure_tpc", Boolean())
+    xen = Field("xen", Boolean())
+    # 0 means "no threshold" to clients (democratic-csi's extentAvailThreshold: 0): stored as null.
+    avail_threshold = Field("avail_threshold", Nullable(Integer(lo=0, hi=99)))
+    comment = Field("comment", Text())
+
+
+def _read_fields(fields: Mapping[str, object], e: Extent, errs: Errors) -> None:
+    F = ExtentFields
+    name = F.name.read(fields, errs)
+    if isinstance(name, str):
+        e.name = name.strip()
+    if not e.name and "name" not in errs:
+        errs.add("name", "This field is required.")
+    for f in (F.type, F.comment, F.pblocksize, F.ro, F.insecure_tpc, F.xen, F.blocksize, F.rpm):
+        f.assign(e, fields, errs)
+    if "avail_threshold" in fields:
+        threshold = F.avail_threshold.read(fields, errs)
+        if threshold is not UNSET:
+            e.avail_threshold = threshold or None
+    serial = F.serial.read(fields, errs)
+    if isinstance(serial, str):
+        if serial and not _SERIAL_RE.match(serial):
+            errs.add("serial", "A serial is 1-16 printable ASCII characters without spaces.")
+        else:
+            e.serial = serial
+    naa = F.naa.read(fields, errs)
+    if isinstance(naa, str):
+        try:
+            e.naa = parse_naa(naa) if naa else naa
+        except ValueError as exc:
+            errs.add("naa", str(exc))
+    size = F.filesize.read(fields, errs)
+    if isinstance(size, str):
+        e.filesize = size.strip()
+    F.path.assign(e, fields, errs)
+    F.disk.assign(e, fields, errs)
+
+
+def _file_size(errs: Errors, e: Extent) -> int | None:
+    """The size to create or grow the file to; None when there is nothing to create (size 0:
+    the existing file as it is) or the size is refused (message under "filesize")."""
+    try:
+        wanted = parse_size(e.filesize or "0")
+    except ValueError as exc:
+        errs.add("filesize", str(exc))
+        return None
+    exists = os.path.exists(e.path)
+    current = os.path.getsize(e.path) if exists else 0
+    if wanted == 0:
+        if not exists:
+            errs.add("filesize", "A size of 0 (auto) needs an existing file.")
+        elif current < e.blocksize or current % e.blocksize:
+            errs.add("filesize", f"The file's size ({current}) is not a multiple of the block size.")
+    elif wanted % e.blocksize:
+        errs.add("filesize", f"The size must be a multiple of the block size ({e.blocksize}).")
+    elif exists and wanted < current:
+        errs.add("filesize", f"The file is already {current} bytes; extents are never shrunk.")
+    elif wanted > (1 << 63) - 1:
+        errs.add("filesize", "The size is too large.")
+    else:
+        return wanted
+    return None
+
+
+def build_extent(
+    model: ConfigModel, roots: ExtentRoots, fields: Mapping[str, object], e: Extent, old: Extent | None
+) -> tuple[Extent, int | None]:
+    """Validate; returns the extent and the file size to create or grow to (File only)."""
+    errs = Errors()
+    _read_fields(fields, e, errs)
+    size: int | None = None
+    if e.type == "Disk" and "type" not in errs:
+        if not e.disk and "disk" not in errs:
+            errs.add("disk", "This field is required for a Disk extent.")
+        elif "disk" not in errs and (old is None or old.disk != e.disk or old.type != e.type):
+            dev = resolve_disk(errs, e.disk)
+            if dev is not None:
+                e.path = dev
+                e.disk = dev[len("/dev/") :]
+        e.filesize = "0"
+    elif e.type == "File" and "type" not in errs:
+        e.disk = ""
+        if not e.path and "path" not in errs:
+            errs.add("path", "This field is required for a File extent.")
+        elif "path" not in errs:
+            resolved = roots.resolve_file(errs, e.path)
+            if resolved is not None:
+                e.path = resolved
+        if "filesize" not in errs and "path" not in errs and "blocksize" not in errs:
+            size = _file_size(errs, e)
+    errs.raise_if_any()
+    _fill_identity(model, e)
+    _check_unique(model, e)
+    return e, size
+
+
+def _fill_identity(model: ConfigModel, e: Extent) -> None:
+    if not e.serial:
+        e.serial = secrets.token_hex(7)
+    if not e.naa:
+        used = {x.naa for x in model.extents.values()}
+        while True:
+            # NAA type 3 (locally assigned, 64 bits), like the document's example.
+            naa = "0x3" + secrets.token_hex(8)[1:]
+            if naa not in used:
+                e.naa = naa
+                break
+
+
+def _check_unique(model: ConfigModel, e: Extent) -> None:
+    for other in model.extents.values():
+        if other.id == e.id:
+            continue
+        if other.name == e.name:
+            raise ConflictError({"name": ["Extent name must be unique"]})
+        if other.naa == e.naa:
+            raise ConflictError({"naa": ["Extent naa must be unique"]})
+        if other.path == e.path:
+            field = "disk" if e.type == "Disk" else "path"
+            raise ConflictError({field: [f"{e.path} is already used by extent {other.name}."]})

@@ -1,0 +1,55 @@
+"""Target nodes (FreeNAS "target"): a name, an alias and the Hitachi view's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from pyscsi_target.config.errors import ConflictError, Errors
+from pyscsi_target.config.fields import Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.model import ConfigModel, Target
+from pyscsi_target.values import MAX_ISCSI_NAME, check_iscsi_name, parse_access_config
+
+
+class TargetFields(FieldSet):
+    name = Field("name", Text(max_len=MAX_ISCSI_NAME, pattern="^[-a-z0-9.:]+$"))
+    alias = Field("alias", Nullable(Text(max_len=255)))
+    comment = Field("comment", Text())
+    access_config = Field("access_config", Text(max_len=8192))
+    virtual_server_id = Field("virtual_server_id", Integer(lo=0, hi=255))
+
+
+def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) -> Target:
+    F = TargetFields
+    errs = Errors()
+    F.name.assign(t, fields, errs)
+    if not t.name and "name" not in errs:
+        errs.add("name", "This field is required.")
+    elif "name" not in errs:
+        try:
+            check_iscsi_name(t.name)
+        except ValueError as exc:
+            errs.add("name", str(exc))
+        else:
+            if len(model.target_iqn(t).encode()) > MAX_ISCSI_NAME:
+                errs.add("name", "The target's IQN would be longer than 223 bytes.")
+    F.alias.assign(t, fields, errs)
+    F.comment.assign(t, fields, errs)
+    text = F.access_config.read(fields, errs)
+    if isinstance(text, str):
+        try:
+            parse_access_config(text)
+            t.access_config = text.strip()
+        except ValueError as exc:
+            errs.add("access_config", str(exc))
+    F.virtual_server_id.assign(t, fields, errs)
+    errs.raise_if_any()
+    for other in model.targets.values():
+        if other.id == t.id:
+            continue
+        if other.name == t.name:
+            raise ConflictError({"name": ["Target name already exists"]})
+        if t.alias is not None and other.alias == t.alias:
+            raise ConflictError({"alias": ["Target alias already exists"]})
+        if model.target_iqn(other) == model.target_iqn(t):
+            raise ConflictError({"name": ["Target name already exists"]})
+    return t
