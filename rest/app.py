@@ -26,6 +26,10 @@ DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 log = logging.getLogger(__name__)
 
 REALM = "pyscsi-target"
+# Everything under these prefixes needs credentials, except the public paths: a resource
+# added under /api/ (a new namespace, say) is protected without being listed anywhere.
+PROTECTED_PREFIXES = ("/api/", "/v9/")
+PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 MAX_BODY = 1 << 20  # 1 MiB: every legitimate body is tiny; larger ones get 413
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -76,7 +80,7 @@ def authenticate(request: web.Request) -> list[int] | None:
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
-    protected = request.path.startswith(("/api/v1.0/", "/v9/"))
+    protected = request.path.startswith(PROTECTED_PREFIXES) and request.path not in PUBLIC_PATHS
     if protected:
         allowed = authenticate(request)
         if allowed is None:

@@ -112,3 +112,23 @@ async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: P
     with pytest.raises(ValidationError):
         await patch_target(service, bare.id, {"enable_authentication": True, "secret": "x" * 12})
     assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1
+
+
+@aio
+async def test_a_refused_change_leaves_no_file_behind(tmp_path: Path) -> None:
+    service, engine = _service(tmp_path)
+    await service.start(default_portals=["127.0.0.1:3260"])
+    path = tmp_path / "extents" / "e.img"
+    engine.fail_next = OSError("engine says no")
+    with pytest.raises(ValidationError, match="engine says no"):
+        await service.create_extent({"name": "e", "path": "e.img", "filesize": "1MB"})
+    assert not path.exists() and not service.model.extents and not ConfigStore(tmp_path).load().extents
+    e = await service.create_extent({"name": "e", "path": "e.img", "filesize": "1MB"})
+    assert path.stat().st_size == 1 << 20
+    # The file goes only once the deletion took effect.
+    engine.fail_next = OSError("engine says no")
+    with pytest.raises(ValidationError):
+        await service.delete_extent(e.id, delete_file=True)
+    assert path.exists() and e.id in service.model.extents
+    await service.delete_extent(e.id, delete_file=True)
+    assert not path.exists() and not service.model.extents

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from pyscsi_target.config.errors import NotFoundError, ValidationError
 from pyscsi_target.config.model import (
@@ -40,6 +40,9 @@ T = TypeVar("T")
 
 
 class HasId(Protocol):
+    """A model object: a dataclass with an id."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
     id: int
 
 
@@ -77,12 +80,13 @@ LUN_MAPS = Kind("lun_maps", LunMap)
 def lookup(model: ConfigModel, kind: Kind[O], obj_id: object, label: str) -> O:
     """The object ``obj_id`` (an int or a decimal string) of ``kind``; NotFoundError if none."""
     objs = kind.of(model)
-    key: int | None
-    try:
-        key = int(obj_id)  # type: ignore[call-overload]
-    except (TypeError, ValueError):
-        key = None
-    if isinstance(obj_id, bool) or key is None or key not in objs:
+    key: int | None = None
+    if isinstance(obj_id, int | float | str) and not isinstance(obj_id, bool):
+        try:
+            key = int(obj_id)
+        except (ValueError, OverflowError):
+            pass
+    if key is None or key not in objs:
         raise NotFoundError(f"{label} {obj_id} does not exist.")
     return objs[key]
 
@@ -176,4 +180,4 @@ class Changes:
 
 def copy_of(obj: O) -> O:
     """A detached copy of a model object (callers must not edit the service's model)."""
-    return dataclasses.replace(obj)  # type: ignore[type-var]
+    return dataclasses.replace(obj)
