@@ -138,8 +138,12 @@ def _error_response(exc: ConfigError, table: Table) -> web.Response:
     return json_response(table.errors_to_api(exc.errors), status)
 
 
-def _bad_json() -> web.Response:
-    return json_response({"error": "Request is not valid JSON."}, 400)
+async def _body(request: web.Request) -> dict[str, object] | web.Response:
+    """The request's JSON object, or the 400 FreeNAS gave for anything else."""
+    try:
+        return await read_object(request)
+    except BadJSON:
+        return json_response({"error": "Request is not valid JSON."}, 400)
 
 
 def _not_found(res: Resource) -> web.Response:
@@ -201,37 +205,23 @@ def _get_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Respons
     return handler
 
 
-def _create_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
+def _save_handler(res: Resource, *, create: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """POST (create: 201) or PUT (partial update of an existing object: 200)."""
+
     async def handler(request: web.Request) -> web.Response:
         service = request.app[SERVICE_KEY]
-        try:
-            body = await read_object(request)
-        except BadJSON:
-            return _bad_json()
-        try:
-            created = await res.create(service, res.table.to_model(body, drop_null=False))
-        except ConfigError as exc:
-            return _error_response(exc, res.table)
-        return json_response(res.table.serialize(service.model, created), 201)
-
-    return handler
-
-
-def _update_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handler(request: web.Request) -> web.Response:
-        service = request.app[SERVICE_KEY]
-        obj_id = _existing_id(request, res)
-        if obj_id is None:
+        obj_id = None if create else _existing_id(request, res)
+        if obj_id is None and not create:
             return _not_found(res)
+        body = await _body(request)
+        if isinstance(body, web.Response):
+            return body
+        fields = res.table.to_model(body, drop_null=not create, create=create)
         try:
-            body = await read_object(request)
-        except BadJSON:
-            return _bad_json()
-        try:
-            updated = await res.update(service, obj_id, res.table.to_model(body, drop_null=True, create=False))
+            saved = await (res.create(service, fields) if obj_id is None else res.update(service, obj_id, fields))
         except ConfigError as exc:
             return _error_response(exc, res.table)
-        return json_response(res.table.serialize(service.model, updated), 200)
+        return json_response(res.table.serialize(service.model, saved), 201 if create else 200)
 
     return handler
 
@@ -244,10 +234,9 @@ def _delete_handler(res: Resource) -> Callable[[web.Request], Awaitable[web.Resp
             return _not_found(res)
         try:
             if res.removes_file:
-                try:
-                    body = await read_object(request)
-                except BadJSON:
-                    return _bad_json()
+                body = await _body(request)
+                if isinstance(body, web.Response):
+                    return body
                 await service.delete_extent(obj_id, delete_file=DELETE_FILE.read(body, Errors()) is True)
             else:
                 await res.delete(service, obj_id)
@@ -269,10 +258,9 @@ async def get_global(request: web.Request) -> web.Response:
 async def put_global(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     table = tables.GLOBAL_CONFIGURATION
-    try:
-        body = await read_object(request)
-    except BadJSON:
-        return _bad_json()
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
     try:
         await service.update_global(table.to_model(body, drop_null=True, create=False))
     except ConfigError as exc:
@@ -296,10 +284,9 @@ async def list_services(request: web.Request) -> web.Response:
 async def put_iscsi_service(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     table = tables.ISCSI_SERVICE
-    try:
-        body = await read_object(request)
-    except BadJSON:
-        return _bad_json()
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
     errs = Errors()
     enabled = ServiceFields.enabled.read(table.to_model(body, drop_null=True), errs)
     if errs.errors:
@@ -355,7 +342,7 @@ def _add_resource(app: web.Application, doc: ApiDoc, res: Resource) -> None:
             summary=f"List {name} objects", query=PAGING,
         ),
         Operation(
-            "POST", base, _create_handler(res), f"create_{name}", TAG,
+            "POST", base, _save_handler(res, create=True), f"create_{name}", TAG,
             {201: Response("Created", out, links=links), **errors(400, 401, 409, 413)},
             summary=f"Create a {name}", request=body,
         ),
@@ -364,7 +351,7 @@ def _add_resource(app: web.Application, doc: ApiDoc, res: Resource) -> None:
             {200: Response("The object", out), **errors(401, 404)}, path_params=(ID_PARAM,),
         ),
         Operation(
-            "PUT", item, _update_handler(res), f"update_{name}", TAG,
+            "PUT", item, _save_handler(res, create=False), f"update_{name}", TAG,
             {200: Response("Updated", out), **errors(400, 401, 404, 409, 413)},
             summary=f"Update a {name} (partial; null leaves a value unchanged)", request=changes,
             path_params=(ID_PARAM,),
