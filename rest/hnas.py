@@ -108,7 +108,7 @@ ISCSI_TARGET = Table(
             schema=_STR,
             example="secret1234",
         ),
-        Column("virtualServerId", TN.virtual_server_id, create_only=True),
+        Column("virtualServerId", TN.virtual_server_id, create_only=True, example=1),
         Column("enableAuthentication", HV.enable_authentication, write_only=True),
         Column("regenerateGUN", HV.regenerate_gun, write_only=True),
         # Without a name, a /v9 target's name derives from its alias: errors are the alias's.
@@ -298,10 +298,7 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
     location = {"Location": {"description": "URI of the object", "schema": _STR}}
     oid = {"name": "iscsiTargetObjectId", "in": "path", "required": True, "schema": _STR}
     item = f"{BASE}/{{iscsiTargetObjectId}}"
-    post_body = {
-        **ISCSI_TARGET.input_schema(create=True),
-        "example": {"alias": "Target1", "comment": "This is a comment", "accessConfig": "", "virtualServerId": 1},
-    }
+    post_body = {**ISCSI_TARGET.input_schema(create=True), "example": ISCSI_TARGET.example(create=True)}
     links = crud_links(
         {f"{verb.capitalize()}IscsiTarget": f"{verb}_iscsi_target" for verb in ("get", "update", "delete")},
         "iscsiTargetObjectId",
