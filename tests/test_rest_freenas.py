@@ -11,7 +11,7 @@ import pytest
 from support.net import port_open
 from support.rest_harness import FN, aio, basic, harness
 
-# --- every request example of 002_9c3b10917a447ea2.txt -------------------------------------
+# --- every request example of the FreeNAS v1.0 iSCSI API document ---------------------------
 
 PORTAL_DOC = {
     "iscsi_target_portal_tag": 1,

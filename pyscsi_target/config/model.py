@@ -1,6 +1,6 @@
 """The one domain model: what the engine serves and what both REST façades show.
 
-Names follow the FreeNAS v1.0 iSCSI resources (shared/seeds/002_*) and iSCSI's own
+Names follow the FreeNAS v1.0 iSCSI resources and iSCSI's own
 vocabulary: a *portal group* (FreeNAS "portal") has a tag and listen addresses, an
 *initiator group* ("authorizedinitiator") limits who may log in, an *auth group*
 is the set of CHAP credentials sharing one tag ("authcredential"), a *target node*
@@ -69,7 +69,7 @@ class Target:
     id: int
     name: str  # short name or a full iqn./eui./naa. name
     alias: str | None = None
-    # Hitachi NAS v9 view (shared/seeds/000_*): not in the FreeNAS document.
+    # The Hitachi NAS v9 view: not in the FreeNAS document.
     comment: str = ""
     access_config: str = ""  # "host[(ro|rw)], ..." ; blank = everyone read-write
     virtual_server_id: int = 1

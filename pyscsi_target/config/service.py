@@ -80,12 +80,13 @@ class ConfigService:
         self.store = store
         self.engine = engine
         self._changes = Changes(store, engine)
-        self.roots = ExtentRoots([])
-        self.set_extent_roots(extent_roots)
+        self.roots = self._roots(extent_roots)
+
+    def _roots(self, roots: Iterable[Path | str] | None) -> ExtentRoots:
+        return ExtentRoots(list(roots or []) or [self.store.state_dir / "extents"])
 
     def set_extent_roots(self, roots: Iterable[Path | str] | None) -> None:
-        roots = list(roots or [])
-        self.roots = ExtentRoots(roots or [self.store.state_dir / "extents"])
+        self.roots = self._roots(roots)
 
     @property
     def extent_roots(self) -> list[Path]:
