@@ -60,7 +60,8 @@ class Response:
         return self.status == Status.SUCCESSFUL
 
     def values(self, tag: int) -> list[object]:
-        return [a.value for a in (*self.key, *self.operating) if a.tag == tag]
+        """The values of ``tag`` among the operating attributes (the answer proper)."""
+        return [a.value for a in self.operating if a.tag == tag]
 
 
 @dataclass(frozen=True, slots=True)
