@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -323,3 +324,45 @@ def test_misbehaving_servers_do_not_disturb_the_good_one_or_the_loop(server: Isn
     # one warning per failing server (log_interval=3600), never one per retry
     assert len(warnings) == 5, warnings
     assert all("retrying with backoff" in w for w in warnings)
+
+
+def test_the_daemon_wiring_registers_what_the_engine_listens_on(server: Isnsd, tmp_path: Path) -> None:
+    """The few lines pyscsi_target/isns/__init__.py documents for the daemon, with a real Engine:
+    port 0 in the configuration is registered as the port the engine bound, a portal that
+    cannot be bound is not registered, and the iSCSI service switched off deregisters."""
+    from pyscsi_target.server.engine import Engine, EngineError
+
+    m = config(server.address)
+    m.portal_groups[1].listen = ["127.0.0.1:0"]
+    m.portal_groups[2].listen = ["192.0.2.123:3261"]  # not an address of this host: bind fails
+
+    async def main() -> None:
+        engine = Engine(tmp_path, tune_allocator=False)
+        isns = client()
+
+        async def apply(model: M.ConfigModel) -> None:
+            with contextlib.suppress(EngineError):
+                await engine.apply(model)
+            bound = {key: (lst.host, lst.port) for key, lst in engine._listeners.items()}
+            isns.update(desired_state(engine.model, bound, entity_id=EID))
+
+        try:
+            await apply(m)
+            isns.start()
+            assert await isns.wait_synced(15)
+            (port,) = [p for _, p in engine.listen_addresses()]
+            portals = await asyncio.to_thread(server.portals)
+            assert [(o["Portal IP address"], o["Portal TCP/UDP port"]) for o in portals] == [
+                ("127.0.0.1", f"{port}/tcp")]
+            assert names(await asyncio.to_thread(server.nodes)) == {ALPHA, BETA}
+
+            off = m.copy()
+            off.service_enabled = False
+            await apply(off)
+            assert await isns.wait_synced(15)
+            assert await asyncio.to_thread(server.entities) == []
+        finally:
+            await isns.close()
+            await engine.shutdown()
+
+    run(main())

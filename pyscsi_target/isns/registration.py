@@ -142,15 +142,16 @@ def parse_isns_servers(text: str) -> tuple[tuple[ListenAddress, ...], tuple[str,
 
 
 def default_entity_id(state_dir: Path | str | None = None) -> str:
-    """A stable, host-unique Entity Identifier: the host's FQDN, plus the state directory when
+    """A stable, host-unique Entity Identifier: the host name, plus the state directory when
     given (two daemons on one host are two entities).  Stable across restarts, so a restart
-    replaces what a crashed run left registered instead of adding a second entity."""
-    eid = socket.getfqdn()
+    replaces what a crashed run left registered instead of adding a second entity.  The
+    plain host name, not the FQDN: resolving that may wait on DNS."""
+    eid = socket.gethostname()
     if state_dir is not None:
         eid = f"{eid}:{Path(state_dir).resolve()}"
     if len(eid.encode()) > MAX_ENTITY_ID:
         digest = hashlib.sha256(eid.encode()).hexdigest()[:16]
-        eid = f"{socket.getfqdn()[:MAX_ENTITY_ID - 17]}:{digest}"
+        eid = f"{socket.gethostname()[:MAX_ENTITY_ID - 17]}:{digest}"
     return eid
 
 
