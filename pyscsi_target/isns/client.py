@@ -63,6 +63,18 @@ class ServerState:
     period: int | None  # the registration period the server reported
 
 
+def _prepare(held: Registration | None, want: Registration,
+             maybe_held: Registration | None) -> list[tuple[Request, bytes]]:
+    """The requests from what the server holds (None: unknown) to ``want``, with their payloads."""
+    if held is not None:
+        requests = plan.update(held, want)
+    elif not want.empty:
+        requests = plan.register_all(want)  # Replace: whatever the server holds goes
+    else:
+        requests = plan.deregister_all(maybe_held) if maybe_held is not None else []
+    return [(request, request.payload()) for request in requests]
+
+
 class _Link:
     """The reconcile loop for one server."""
 
@@ -172,12 +184,9 @@ class _Link:
         loop = asyncio.get_running_loop()
         want = self._want(self.local_address) or self._target()
         for _ in range(2):  # a second pass when the refresh finds the registration gone
-            if self.held is not None:
-                requests = plan.update(self.held, want)
-            elif not want.empty:
-                requests = plan.register_all(want)  # Replace: whatever the server holds goes
-            else:
-                requests = plan.deregister_all(self.maybe_held) if self.maybe_held is not None else []
+            # Planning and encoding thousands of TLVs is milliseconds of CPU: not on the loop.
+            prepared = await asyncio.to_thread(_prepare, self.held, want, self.maybe_held)
+            requests = [request for request, _ in prepared]
             if requests:
                 # Until the whole plan went through, the server holds something in between.
                 if not want.empty:
@@ -185,8 +194,8 @@ class _Link:
                 elif self.held is not None:
                     self.maybe_held = self.held
                 self.held = None
-                for request in requests:
-                    self._note_period(await self._call(conn, reader, writer, request))
+                for request, payload in prepared:
+                    self._note_period(await self._call(conn, reader, writer, request, payload))
                 self._recovered(want, requests)
             elif refresh_due and not want.empty:
                 response = await self._call(conn, reader, writer, plan.refresh(want))
@@ -206,8 +215,8 @@ class _Link:
         self._settled()
 
     async def _call(self, conn: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    request: Request) -> Response:
-        xid, data = conn.send(request)
+                    request: Request, payload: bytes | None = None) -> Response:
+        xid, data = conn.send(request, payload)
         writer.write(data)
         deadline = asyncio.get_running_loop().time() + self.client.request_timeout
         while True:

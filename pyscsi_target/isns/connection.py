@@ -34,14 +34,15 @@ class ClientConnection:
     def outstanding(self) -> int:
         return len(self._outstanding)
 
-    def send(self, request: Request) -> tuple[int, bytes]:
-        """The transaction ID given to ``request`` and the bytes to write."""
+    def send(self, request: Request, payload: bytes | None = None) -> tuple[int, bytes]:
+        """The transaction ID given to ``request`` and the bytes to write (``payload``: its
+        payload, if the caller encoded it already)."""
         xid = self._next_xid
         while xid in self._outstanding or xid == 0:
             xid = (xid + 1) & 0xFFFF
         self._next_xid = (xid + 1) & 0xFFFF
         self._outstanding[xid] = request
-        return xid, request.encode(xid)
+        return xid, request.encode(xid, payload)
 
     def receive_data(self, data: bytes) -> None:
         try:

@@ -40,9 +40,10 @@ class Request:
     def payload(self) -> bytes:
         return encode_attrs((Attribute(Tag.ISCSI_NAME, self.source), *self.key, DELIMITER, *self.operating))
 
-    def encode(self, xid: int) -> bytes:
+    def encode(self, xid: int, payload: bytes | None = None) -> bytes:
+        """The PDU; ``payload`` is ``self.payload()`` when already computed (e.g. off the loop)."""
         flags = Flags.CLIENT | (Flags.REPLACE if self.replace else Flags.NONE)
-        return encode_pdu(self.function, flags, xid, self.payload())
+        return encode_pdu(self.function, flags, xid, self.payload() if payload is None else payload)
 
 
 @dataclass(frozen=True, slots=True)

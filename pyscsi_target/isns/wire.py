@@ -210,6 +210,10 @@ TLV = cs.Struct(
     "value" / cs.Bytes(cs.this.length),
 )
 TLV_LIST = cs.Struct("attrs" / cs.GreedyRange(TLV), cs.Terminated)
+# Compiled builders: a registration is thousands of TLVs, and the interpreted build costs
+# ~50 us per TLV against ~6 us compiled.  (Parsing compiled gains nothing measurable.)
+_HEADER_C = HEADER.compile()
+_TLV_C = TLV.compile()
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +226,7 @@ class Header:
     version: int = ISNSP_VERSION
 
     def encode(self) -> bytes:
-        return bytes(HEADER.build({"version": self.version, "function": self.function, "length": self.length,
+        return bytes(_HEADER_C.build({"version": self.version, "function": self.function, "length": self.length,
                                    "flags": int(self.flags), "xid": self.xid, "seq": self.seq}))
 
     @classmethod
@@ -249,7 +253,7 @@ class Attribute:
 
     def encode(self) -> bytes:
         raw = self._raw()
-        return bytes(TLV.build({"tag": self.tag, "length": len(raw), "value": raw}))
+        return bytes(_TLV_C.build({"tag": self.tag, "length": len(raw), "value": raw}))
 
     @property
     def size(self) -> int:
