@@ -218,6 +218,7 @@ class _Link:
                     request: Request, payload: bytes | None = None) -> Response:
         xid, data = conn.send(request, payload)
         writer.write(data)
+        await writer.drain()
         deadline = asyncio.get_running_loop().time() + self.client.request_timeout
         while True:
             event = conn.next_event()
