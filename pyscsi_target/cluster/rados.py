@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from ctypes import (
@@ -343,9 +344,9 @@ class IoCtx:
 
         The OSD evaluates the whole operation under the object's lock, so two clients racing
         on the same ``compare`` value cannot both succeed: this is the cluster-wide
-        compare-and-swap the shared SCSI state is built on.  A key that does not exist
-        compares as absent (never equal), so the first version must be written with ``create``
-        and no ``compare``, or compared through a key that always exists.
+        compare-and-swap the shared SCSI state is built on.  A missing key compares as the
+        empty value (measured on Pacific), so ``compare={"gen": b""}`` with ``create`` writes
+        the first generation exactly once.
         """
         op = self._lib.create_write_op()
         keep: list[object] = []  # the C strings must outlive rados_write_op_operate
@@ -392,9 +393,11 @@ class IoCtx:
         librados thread) and its return value is the acknowledgement's payload."""
         return Watch(self, oid, on_notify, on_error, loop)
 
-    def notify(self, oid: str, data: bytes = b"", timeout_ms: int = 5000) -> bytes:
-        """Notify every watcher of ``oid`` and wait until each acknowledged (or the timeout:
-        RadosError ETIMEDOUT).  Returns the raw reply buffer (acks and timeouts encoded)."""
+    def notify(self, oid: str, data: bytes = b"", timeout_ms: int = 5000) -> NotifyResult:
+        """Notify every watcher of ``oid`` and wait until each acknowledged or ``timeout_ms``
+        passed; the watchers that did not answer in time are listed, not raised.  The OSD counts
+        whole seconds and reads 0 as its 30 s default: the timeout is rounded up to seconds."""
+        timeout_ms = max(1000, -(-timeout_ms // 1000) * 1000)
         reply, reply_len = c_void_p(), c_size_t()
         r = self._lib.notify2(self.handle, oid.encode(), data, len(data), timeout_ms, byref(reply), byref(reply_len))
         try:
@@ -402,8 +405,37 @@ class IoCtx:
         finally:
             if reply:
                 self._lib.buffer_free(reply)
-        check(r, f"notify {oid}")
-        return out
+        if r < 0 and not (r == -errno.ETIMEDOUT and out):
+            check(r, f"notify {oid}")
+        return parse_notify_reply(out)
+
+
+@dataclass
+class NotifyResult:
+    """{(watcher's client id, watch cookie): its ack payload}, and the watchers that timed out."""
+
+    acks: dict[tuple[int, int], bytes]
+    timeouts: list[tuple[int, int]]
+
+
+def parse_notify_reply(reply: bytes) -> NotifyResult:
+    """Decode a notify reply: a map of acks followed by a set of timed-out watchers."""
+    acks: dict[tuple[int, int], bytes] = {}
+    timeouts: list[tuple[int, int]] = []
+    (n,) = struct.unpack_from("<I", reply, 0)
+    pos = 4
+    for _ in range(n):
+        gid, cookie, length = struct.unpack_from("<QQI", reply, pos)
+        pos += 20
+        acks[(gid, cookie)] = reply[pos:pos + length]
+        pos += length
+    (n,) = struct.unpack_from("<I", reply, pos)
+    pos += 4
+    for _ in range(n):
+        gid, cookie = struct.unpack_from("<QQ", reply, pos)
+        timeouts.append((gid, cookie))
+        pos += 16
+    return NotifyResult(acks, timeouts)
 
 
 class Watch:
