@@ -174,9 +174,14 @@ class Image:
         self._efd = -1
         # completion pointer -> (done, objects that must stay alive until it completes)
         self._pending: dict[int, tuple[Done, object]] = {}
+        # Completions that report through a callback.  librbd may also queue them on the event
+        # socket; only the callback path may release them (releasing twice is a use-after-free).
+        self._called: set[int] = set()
         self._events = (vp * _POLL_BATCH)()
         self._watches: dict[int, object] = {}
         self._aio_cb = AIO_CB(self._called_back)
+        self.wakeups = 0  # eventfd wake-ups, and the completions they delivered
+        self.reaped = 0
 
     # --- metadata --------------------------------------------------------------------------
 
@@ -359,9 +364,12 @@ class Image:
             check(lib_.aio_create_completion_cb(None, self._aio_cb, byref(comp)), "rbd_aio_create_completion")
         c = comp.value or 0
         self._pending[c] = (done, keep)
+        if not event:
+            self._called.add(c)
         r = start(c)
         if r < 0:
             del self._pending[c]
+            self._called.discard(c)
             lib_.aio_release(c)
             check(r, what)
 
@@ -433,6 +441,7 @@ class Image:
                 pass
 
     def _finish(self, c: int) -> None:
+        self._called.discard(c)
         r = self._lib.aio_get_return_value(c)
         self._lib.aio_release(c)
         entry = self._pending.pop(c, None)
@@ -445,13 +454,17 @@ class Image:
             os.eventfd_read(self._efd)
         except BlockingIOError:
             pass
-        lib_, events, pending, count = self._lib, self._events, self._pending, 0
+        lib_, events, pending, called, count = self._lib, self._events, self._pending, self._called, 0
+        self.wakeups += 1
         while True:
             n: int = lib_.poll_io_events(self.handle, events, _POLL_BATCH)
             if n <= 0:
+                self.reaped += count
                 return count
             for k in range(n):
                 c = events[k] or 0
+                if c in called:
+                    continue
                 r = lib_.aio_get_return_value(c)
                 lib_.aio_release(c)
                 entry = pending.pop(c, None)
@@ -459,6 +472,7 @@ class Image:
                     entry[0](r)
             count += n
             if n < _POLL_BATCH:
+                self.reaped += count
                 return count
 
     def stop_aio(self) -> None:
