@@ -180,6 +180,8 @@ class Image:
         self._events = (vp * _POLL_BATCH)()
         self._watches: dict[int, object] = {}
         self._aio_cb = AIO_CB(self._called_back)
+        self._comp = vp()
+        self._comp_ref = byref(self._comp)
         self.wakeups = 0  # eventfd wake-ups, and the completions they delivered
         self.reaped = 0
 
@@ -355,61 +357,72 @@ class Image:
     def inflight(self) -> int:
         return len(self._pending)
 
-    def _submit(self, start: Callable[[int], int], done: Done, keep: object, what: str, event: bool = True) -> None:
-        lib_ = self._lib
-        comp = vp()
+    def _completion(self, done: Done, keep: object, event: bool = True) -> int:
+        """A new completion for ``done``; ``keep`` lives until it ran.  Each I/O costs about a
+        microsecond per ctypes call here, so the out-parameter is reused and nothing else is
+        allocated."""
         if event:
-            check(lib_.aio_create_completion(None, None, byref(comp)), "rbd_aio_create_completion")
+            self._lib.aio_create_completion(None, None, self._comp_ref)
         else:
-            check(lib_.aio_create_completion_cb(None, self._aio_cb, byref(comp)), "rbd_aio_create_completion")
-        c = comp.value or 0
+            self._lib.aio_create_completion_cb(None, self._aio_cb, self._comp_ref)
+        c: int = self._comp.value or 0
         self._pending[c] = (done, keep)
         if not event:
             self._called.add(c)
-        r = start(c)
-        if r < 0:
-            del self._pending[c]
-            self._called.discard(c)
-            lib_.aio_release(c)
-            check(r, what)
+        return c
+
+    def _not_started(self, c: int, r: int, what: str) -> None:
+        """librbd refused the request: forget its completion and raise."""
+        del self._pending[c]
+        self._called.discard(c)
+        self._lib.aio_release(c)
+        check(r, what)
 
     def aio_read(self, buf: bytearray | memoryview, offset: int, done: Done) -> None:
         """Fill ``buf`` from ``offset``; ``done(n)`` gets the byte count or -errno."""
         addr, keep = pin(buf)
-        h, n = self.handle, len(buf)
-        self._submit(lambda c: self._lib.aio_read(h, offset, n, addr, c), done, keep, f"read at {offset}")
+        c = self._completion(done, keep)
+        r = self._lib.aio_read(self.handle, offset, len(buf), addr, c)
+        if r < 0:
+            self._not_started(c, r, f"read at {offset}")
 
     def aio_write(self, data: Sequence[Buffer], offset: int, done: Done) -> None:
         """Write the concatenation of ``data`` at ``offset`` (one request; several buffers go as
-        an iovec, never joined)."""
-        h = self.handle
+        an iovec, never joined).  ``done(r)`` gets 0 (not the byte count) or -errno."""
         if len(data) == 1:
             addr, keep = pin(data[0])
-            n = len(data[0])
-            self._submit(lambda c: self._lib.aio_write(h, offset, n, addr, c), done, keep, f"write at {offset}")
-            return
-        iov = (Iovec * len(data))()
-        keeps: list[object] = [iov]
-        for k, d in enumerate(data):
-            addr, keep = pin(d)
-            iov[k].iov_base = addr
-            iov[k].iov_len = len(d)
-            keeps.append(keep)
-        cnt = len(data)
-        self._submit(lambda c: self._lib.aio_writev(h, iov, cnt, offset, c), done, keeps, f"write at {offset}")
+            c = self._completion(done, keep)
+            r = self._lib.aio_write(self.handle, offset, len(data[0]), addr, c)
+        else:
+            iov = (Iovec * len(data))()
+            keeps: list[object] = [iov]
+            for k, d in enumerate(data):
+                iov[k].iov_base, keep = pin(d)
+                iov[k].iov_len = len(d)
+                keeps.append(keep)
+            c = self._completion(done, keeps)
+            r = self._lib.aio_writev(self.handle, iov, len(data), offset, c)
+        if r < 0:
+            self._not_started(c, r, f"write at {offset}")
 
     def aio_discard(self, offset: int, length: int, done: Done) -> None:
-        h = self.handle
-        self._submit(lambda c: self._lib.aio_discard(h, offset, length, c), done, None, f"discard at {offset}")
+        c = self._completion(done, None)
+        r = self._lib.aio_discard(self.handle, offset, length, c)
+        if r < 0:
+            self._not_started(c, r, f"discard at {offset}")
 
     def aio_write_zeroes(self, offset: int, length: int, done: Done, thick: bool = False) -> None:
-        h, flags = self.handle, WRITE_ZEROES_FLAG_THICK_PROVISION if thick else 0
-        self._submit(lambda c: self._lib.aio_write_zeroes(h, offset, length, c, flags, 0), done, None,
-                     f"write zeroes at {offset}")
+        c = self._completion(done, None)
+        r = self._lib.aio_write_zeroes(self.handle, offset, length, c,
+                                       WRITE_ZEROES_FLAG_THICK_PROVISION if thick else 0, 0)
+        if r < 0:
+            self._not_started(c, r, f"write zeroes at {offset}")
 
     def aio_flush(self, done: Done) -> None:
-        h = self.handle
-        self._submit(lambda c: self._lib.aio_flush(h, c), done, None, "flush")
+        c = self._completion(done, None)
+        r = self._lib.aio_flush(self.handle, c)
+        if r < 0:
+            self._not_started(c, r, "flush")
 
     def aio_compare_and_write(self, offset: int, compare: Buffer, data: Buffer,
                               done: Callable[[int, int | None], None]) -> None:
@@ -421,15 +434,16 @@ class Image:
         mismatch = u64()
         caddr, ckeep = pin(compare)
         daddr, dkeep = pin(data)
-        h, n = self.handle, len(data)
 
         def finished(r: int) -> None:
             done(r, mismatch_offset(mismatch.value, offset, self.object_size) if r == -errno.EILSEQ else None)
 
         # Pacific's rbd_aio_compare_and_write never queues its completion on the image's event
         # socket (measured: it completes, the eventfd stays silent), so it gets a callback.
-        self._submit(lambda c: self._lib.aio_compare_and_write(h, offset, n, caddr, daddr, c, byref(mismatch), 0),
-                     finished, (ckeep, dkeep, mismatch), f"compare and write at {offset}", event=False)
+        c = self._completion(finished, (ckeep, dkeep, mismatch), event=False)
+        r = self._lib.aio_compare_and_write(self.handle, offset, len(data), caddr, daddr, c, byref(mismatch), 0)
+        if r < 0:
+            self._not_started(c, r, f"compare and write at {offset}")
 
     def _called_back(self, comp: int | None, _arg: int | None) -> None:
         """A completion with a callback finished (librbd thread): finish it on the loop."""
