@@ -106,14 +106,14 @@ class CephCluster:
                       str(self.root / "monmap"))
             self._run("ceph-mon", "-i", "a", "--mkfs", "--monmap", str(self.root / "monmap"))
             self._spawn("mon.a", "ceph-mon", "-f", "-i", "a")
-            self._wait(lambda: port_open("127.0.0.1", self.port, 0.2), "mon.a", "to listen on its port")
+            self._wait(lambda: port_open("127.0.0.1", self.port, 0.2), "mon.a", "listening on its port")
             osd_uuid = str(uuid.uuid4())
             osd_id = self.ceph("osd", "new", osd_uuid).strip()
             if osd_id != "0":
                 raise CephStartError(f"'ceph osd new' returned id {osd_id!r}, expected 0")
             self._run("ceph-osd", "-i", "0", "--mkfs", "--osd-uuid", osd_uuid)
             self._spawn("osd.0", "ceph-osd", "-f", "-i", "0")
-            self._wait(self._osd_up, "osd.0", "to be up")
+            self._wait(self._osd_up, "osd.0", "up")
             self.ceph("osd", "pool", "create", POOL, "8", "8")
             # `rbd pool init` returns once the pool's placement groups are active.
             self._run("rbd", "pool", "init", POOL, timeout=_START_TIMEOUT)
@@ -205,15 +205,16 @@ log file = {r}/log/client.log
         assert callable(ready)
         deadline = time.monotonic() + _START_TIMEOUT
         proc = self.procs[name]
+        log, out = self.log_dir / f"{name}.log", self.log_dir / f"{name}.stdout"
         while True:
             if proc.poll() is not None:
-                raise CephStartError(f"{name} exited with {proc.returncode} before {what}; see "
-                                     f"{self.log_dir / (name + '.log')}:\n{_tail(self.log_dir / (name + '.log'))}")
+                # errors before the log is opened go to stderr, kept in the .stdout file
+                raise CephStartError(f"{name} exited with {proc.returncode} before {'being ' if what == 'up' else ''}"
+                                     f"{what}; see {log} and {out}:\n{_tail(out)}\n{_tail(log, 5)}")
             if ready():
                 return
             if time.monotonic() > deadline:
-                raise CephStartError(f"{name} did not come {what} within {_START_TIMEOUT}s; see "
-                                     f"{self.log_dir / (name + '.log')}")
+                raise CephStartError(f"{name} was not {what} within {_START_TIMEOUT}s; see {log}")
             time.sleep(0.05)
 
     def _osd_up(self) -> bool:
