@@ -128,6 +128,18 @@ def test_random_round_trips(bs: RbdBackstore, runner: Runner) -> None:
     assert whole == model
 
 
+def test_empty_requests_complete_without_librbd(bs: RbdBackstore, runner: Runner) -> None:
+    # librbd aborts the whole process on an empty read: they must never reach it
+    runner.ok(bs.read, bytearray(0), 0)
+    runner.ok(bs.write, [bytearray(0), b""], 4096, True)
+    runner.ok(bs.discard, 0, 0)
+    runner.ok(bs.write_zeroes, 0, 0)
+    runner.ok(bs.compare_and_write, 0, b"", b"")
+    bs.read_into(bytearray(0), 0)
+    bs.write_blocking([b""], 0)
+    assert bs.inflight == 0
+
+
 def test_many_reads_in_flight(bs: RbdBackstore, runner: Runner) -> None:
     data = os.urandom(8 * MiB)
     bs.write_blocking([data], 0)

@@ -4,7 +4,10 @@ Data path (loop thread, no thread hop): ``read``/``write``/``flush``/``discard``
 ``compare_and_write`` start a librbd aio and return; the completion runs ``done(exc)`` on the
 event loop, handed over in batches through the image's eventfd (see backstore/librbd.py).
 ``exc`` is None on success, a ``Miscompare`` for a failed COMPARE AND WRITE, else an OSError
-carrying librbd's errno.
+carrying librbd's errno.  A request that cannot even start (closed or read-only image, librbd
+refusing it) raises at once instead.  ``done`` always runs later, never inside the call, empty
+requests included.  ``close()`` belongs after the I/O in flight (``inflight``) has completed:
+the completions of requests still in flight then never run.
 
 Blocking calls (``block_status``, ``resize``, ``refresh_size``, ``allocated_bytes``,
 ``read_into``/``write_blocking``/``flush_blocking`` for copy and sanitize work, ``open``/``close``)
@@ -231,6 +234,10 @@ class RbdBackstore:
 
     # --- asynchronous data path (loop thread) ----------------------------------------------
 
+    @property
+    def inflight(self) -> int:
+        return self.image.inflight if self.image is not None else 0
+
     def _img(self) -> Image:
         if self.image is None:
             raise OSError(errno.EBADF, f"{self.path} is closed")
@@ -299,6 +306,10 @@ class RbdBackstore:
         if self.read_only:
             raise OSError(errno.EROFS, f"{self.path} is read-only")
         img = self._img()
+        if not data:
+            assert self.loop is not None, "attach() first"
+            self.loop.call_soon(done, None)  # nothing to compare (librbd must never see it)
+            return
         if self.caw_atomic(offset, len(data)):
 
             def finished(r: int, mismatch: int | None) -> None:
