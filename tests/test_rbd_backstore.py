@@ -268,6 +268,19 @@ def test_two_clients_share_one_image(rbd_image: Image, runner: Runner) -> None:
         assert sorted(type(r).__name__ for r in results) == ["Miscompare", "NoneType"], results
         winner = b"A" if results[0] is None else b"B"
         assert runner.read(a, 0, 512) == winner * 512 == runner.read(b, 0, 512)
+        # a compare-and-write beyond one sector holds the lock only while it runs
+        runner.ok(a.compare_and_write, 0, runner.read(a, 0, 4096), b"C" * 4096)
+        assert runner.read(b, 0, 4096) == b"C" * 4096
+        runner.ok(b.write, [b"D" * 4096], 0, False)
+        assert runner.read(a, 0, 4096) == b"D" * 4096
+        # a gateway holding the lock explicitly: the peer's write fails at once, nothing lands
+        a.hold_lock()
+        exc = runner.call(b.write, [b"E" * 4096], 0, False)
+        assert isinstance(exc, OSError) and exc.errno == errno.EROFS
+        assert runner.read(b, 0, 4096) == b"D" * 4096
+        a.release_lock()
+        runner.ok(b.write, [b"F" * 4096], 0, False)
+        assert runner.read(a, 0, 4096) == b"F" * 4096
     finally:
         a.close()
         b.close()

@@ -159,6 +159,7 @@ class RbdBackstore:
         self.on_resize: Callable[[int], None] | None = None
         self._watch: int | None = None
         self._refreshing = False
+        self.holds_lock = False  # the exclusive lock taken explicitly (hold_lock), kept until released
 
     def _option(self, name: str) -> str:
         """A librbd option as this image sees it: image override, pool override, then config."""
@@ -328,16 +329,29 @@ class RbdBackstore:
 
     def _locked_compare_and_write(self, offset: int, compare: Buffer, data: Buffer) -> None:
         img = self._img()
-        had_lock = img.is_lock_owner()
-        img.lock_acquire()
+        held = self.holds_lock
+        if not held:
+            img.lock_acquire()
         try:
             cur = img.read(offset, len(compare))
             if cur != compare:
                 raise Miscompare(next(k for k, (a, b) in enumerate(zip(cur, bytes(compare), strict=True)) if a != b))
             img.write(data, offset)
         finally:
-            if not had_lock:
+            if not held:
+                # An explicitly held lock makes every peer's write fail with EROFS: give it back.
                 img.lock_release()
+
+    def hold_lock(self) -> None:
+        """Take the image's exclusive lock and keep it (blocking).  Peers' writes then fail at
+        once with EROFS instead of asking for the lock: the active/optimized gateway's mode."""
+        self._img().lock_acquire()
+        self.holds_lock = True
+
+    def release_lock(self) -> None:
+        """Give the lock back: peers' writes take it over transparently again (blocking)."""
+        self._img().lock_release()
+        self.holds_lock = False
 
     # --- blocking calls (threads) ----------------------------------------------------------
 
