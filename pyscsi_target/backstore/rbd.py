@@ -151,7 +151,7 @@ class RbdBackstore:
             self.unmap_granularity = self.object_size
             self.discard_zeroes_granularity = self._discard_zeroes_granularity()
             # With rbd_cache on (the user's choice), acknowledged writes may sit in this process.
-            self.cached = self.rados.conf_get("rbd_cache").lower() in ("true", "1")
+            self.cached = self._option("rbd_cache").lower() in ("true", "1")
         except BaseException:
             self._release()
             raise
