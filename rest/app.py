@@ -9,11 +9,13 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
@@ -77,6 +79,28 @@ def authenticate(request: web.Request) -> list[int] | None:
     return None
 
 
+_SLASHES = re.compile(r"//+")
+
+
+@web.middleware
+async def merge_slashes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve ``/a//b`` as ``/a/b``, as nginx (``merge_slashes on``) did in front of FreeNAS.
+
+    opensvc's driver POSTs to ``.../target//``: FreeNAS served it, so we do.  Not a redirect
+    (a POST would not survive one in every client): the request is routed again on the merged
+    path, and everything after this (authentication included) sees only the merged path."""
+    raw = request.rel_url.raw_path
+    if "//" not in raw:
+        return await handler(request)
+    url = URL.build(path=_SLASHES.sub("/", raw), query_string=request.rel_url.raw_query_string, encoded=True)
+    merged = request.clone(rel_url=url)
+    match_info = await request.app.router.resolve(merged)
+    match_info.add_app(request.app)
+    match_info.freeze()
+    merged._match_info = match_info  # what Application._handle does once a route is resolved
+    return await api_middleware(merged, match_info.handler)
+
+
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
@@ -132,7 +156,7 @@ def make_app(
     store = store or service.store
     if extent_roots is not None:
         service.set_extent_roots(extent_roots)
-    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[merge_slashes, api_middleware], client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     app[STORE_KEY] = store
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)

@@ -303,6 +303,11 @@ async def get_version(request: web.Request) -> web.Response:
     return json_response(tables.SYSTEM_VERSION.serialize(request.app[SERVICE_KEY].model, None))
 
 
+async def get_v2_version(request: web.Request) -> web.Response:
+    """The one v2.0 resource served: clients probe it first to choose their API (a JSON string)."""
+    return json_response(tables.FREENAS_RELEASE)
+
+
 # --- routes and their documentation ----------------------------------------------------------
 
 
@@ -409,6 +414,16 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
         Operation(
             "GET", "/api/v1.0/system/version/", get_version, "get_version", TAG,
             {200: Response("Version", tables.SYSTEM_VERSION.output_schema()), **errors(401)},
+        ),
+        Operation(
+            "GET", "/api/v2.0/system/version/", get_v2_version, "get_v2_version", TAG,
+            {
+                200: Response(
+                    "The release, as FreeNAS 11.2 answered the v2.0 probe (only this v2.0 path is served)",
+                    {"type": "string", "example": tables.FREENAS_RELEASE},
+                ),
+                **errors(401),
+            },
         ),
     ):
         doc.add(app, op)

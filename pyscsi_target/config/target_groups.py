@@ -17,7 +17,8 @@ class TargetGroupFields(FieldSet):
     target = Field("target", Integer(lo=1))
     portal_group = Field("portal_group", Integer(lo=1))
     initiator_group = Field("initiator_group", Nullable(Integer(lo=1)))
-    auth_group = Field("auth_group", Nullable(Integer(lo=1)))
+    # -1 is FreeNAS's form value for "no auth group" (opensvc sends it).
+    auth_group = Field("auth_group", Nullable(Integer(lo=1), none_words=(-1, "-1")))
     auth_type = Field("auth_type", Choice(Text(), AUTH_METHODS))
     # FreeNAS stored this free-form (its own document PUTs "CHAP"); kept short.
     initial_digest = Field("initial_digest", Text(max_len=120))
