@@ -170,6 +170,91 @@ async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
             assert status in (404, 200) if bad == "" else status == 404
 
 
+@pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
+@aio
+async def test_seed_examples_on_a_fresh_target(tmp_path: Path, real: bool) -> None:
+    """Both seed bodies, verbatim, on targets that are not exported yet.  The setting and the
+    secret are the target's: stored at once, shown as stored (the REQUEST example's 303 shows
+    "secret1234" although authentication stays off), and enforced - fail closed - on every
+    target group the target gets later, FreeNAS-view ones included.  With the real engine a
+    real initiator (libiscsi) proves it: CHAP demanded, a wrong secret gets 0x0201."""
+    portal = f"127.0.0.1:{free_port()}"
+    async with harness(tmp_path, portals=(portal,), real_engine=real) as h:
+        # The REQUEST example on a target made through the FreeNAS view, exported nowhere.
+        assert (await h.call("POST", f"{FN}/target/", {"iscsi_target_name": "plain"}))[0] == 201
+        oid = (await h.call("GET", HN))[1]["iscsiTargets"][0]["objectId"]
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", raw=PATCH_REQUEST)
+        assert status == 303, body
+        t = body["iscsiTarget"]
+        assert t["isAuthenticationEnabled"] is False and t["secret"] == "secret1234" and t["alias"] == "example"
+        assert (await h.call("GET", f"{HN}/{oid}"))[1]["iscsiTarget"]["secret"] == "secret1234"
+
+        # The code samples' body on a second fresh target: enabled before it is exported.
+        assert (await h.call("POST", f"{FN}/target/", {"iscsi_target_name": "fresh"}))[0] == 201
+        oid = (await h.call("GET", HN))[1]["iscsiTargets"][1]["objectId"]
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", raw=PATCH_SAMPLE)
+        assert status == 303, body
+        t = body["iscsiTarget"]
+        assert t["isAuthenticationEnabled"] is True and t["secret"] == "secret1234" and t["alias"] == "string"
+        iqn = t["globalUniqueName"]
+        assert iqn == "iqn.2026-11.org.pyscsi-target:fresh.g1"  # regenerateGUN
+        # Exported later through the FreeNAS view, the way democratic-csi asks (authtype "None",
+        # no auth group): the group demands CHAP with the target's secret all the same.
+        tg = {"iscsi_target": 2, "iscsi_target_portalgroup": 1, "iscsi_target_authtype": "None"}
+        tg["iscsi_target_authgroup"] = None
+        status, group, _ = await h.call("POST", f"{FN}/targetgroup/", tg)
+        assert status == 201 and group["iscsi_target_authtype"] == "CHAP"
+        creds = (await h.call("GET", f"{FN}/authcredential/"))[1]
+        own = [c for c in creds if c["iscsi_target_auth_tag"] == group["iscsi_target_authgroup"]]
+        assert [(c["iscsi_target_auth_user"], c["iscsi_target_auth_secret"]) for c in own] == [("fresh", "secret1234")]
+        # A FreeNAS PUT asking for less keeps CHAP: only enableAuthentication false turns it off.
+        status, group, _ = await h.call(
+            "PUT", f"{FN}/targetgroup/{group['id']}/", {"iscsi_target_authtype": "None", "iscsi_target_authgroup": ""}
+        )
+        assert status == 200 and group["iscsi_target_authtype"] == "CHAP" and group["iscsi_target_authgroup"]
+        ext = {"iscsi_target_extent_name": "lun0", "iscsi_target_extent_path": "l0"}
+        ext["iscsi_target_extent_filesize"] = "1MB"
+        assert (await h.call("POST", f"{FN}/extent/", ext))[0] == 201
+        assert (await h.call("POST", f"{FN}/targettoextent/", {"iscsi_target": 2, "iscsi_extent": 1}))[0] == 201
+        if real:
+            good = f"iscsi://fresh%secret1234@{portal}/{iqn}/0"
+            rc, out = await _run("iscsi-inq", good)
+            assert rc == 0 and "DIRECT_ACCESS" in out, out
+            rc, out = await _run("iscsi-inq", f"iscsi://fresh%wrong-secret1@{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
+            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out  # no CHAP offered: refused too
+        # Disabled: the stored secret stays (for a later re-enable) and logins need no CHAP.
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": False})
+        assert status == 303 and body["iscsiTarget"]["secret"] == "secret1234"
+        assert body["iscsiTarget"]["isAuthenticationEnabled"] is False
+        if real:
+            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc == 0 and "DIRECT_ACCESS" in out, out
+        # Re-enabled without a secret: the stored one is used again.
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": True})
+        assert status == 303 and body["iscsiTarget"]["isAuthenticationEnabled"] is True
+        if real:
+            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out
+        # The credential deleted through the FreeNAS view: logins fail (closed), not open.
+        for c in own:
+            assert (await h.call("DELETE", f"{FN}/authcredential/{c['id']}/"))[0] == 204
+        if real:
+            rc, out = await _run("iscsi-inq", f"iscsi://fresh%secret1234@{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out
+        # ...and a new target group then needs a secret first.
+        assert (await h.call("POST", f"{FN}/portal/", {"iscsi_target_portal_ips": [f"127.0.0.1:{free_port()}"]}))[
+            0
+        ] == 201
+        status, body, _ = await h.call("POST", f"{FN}/targetgroup/", {**tg, "iscsi_target_portalgroup": 2})
+        assert status == 400 and "iscsi_target_authgroup" in body
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"secret": "another-one"})
+        assert status == 303 and body["iscsiTarget"]["secret"] == "another-one"
+        status, body, _ = await h.call("POST", f"{FN}/targetgroup/", {**tg, "iscsi_target_portalgroup": 2})
+        assert status == 201 and body["iscsi_target_authtype"] == "CHAP"
+
+
 @aio
 async def test_access_config_and_errors(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
