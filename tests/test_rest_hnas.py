@@ -12,6 +12,7 @@ from support.net import free_port
 from support.rest_harness import FN, HN, aio, basic, harness
 
 from pyscsi_target.config.store import api_key_create
+from rest import hnas
 
 TARGET_FIELDS = {
     "accessConfig",
@@ -180,22 +181,23 @@ async def test_seed_examples_on_a_fresh_target(tmp_path: Path, real: bool) -> No
     real initiator (libiscsi) proves it: CHAP demanded, a wrong secret gets 0x0201."""
     portal = f"127.0.0.1:{free_port()}"
     async with harness(tmp_path, portals=(portal,), real_engine=real) as h:
-        # The REQUEST example on a target made through the FreeNAS view, exported nowhere.
-        assert (await h.call("POST", f"{FN}/target/", {"iscsi_target_name": "plain"}))[0] == 201
-        oid = (await h.call("GET", HN))[1]["iscsiTargets"][0]["objectId"]
-        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", raw=PATCH_REQUEST)
-        assert status == 303, body
-        t = body["iscsiTarget"]
-        assert t["isAuthenticationEnabled"] is False and t["secret"] == "secret1234" and t["alias"] == "example"
-        assert (await h.call("GET", f"{HN}/{oid}"))[1]["iscsiTarget"]["secret"] == "secret1234"
 
-        # The code samples' body on a second fresh target: enabled before it is exported.
-        assert (await h.call("POST", f"{FN}/target/", {"iscsi_target_name": "fresh"}))[0] == 201
-        oid = (await h.call("GET", HN))[1]["iscsiTargets"][1]["objectId"]
-        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", raw=PATCH_SAMPLE)
-        assert status == 303, body
-        t = body["iscsiTarget"]
-        assert t["isAuthenticationEnabled"] is True and t["secret"] == "secret1234" and t["alias"] == "string"
+        async def fresh_target(name: str, body: str) -> tuple[str, dict]:
+            """A target made through the FreeNAS view, exported nowhere, PATCHed with ``body``."""
+            status, made, _ = await h.call("POST", f"{FN}/target/", {"iscsi_target_name": name})
+            assert status == 201
+            oid = hnas.object_id("iscsi-target", made["id"])
+            status, reply, _ = await h.call("PATCH", f"{HN}/{oid}", raw=body)
+            assert status == 303 and reply["iscsiTarget"]["secret"] == "secret1234", reply
+            return oid, reply["iscsiTarget"]
+
+        # The REQUEST example: authentication off, the secret kept and shown as stored.
+        oid, t = await fresh_target("plain", PATCH_REQUEST)
+        assert t["isAuthenticationEnabled"] is False and t["alias"] == "example"
+        assert (await h.call("GET", f"{HN}/{oid}"))[1]["iscsiTarget"]["secret"] == "secret1234"
+        # The code samples' body: enabled before the target is exported.
+        oid, t = await fresh_target("fresh", PATCH_SAMPLE)
+        assert t["isAuthenticationEnabled"] is True and t["alias"] == "string"
         iqn = t["globalUniqueName"]
         assert iqn == "iqn.2026-11.org.pyscsi-target:fresh.g1"  # regenerateGUN
         # Exported later through the FreeNAS view, the way democratic-csi asks (authtype "None",
