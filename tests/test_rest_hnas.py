@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from support.net import free_port
-from support.rest_harness import FN, HN, aio, basic, harness
+from support.rest_harness import FN, HN, aio, basic, harness, run_tool
 
 from pyscsi_target.config.store import api_key_create
 from rest import hnas
@@ -51,12 +50,6 @@ async def _setup_target(h) -> str:  # type: ignore[no-untyped-def]
     status, body, _ = await h.call("GET", HN)
     assert status == 200
     return body["iscsiTargets"][0]["objectId"]
-
-
-async def _run(*cmd: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
-    return proc.returncode or 0, out
 
 
 @pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
@@ -114,31 +107,31 @@ async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
         if real:
             new_iqn = t["globalUniqueName"]
             url = f"iscsi://target%secret1234@{portal}/{new_iqn}/1"
-            rc, out = await _run("iscsi-inq", url)
+            rc, out = await run_tool("iscsi-inq", url)
             assert rc == 0 and "DIRECT_ACCESS" in out, out
-            rc, out = await _run("iscsi-inq", f"iscsi://target%wrong-secret@{portal}/{new_iqn}/1")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://target%wrong-secret@{portal}/{new_iqn}/1")
             assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
-            rc, out = await _run("iscsi-ls", f"iscsi://{portal}")
+            rc, out = await run_tool("iscsi-ls", f"iscsi://{portal}")
             assert f"Target:{new_iqn} " in out and f"Target:{iqn0} " not in out, out
             # accessConfig that excludes 127.0.0.1: the login is refused with 0x0202; blank again admits it.
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "192.0.2.0/24"}))[0] == 303
-            rc, out = await _run("iscsi-inq", url)
+            rc, out = await run_tool("iscsi-inq", url)
             assert rc != 0 and "(514)" in out, out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
-            assert (await _run("iscsi-inq", url))[0] == 0
+            assert (await run_tool("iscsi-inq", url))[0] == 0
             if shutil.which("qemu-io"):
                 # "(ro)": the LUN is write-protected for this host; "(rw)" writes again.
                 assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "10.0.0.0/8, 127.0.0.1(ro)"}))[0] == 303
-                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
                 assert rc != 0 and "write protected" in out, out  # qemu reads the WP bit of MODE SENSE
-                rc, out = await _run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", url)
                 assert rc == 0 and "read 4096/4096" in out, out
                 assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
-                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
                 assert rc == 0 and "wrote 4096/4096" in out, out
             # A larger filesize through the FreeNAS view grows the LUN live.
             assert (await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_filesize": "2MB"}))[0] == 200
-            rc, out = await _run("iscsi-readcapacity16", "-s", url)
+            rc, out = await run_tool("iscsi-readcapacity16", "-s", url)
             assert rc == 0 and out.strip() == str(2 << 20), out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": ""}))[0] == 303
         # Disable again, then change the secret alone: one credential, updated in place.
@@ -220,30 +213,30 @@ async def test_seed_examples_on_a_fresh_target(tmp_path: Path, real: bool) -> No
         assert (await h.call("POST", f"{FN}/targettoextent/", {"iscsi_target": 2, "iscsi_extent": 1}))[0] == 201
         if real:
             good = f"iscsi://fresh%secret1234@{portal}/{iqn}/0"
-            rc, out = await _run("iscsi-inq", good)
+            rc, out = await run_tool("iscsi-inq", good)
             assert rc == 0 and "DIRECT_ACCESS" in out, out
-            rc, out = await _run("iscsi-inq", f"iscsi://fresh%wrong-secret1@{portal}/{iqn}/0")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://fresh%wrong-secret1@{portal}/{iqn}/0")
             assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
-            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
             assert rc != 0 and "(513)" in out, out  # no CHAP offered: refused too
         # Disabled: the stored secret stays (for a later re-enable) and logins need no CHAP.
         status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": False})
         assert status == 303 and body["iscsiTarget"]["secret"] == "secret1234"
         assert body["iscsiTarget"]["isAuthenticationEnabled"] is False
         if real:
-            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
             assert rc == 0 and "DIRECT_ACCESS" in out, out
         # Re-enabled without a secret: the stored one is used again.
         status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": True})
         assert status == 303 and body["iscsiTarget"]["isAuthenticationEnabled"] is True
         if real:
-            rc, out = await _run("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
             assert rc != 0 and "(513)" in out, out
         # The credential deleted through the FreeNAS view: logins fail (closed), not open.
         for c in own:
             assert (await h.call("DELETE", f"{FN}/authcredential/{c['id']}/"))[0] == 204
         if real:
-            rc, out = await _run("iscsi-inq", f"iscsi://fresh%secret1234@{portal}/{iqn}/0")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://fresh%secret1234@{portal}/{iqn}/0")
             assert rc != 0 and "(513)" in out, out
         # ...and a new target group then needs a secret first.
         assert (await h.call("POST", f"{FN}/portal/", {"iscsi_target_portal_ips": [f"127.0.0.1:{free_port()}"]}))[
