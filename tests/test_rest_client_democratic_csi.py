@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.freenas_pool import FakePool
 from support.net import free_port
 from support.rest_harness import Harness, aio, harness, run_tool
-from support.zvols import FakeZvols
 
 TARGET_ID = "democratic-csi:freenas_iscsi_target_id"
 EXTENT_ID = "democratic-csi:freenas_iscsi_extent_id"
@@ -226,7 +226,7 @@ async def _admin_setup(h: Harness) -> None:
 @aio
 async def test_probe_create_expand_delete_and_retries(tmp_path: Path, real: bool) -> None:
     portal = f"127.0.0.1:{free_port()}"
-    with FakeZvols(tmp_path) as zvols:
+    with FakePool(tmp_path) as pool:
         async with harness(tmp_path / "state", portals=(portal,), real_engine=real) as h:
             await _admin_setup(h)
             driver = DemocraticCsi(h)
@@ -240,7 +240,7 @@ async def test_probe_create_expand_delete_and_retries(tmp_path: Path, real: bool
 
             # CreateVolume: target, target group, extent, LUN 0, every POST answered 201.
             dataset = "k8s/b/vols/pvc-1"
-            disk = zvols.create(dataset, 8 << 20)
+            disk = pool.zvol(dataset, 8 << 20)
             name = "csi-pvc-1-clustera"
             props: dict[str, Any] = {}
             driver.requests.clear()
@@ -268,7 +268,7 @@ async def test_probe_create_expand_delete_and_retries(tmp_path: Path, real: bool
             # ControllerExpandVolume (apiVersion 1, not SCALE): `zfs set volsize` and `ctld reload`
             # over SSH, no HTTP request at all (ssh.js expandVolume).
             driver.requests.clear()
-            zvols.resize(dataset, 16 << 20)
+            pool.resize(dataset, 16 << 20)
             assert driver.requests == []
 
             # DeleteVolume: GET + DELETE of the target (its groups and LUN go with it), then of the
@@ -298,12 +298,12 @@ async def test_probe_create_expand_delete_and_retries(tmp_path: Path, real: bool
 async def test_create_retry_after_a_partial_create(tmp_path: Path) -> None:
     """CreateVolume failed after the target and its group were made (the extent POST never
     arrived): the retry's target and group POSTs get 409 and find them; the rest is made."""
-    with FakeZvols(tmp_path) as zvols:
+    with FakePool(tmp_path) as pool:
         async with harness(tmp_path / "state") as h:
             await _admin_setup(h)
             driver = DemocraticCsi(h)
             driver.api_version = await driver.detect_api_version()
-            name, disk = "csi-pvc-2", zvols.create("vols/pvc-2", 4 << 20)
+            name, disk = "csi-pvc-2", pool.zvol("vols/pvc-2", 4 << 20)
             target = {"iscsi_target_name": name, "iscsi_target_alias": ""}
             status, made, _ = await h.call("POST", "/api/v1.0/services/iscsi/target/", target)
             group = {"iscsi_target": made["id"], "iscsi_target_portalgroup": 1, "iscsi_target_initiatorgroup": 1}

@@ -1,10 +1,13 @@
-"""Stand-ins for FreeNAS zvols: block devices at ``/dev/zvol/<pool>/<name>``.
+"""A stand-in for a FreeNAS pool: its zvols at ``/dev/zvol/<pool>/...``, its mount point
+``/mnt/<pool>``.
 
-FreeNAS clients name a zvol-backed Disk extent ``zvol/<pool>/<dataset>/<name>`` (democratic-csi,
-freenas-proxmox) and find it again by the path FreeNAS showed, ``/dev/zvol/...``.  A test gets
-the same names here: a loop device over a sparse file, linked from a pool directory of its own
-under /dev/zvol (a unique name, so a host's real zvols are never touched), all removed on exit.
-Needs root and losetup, as the test's other block-device tests.
+FreeNAS clients name a zvol-backed Disk extent ``zvol/<pool>/<dataset>`` (democratic-csi,
+freenas-proxmox) and find it again by the path FreeNAS showed, ``/dev/zvol/...``; File extents
+they put at ``/mnt/<pool>/...`` (opensvc).  A test gets the same names here: zvols are loop
+devices over sparse files, linked from a directory of the pool's own under /dev/zvol, and the
+mount point is a directory (the daemon's extent root in the test).  The pool name is unique,
+so nothing of the host is touched, and everything is removed on exit.  Zvols need root and
+losetup, as the other block-device tests.
 """
 
 from __future__ import annotations
@@ -21,24 +24,34 @@ import pytest
 ZVOL_DIR = Path("/dev/zvol")
 
 
-class FakeZvols:
+MNT = Path("/mnt")
+
+
+class FakePool:
     def __init__(self, tmp_path: Path) -> None:
-        if shutil.which("losetup") is None:
-            pytest.skip("losetup not available")
         self.tmp = tmp_path
         self.pool = "pst" + secrets.token_hex(3)  # short: clients cap "zvol/<name>" at 63 characters
         self._made_zvol_dir = False
         self._loops: dict[str, str] = {}  # dataset name -> /dev/loopN
 
-    def __enter__(self) -> FakeZvols:
+    def __enter__(self) -> FakePool:
         return self
+
+    @property
+    def mountpoint(self) -> Path:
+        """``/mnt/<pool>``, made on first use."""
+        path = MNT / self.pool
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def create(self, dataset: str, size: int) -> str:
+    def zvol(self, dataset: str, size: int) -> str:
         """A zvol ``<pool>/<dataset>`` of ``size`` bytes; returns the extent disk name
         (``zvol/<pool>/<dataset>``) a FreeNAS client sends."""
+        if shutil.which("losetup") is None:
+            pytest.skip("losetup not available")
         image = self.tmp / f"zvol-{len(self._loops)}.img"
         image.write_bytes(b"")
         os.truncate(image, size)
@@ -63,6 +76,7 @@ class FakeZvols:
         subprocess.run(["losetup", "-c", loop], check=True)
 
     def close(self) -> None:
+        shutil.rmtree(MNT / self.pool, ignore_errors=True)
         shutil.rmtree(ZVOL_DIR / self.pool, ignore_errors=True)
         if self._made_zvol_dir:
             try:
