@@ -17,11 +17,12 @@ from pathlib import Path
 from aiohttp import web
 from yarl import URL
 
+from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
 from . import freenas, hnas, openapi
-from .common import ADMIN_KEY, ALLOWED_VS_KEY, SERVICE_KEY, STORE_KEY, json_response
+from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
@@ -141,17 +142,28 @@ async def _openapi_handler(request: web.Request) -> web.Response:
     return json_response(request.app[DOC_KEY].document())
 
 
+async def _start_monitor(app: web.Application) -> None:
+    app[MONITOR_KEY].start()
+
+
+async def _stop_monitor(app: web.Application) -> None:
+    await app[MONITOR_KEY].stop()
+
+
 def make_app(
     service: ConfigService,
     store: ConfigStore | None = None,
     *,
     extent_roots: list[Path | str] | None = None,
     admin: tuple[str, str] | None = None,
+    monitor: SpaceMonitor | None = None,
 ) -> web.Application:
     """The REST application.
 
     ``store`` defaults to ``service.store``; ``extent_roots``, when given, replaces the
-    service's extent roots; ``admin`` (user, password) defaults to ``admin_credentials()``.
+    service's extent roots; ``admin`` (user, password) defaults to ``admin_credentials()``;
+    ``monitor`` (the space thresholds' watcher, whose alerts ``system/alert`` shows) defaults
+    to one over ``service``, checking periodically while the application runs.
     """
     store = store or service.store
     if extent_roots is not None:
@@ -160,6 +172,9 @@ def make_app(
     app[SERVICE_KEY] = service
     app[STORE_KEY] = store
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
+    app[MONITOR_KEY] = monitor or SpaceMonitor(lambda: service.model, lambda: service.extent_roots)
+    app.on_startup.append(_start_monitor)
+    app.on_cleanup.append(_stop_monitor)
     app.on_response_prepare.append(_on_prepare)
     app.router.add_get("/api/openapi.json", _openapi_handler)
     doc = app[DOC_KEY] = openapi.new_doc()

@@ -172,3 +172,16 @@ SYSTEM_VERSION = Table(
         Column("version", show=lambda model, _: "", schema={"type": "string"}),
     ),
 )
+
+
+# /api/v1.0/system/alert/ as FreeNAS 11.3 showed alert.list (gui/api/resources.py AlertResource).
+SYSTEM_ALERT = Table(
+    "Alert",
+    (
+        Column("id", show=lambda model, a: a.id, schema={"type": "string"}),
+        Column("level", show=lambda model, a: a.level, schema={"type": "string", "example": "WARNING"}),
+        Column("message", show=lambda model, a: a.message, schema={"type": "string"}),
+        Column("dismissed", show=lambda model, a: a.dismissed, schema={"type": "boolean"}),
+        Column("timestamp", show=lambda model, a: int(a.since), schema={"type": "integer"}),
+    ),
+)
