@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 
 from pyscsi_target.config.errors import Errors, ValidationError
-from pyscsi_target.config.fields import Boolean, Field, FieldSet, Text
+from pyscsi_target.config.fields import UNSET, Boolean, Field, FieldSet, Text
 from pyscsi_target.config.model import AuthCredential, ConfigModel, Target, TargetGroup
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.target_groups import CHAP_METHODS, require_target_chap
@@ -146,6 +146,8 @@ def _apply_auth(draft: Draft, t: Target, fields: Fields) -> None:
     model = draft.model
     enable = HnasTargetFields.enable_authentication.read(fields, Errors())  # checked already
     secret = fields.get("secret")
+    if enable is UNSET and not secret:
+        return  # a PATCH of other fields leaves authentication as it is
     groups = model.groups_of_target(t.id)
     if t.auth_group is None:
         t.auth_group = _adoptable_tag(model, t)
