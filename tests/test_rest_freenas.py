@@ -612,6 +612,10 @@ async def test_slashes_are_merged_as_nginx_did(tmp_path: Path) -> None:
         assert status == 200 and body["id"] == 1
         status, body, _ = await h.call("GET", f"{FN}/target//?offset=1")  # the query string survives
         assert status == 200 and body == []
+        status, body, headers = await h.call("GET", f"{FN}//nothing//")
+        assert status == 404 and headers["Content-Type"].startswith("application/json")
+        status, body, headers = await h.call("PATCH", f"{FN}/target//1//", {})
+        assert status == 405 and "PUT" in headers["Allow"]
         # Merged before authentication: "//api/..." is still protected.
         paths = (b"//api/v1.0/services/iscsi/target/", b"//v9//storage/iscsi-targets", b"///api//v2.0/system/version/")
         for path in paths:

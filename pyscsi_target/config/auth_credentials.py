@@ -10,8 +10,6 @@ from pyscsi_target.config.fields import Field, FieldSet, Integer, Text
 from pyscsi_target.config.model import AuthCredential, ConfigModel
 
 CHAP_MIN, CHAP_MAX = 12, 16  # FreeNAS's secret lengths
-
-
 DEFAULT_TAG = 1  # FreeNAS's model default: a credential sent without a tag joins group 1
 
 
