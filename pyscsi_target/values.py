@@ -99,6 +99,26 @@ def parse_listen(text: str, *, default_port: int | None = None, allow_zero: bool
     return ListenAddress(str(ip), port)
 
 
+ISNS_PORT = 3205  # RFC 4171
+
+
+def parse_isns_servers(text: str) -> tuple[tuple[ListenAddress, ...], tuple[str, ...]]:
+    """FreeNAS ``iscsi_isns_servers``: IP[:port] entries (IPv6 in brackets, port 3205 by
+    default) separated by white space or commas.  Returns the servers, duplicates dropped,
+    and the entries that are not IP[:port] (host names included: FreeNAS refused them)."""
+    servers: list[ListenAddress] = []
+    rejected: list[str] = []
+    for entry in text.replace(",", " ").split():
+        try:
+            addr = parse_listen(entry, default_port=ISNS_PORT)
+        except ValueError:
+            rejected.append(entry)
+            continue
+        if addr not in servers:
+            servers.append(addr)
+    return tuple(servers), tuple(rejected)
+
+
 def parse_peer_ip(text: str) -> IPAddress | None:
     """A connection's peer address as the access rules see it: zone index dropped and an
     IPv4-mapped IPv6 address (dual-stack socket) turned back into IPv4; None if unparsable."""

@@ -9,17 +9,20 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
+from yarl import URL
 
+from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
 from . import freenas, hnas, openapi
-from .common import ADMIN_KEY, ALLOWED_VS_KEY, SERVICE_KEY, STORE_KEY, json_response
+from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
@@ -77,6 +80,28 @@ def authenticate(request: web.Request) -> list[int] | None:
     return None
 
 
+_SLASHES = re.compile(r"//+")
+
+
+@web.middleware
+async def merge_slashes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Serve ``/a//b`` as ``/a/b``, as nginx (``merge_slashes on``) did in front of FreeNAS.
+
+    opensvc's driver POSTs to ``.../target//``: FreeNAS served it, so we do.  Not a redirect
+    (a POST would not survive one in every client): the request is routed again on the merged
+    path, and everything after this (authentication included) sees only the merged path."""
+    raw = request.rel_url.raw_path
+    if "//" not in raw:
+        return await handler(request)
+    url = URL.build(path=_SLASHES.sub("/", raw), query_string=request.rel_url.raw_query_string, encoded=True)
+    merged = request.clone(rel_url=url)
+    match_info = await request.app.router.resolve(merged)
+    match_info.add_app(request.app)
+    match_info.freeze()
+    merged._match_info = match_info  # what Application._handle does once a route is resolved
+    return await api_middleware(merged, match_info.handler)
+
+
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
@@ -117,25 +142,39 @@ async def _openapi_handler(request: web.Request) -> web.Response:
     return json_response(request.app[DOC_KEY].document())
 
 
+async def _start_monitor(app: web.Application) -> None:
+    app[MONITOR_KEY].start()
+
+
+async def _stop_monitor(app: web.Application) -> None:
+    await app[MONITOR_KEY].stop()
+
+
 def make_app(
     service: ConfigService,
     store: ConfigStore | None = None,
     *,
     extent_roots: list[Path | str] | None = None,
     admin: tuple[str, str] | None = None,
+    monitor: SpaceMonitor | None = None,
 ) -> web.Application:
     """The REST application.
 
     ``store`` defaults to ``service.store``; ``extent_roots``, when given, replaces the
-    service's extent roots; ``admin`` (user, password) defaults to ``admin_credentials()``.
+    service's extent roots; ``admin`` (user, password) defaults to ``admin_credentials()``;
+    ``monitor`` (the space thresholds' watcher, whose alerts ``system/alert`` shows) defaults
+    to one over ``service``, checking periodically while the application runs.
     """
     store = store or service.store
     if extent_roots is not None:
         service.set_extent_roots(extent_roots)
-    app = web.Application(middlewares=[api_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[merge_slashes, api_middleware], client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     app[STORE_KEY] = store
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
+    app[MONITOR_KEY] = monitor or SpaceMonitor(lambda: service.model, lambda: service.extent_roots)
+    app.on_startup.append(_start_monitor)
+    app.on_cleanup.append(_stop_monitor)
     app.on_response_prepare.append(_on_prepare)
     app.router.add_get("/api/openapi.json", _openapi_handler)
     doc = app[DOC_KEY] = openapi.new_doc()

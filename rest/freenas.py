@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from pyscsi_target.config.errors import ConfigError, Errors
-from pyscsi_target.config.fields import UNSET, Boolean, Field, Schema
+from pyscsi_target.config.fields import UNSET, Boolean, Field, FieldSet, Schema, Text
 from pyscsi_target.config.global_settings import ServiceFields
 from pyscsi_target.config.model import ConfigModel
 from pyscsi_target.config.service import ConfigService
@@ -32,7 +32,7 @@ from pyscsi_target.config.transaction import (
 )
 
 from . import freenas_tables as tables
-from .common import SERVICE_KEY, BadJSON, json_response, read_object
+from .common import MONITOR_KEY, SERVICE_KEY, BadJSON, json_response, read_object
 from .openapi import ApiDoc, Operation, Response, crud_links, obj, ref
 from .tables import Table
 
@@ -303,6 +303,59 @@ async def get_version(request: web.Request) -> web.Response:
     return json_response(tables.SYSTEM_VERSION.serialize(request.app[SERVICE_KEY].model, None))
 
 
+# --- system/alert ----------------------------------------------------------------------------
+
+
+class AlertDismissFields(FieldSet):
+    """The body of ``PUT system/alert/dismiss/``: which alert, dismissed or restored."""
+
+    id = Field("id", Text(max_len=64))
+    dismiss = Field("dismiss", Boolean())
+
+
+_TIMESTAMP_FILTERS = {"timestamp": int.__eq__, "timestamp__gte": int.__ge__, "timestamp__lte": int.__le__}
+
+
+async def list_alerts(request: web.Request) -> web.Response:
+    """The space alerts in effect, measured now (FreeNAS's ``timestamp`` filters and paging)."""
+    alerts = await request.app[MONITOR_KEY].check()
+    for name, keep in _TIMESTAMP_FILTERS.items():
+        raw = request.query.get(name)
+        if raw is None:
+            continue
+        if not re.fullmatch(r"[0-9]{1,18}", raw):
+            return json_response({"error": f"Invalid {name} '{raw[:40]}'."}, 400)
+        alerts = [a for a in alerts if keep(int(a.since), int(raw))]
+    page = _page(request, alerts)
+    if isinstance(page, web.Response):
+        return page
+    model = request.app[SERVICE_KEY].model
+    return json_response([tables.SYSTEM_ALERT.serialize(model, a) for a in page])
+
+
+async def dismiss_alert(request: web.Request) -> web.Response:
+    """Dismiss (``"dismiss": true``) or restore an alert: 202, as FreeNAS answered."""
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    F, errs = AlertDismissFields, Errors()
+    alert_id, dismiss = F.id.read(body, errs), F.dismiss.read(body, errs)
+    for f, value in ((F.id, alert_id), (F.dismiss, dismiss)):
+        if value is UNSET and f.attr not in errs:
+            errs.add(f.attr, "This field is required.")
+    if errs.errors:
+        return json_response(errs.errors, 400)
+    assert isinstance(alert_id, str) and isinstance(dismiss, bool)
+    if not request.app[MONITOR_KEY].board.dismiss(alert_id, dismiss):
+        return json_response({"error": "Alert not found."}, 404)
+    return web.Response(status=202)
+
+
+async def get_v2_version(request: web.Request) -> web.Response:
+    """The one v2.0 resource served: clients probe it first to choose their API (a JSON string)."""
+    return json_response(tables.FREENAS_RELEASE)
+
+
 # --- routes and their documentation ----------------------------------------------------------
 
 
@@ -382,6 +435,7 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
     gc_out = gc.output_schema()
     svc = tables.ISCSI_SERVICE
     svc_out = svc.output_schema()
+    alert = doc.component(tables.SYSTEM_ALERT.name, tables.SYSTEM_ALERT.output_schema())
     services = "/api/v1.0/services/services"
     for op in (
         Operation(
@@ -409,6 +463,35 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
         Operation(
             "GET", "/api/v1.0/system/version/", get_version, "get_version", TAG,
             {200: Response("Version", tables.SYSTEM_VERSION.output_schema()), **errors(401)},
+        ),
+        Operation(
+            "GET", "/api/v1.0/system/alert/", list_alerts, "list_alerts", TAG,
+            {
+                200: Response(
+                    "The space alerts in effect (iscsi_pool_avail_threshold, extent avail_threshold)",
+                    {"type": "array", "items": alert},
+                ),
+                **errors(400, 401),
+            },
+            query=(*PAGING, *({"name": n, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0}}
+                              for n in _TIMESTAMP_FILTERS)),
+        ),
+        Operation(
+            "PUT", "/api/v1.0/system/alert/dismiss/", dismiss_alert, "dismiss_alert", TAG,
+            {202: Response("Dismissed (or restored)"), **errors(400, 401, 404, 413)},
+            summary="Dismiss an alert (dismiss: true) or restore it (false)",
+            request=obj({f.attr: f.type.input_schema() for f in AlertDismissFields.fields()}, ["id", "dismiss"]),
+            request_required=True,
+        ),
+        Operation(
+            "GET", "/api/v2.0/system/version/", get_v2_version, "get_v2_version", TAG,
+            {
+                200: Response(
+                    "The release, as FreeNAS 11.2 answered the v2.0 probe (only this v2.0 path is served)",
+                    {"type": "string", "example": tables.FREENAS_RELEASE},
+                ),
+                **errors(401),
+            },
         ),
     ):
         doc.add(app, op)

@@ -52,7 +52,7 @@ AUTH_CREDENTIAL = Table(
     "AuthCredential",
     (
         ID,
-        Column("iscsi_target_auth_tag", AC.tag, required=True, example=1),
+        Column("iscsi_target_auth_tag", AC.tag, example=1),  # default 1, as FreeNAS
         Column("iscsi_target_auth_user", AC.user, required=True, example="user"),
         Column("iscsi_target_auth_secret", AC.secret, required=True, example="secretsecret"),
         Column("iscsi_target_auth_peeruser", AC.peeruser),
@@ -153,16 +153,35 @@ ISCSI_SERVICE = Table(
     ),
 )
 
-# Clients (democratic-csi, proxmox plugins) parse "FreeNAS-<version>" out of fullversion.
+# The release clients are told they talk to.  They pick their code path from it:
+# democratic-csi and freenas-proxmox read /api/v2.0/system/version/ and use the v1.0 API for
+# 11.2 (democratic-csi: "11.2" exactly; freenas-proxmox: below 11.3-U1) and v2.0 above, which
+# is not served here.  11.2 and 11.3 served the same v1.0 iSCSI resources.
+FREENAS_RELEASE = "FreeNAS-11.2-U8"
+
+# /api/v1.0/system/version/ as FreeNAS 11.2 answered it ("version" was empty there).
 SYSTEM_VERSION = Table(
     "Version",
     (
         Column(
             "fullversion",
-            show=lambda model, _: f"FreeNAS-11.3-U5 (pyscsi-target {__version__})",
+            show=lambda model, _: f"{FREENAS_RELEASE} (pyscsi-target {__version__})",
             schema={"type": "string"},
         ),
         Column("name", show=lambda model, _: "FreeNAS", schema={"type": "string"}),
-        Column("version", show=lambda model, _: "11.3-U5", schema={"type": "string"}),
+        Column("version", show=lambda model, _: "", schema={"type": "string"}),
+    ),
+)
+
+
+# /api/v1.0/system/alert/ as FreeNAS 11.3 showed alert.list (gui/api/resources.py AlertResource).
+SYSTEM_ALERT = Table(
+    "Alert",
+    (
+        Column("id", show=lambda model, a: a.id, schema={"type": "string"}),
+        Column("level", show=lambda model, a: a.level, schema={"type": "string", "example": "WARNING"}),
+        Column("message", show=lambda model, a: a.message, schema={"type": "string"}),
+        Column("dismissed", show=lambda model, a: a.dismissed, schema={"type": "boolean"}),
+        Column("timestamp", show=lambda model, a: int(a.since), schema={"type": "integer"}),
     ),
 )

@@ -96,7 +96,7 @@ ISCSI_TARGET = Table(
         Column("globalUniqueName", show=lambda model, t: model.target_iqn(t), schema=_STR),
         Column(
             "isAuthenticationEnabled",
-            show=lambda model, t: hnas_view.target_auth(model, t.id)[0],
+            show=lambda model, t: hnas_view.target_auth(model, t)[0],
             schema={"type": "boolean"},
         ),
         Column("iscsiLogicalUnits", show=_luns, schema={"type": "array", "items": _LUN}),
@@ -104,7 +104,7 @@ ISCSI_TARGET = Table(
         Column(
             "secret",
             HV.secret,
-            show=lambda model, t: hnas_view.target_auth(model, t.id)[1],
+            show=lambda model, t: hnas_view.target_auth(model, t)[1],
             schema=_STR,
             example="secret1234",
         ),

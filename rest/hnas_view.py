@@ -1,10 +1,12 @@
 """The Hitachi NAS v9 view of a target, over the FreeNAS objects of the configuration.
 
-``enableAuthentication`` + ``secret`` map onto the target's target groups: auth type CHAP
-and an auth group holding one credential whose user is the target's CHAP name (see
-``chap_name``) and whose secret is the target's secret.  The group is "owned" by the target
-when no other target (or portal) uses its tag; a shared group is never modified: the
-target gets a fresh tag instead.  A /v9-created target is exported on every portal group.
+``enableAuthentication`` and ``secret`` belong to the target (``Target.auth_required``,
+``Target.auth_group``): the secret is the credential in the target's own auth group, whose
+user is the target's CHAP name (see ``chap_name``); while authentication is enabled every
+target group of the target demands CHAP with it, including groups added later through the
+FreeNAS view (``require_target_chap``).  The group is the target's own when nothing else
+uses its tag; a shared group is never modified: the target gets a fresh tag instead.  A
+/v9-created target is exported on every portal group.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import re
 from collections.abc import Mapping
 
 from pyscsi_target.config.errors import Errors, ValidationError
-from pyscsi_target.config.fields import Boolean, Field, FieldSet, Text
+from pyscsi_target.config.fields import UNSET, Boolean, Field, FieldSet, Text
 from pyscsi_target.config.model import AuthCredential, ConfigModel, Target, TargetGroup
 from pyscsi_target.config.service import ConfigService
+from pyscsi_target.config.target_groups import CHAP_METHODS, require_target_chap
 from pyscsi_target.config.targets import TargetFields, build_target
 from pyscsi_target.config.transaction import AUTH_CREDENTIALS, TARGET_GROUPS, TARGETS, Draft, copy_of, lookup
 
@@ -35,29 +38,41 @@ def chap_name(target: Target) -> str:
     return target.name
 
 
-def target_auth(model: ConfigModel, target_id: int) -> tuple[bool, str]:
-    """(isAuthenticationEnabled, secret) of a target, as the /v9 view shows them."""
-    groups = model.groups_of_target(target_id)
-    enabled = bool(groups) and all(g.auth_type in ("CHAP", "CHAP Mutual") for g in groups)
-    tags = [g.auth_group for g in groups if g.auth_group is not None]
-    secret = ""
-    if tags:
-        creds = sorted(model.auth_group(tags[0]), key=lambda c: c.id)
-        if creds:
-            secret = creds[0].secret
-    return enabled, secret
+def _auth_tag(model: ConfigModel, t: Target) -> int | None:
+    """The auth group whose secret the /v9 view shows: the target's own, else (a target set
+    up through the FreeNAS view) the one its first target group uses."""
+    if t.auth_group is not None:
+        return t.auth_group
+    return next((g.auth_group for g in model.groups_of_target(t.id) if g.auth_group is not None), None)
 
 
-def _owned_tag(model: ConfigModel, target_id: int) -> int | None:
-    tags = {g.auth_group for g in model.groups_of_target(target_id)}
-    if len(tags) != 1:
-        return None
-    tag = next(iter(tags))
+def target_auth(model: ConfigModel, t: Target) -> tuple[bool, str]:
+    """(isAuthenticationEnabled, secret) of a target, as the /v9 view shows them: enabled
+    when the target requires it or every target group demands CHAP; the secret as stored."""
+    groups = model.groups_of_target(t.id)
+    enabled = t.auth_required or (bool(groups) and all(g.auth_type in CHAP_METHODS for g in groups))
+    creds = sorted(model.auth_group(_auth_tag(model, t)), key=lambda c: c.id)
+    return enabled, creds[0].secret if creds else ""
+
+
+def _owned(model: ConfigModel, t: Target, tag: int | None) -> bool:
+    """True if only this target uses auth group ``tag`` (no other target, none of its target
+    groups, no portal's discovery auth): then its credential may be changed for the target."""
     if tag is None:
-        return None
-    users = {g.target for g in model.target_groups.values() if g.auth_group == tag}
-    pgs = {p.discovery_auth_group for p in model.portal_groups.values()}
-    return tag if users == {target_id} and tag not in pgs else None
+        return False
+    if any(g.auth_group == tag and g.target != t.id for g in model.target_groups.values()):
+        return False
+    if any(o.auth_group == tag and o.id != t.id for o in model.targets.values()):
+        return False
+    return all(p.discovery_auth_group != tag for p in model.portal_groups.values())
+
+
+def _adoptable_tag(model: ConfigModel, t: Target) -> int | None:
+    """A target without its own auth group adopts the one all its target groups use, if
+    nothing else uses it (CHAP set up through the FreeNAS view keeps its user name)."""
+    tags = {g.auth_group for g in model.groups_of_target(t.id)}
+    tag = next(iter(tags)) if len(tags) == 1 else None
+    return tag if _owned(model, t, tag) else None
 
 
 def _default_name(fields: Fields) -> str:
@@ -126,39 +141,45 @@ def _check_auth_fields(fields: Fields) -> None:
 
 
 def _apply_auth(draft: Draft, t: Target, fields: Fields) -> None:
+    """Store ``secret`` and ``enableAuthentication`` on the target and put them into effect
+    on its target groups (``require_target_chap`` keeps them there for groups added later)."""
     model = draft.model
     enable = HnasTargetFields.enable_authentication.read(fields, Errors())  # checked already
     secret = fields.get("secret")
+    if enable is UNSET and not secret:
+        return  # a PATCH of other fields leaves authentication as it is
     groups = model.groups_of_target(t.id)
-    owned = _owned_tag(model, t.id)
-    if secret is not None and str(secret):
-        if owned is None:
-            tag = max((c.tag for c in model.auth_credentials.values()), default=0) + 1
-            tag = max(tag, max((g.auth_group or 0 for g in model.target_groups.values()), default=0) + 1)
-            draft.add(AUTH_CREDENTIALS, AuthCredential(id=0, tag=tag, user=chap_name(t), secret=str(secret)))
-            for g in groups:
-                g.auth_group = tag  # a group already enforcing CHAP now uses the new secret
-            owned = tag
-        else:
-            creds = sorted(model.auth_group(owned), key=lambda c: c.id)
-            for extra in creds[1:]:
-                del model.auth_credentials[extra.id]
-            creds[0].secret = str(secret)  # the user name stays: FreeNAS-side clients may rely on it
-            if creds[0].peersecret == str(secret):
-                creds[0].peeruser = creds[0].peersecret = ""
-    if enable is True:
-        if not groups:
-            msg = "The target is not exported on any portal group, so there is nothing to protect."
-            raise ValidationError({"enable_authentication": [msg]})
-        usable = [g.auth_group for g in groups if g.auth_group is not None and model.auth_group(g.auth_group)]
-        use = owned if owned is not None else (usable[0] if usable else None)
-        if use is None:
-            raise ValidationError({"secret": ["A secret is required to enable authentication."]})
+    if t.auth_group is None:
+        t.auth_group = _adoptable_tag(model, t)
+    if isinstance(secret, str) and secret:
+        tag = t.auth_group if _owned(model, t, t.auth_group) else None
+        creds = sorted(model.auth_group(tag), key=lambda c: c.id)
+        if not creds:
+            if tag is None:  # a shared group is never modified: the target gets its own
+                used = [c.tag for c in model.auth_credentials.values()]
+                used += [g.auth_group or 0 for g in model.target_groups.values()]
+                used += [o.auth_group or 0 for o in model.targets.values()]
+                used += [p.discovery_auth_group or 0 for p in model.portal_groups.values()]
+                tag = max(used, default=0) + 1
+            creds = [draft.add(AUTH_CREDENTIALS, AuthCredential(id=0, tag=tag, user=chap_name(t), secret=secret))]
+        for extra in creds[1:]:
+            del model.auth_credentials[extra.id]
+        creds[0].secret = secret  # the user name stays: FreeNAS-side clients may rely on it
+        if creds[0].peersecret == secret:
+            creds[0].peeruser = creds[0].peersecret = ""
+        t.auth_group = tag
         for g in groups:
-            if g.auth_group is None or not model.auth_group(g.auth_group):
-                g.auth_group = use
-            if g.auth_type not in ("CHAP", "CHAP Mutual"):
-                g.auth_type = "CHAP"
+            g.auth_group = tag  # a group already enforcing CHAP now uses the new secret
+    if enable is True:
+        if not model.auth_group(t.auth_group):
+            usable = [g.auth_group for g in groups if model.auth_group(g.auth_group)]
+            if not usable:
+                raise ValidationError({"secret": ["A secret is required to enable authentication."]})
+            t.auth_group = usable[0]
+        t.auth_required = True
+        for g in groups:
+            require_target_chap(model, g)
     elif enable is False:
+        t.auth_required = False
         for g in groups:
             g.auth_type = "None"

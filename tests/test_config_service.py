@@ -81,17 +81,17 @@ async def test_hnas_auth_never_touches_a_shared_group(tmp_path: Path) -> None:
     for name in ("a", "b"):
         t = await service.create_target({"name": name})
         await service.create_target_group({"target": t.id, "portal_group": 1, "auth_type": "CHAP", "auth_group": 1})
-    assert target_auth(service.model, 1) == (True, "sharedsecret")
+    assert target_auth(service.model, service.model.targets[1]) == (True, "sharedsecret")
     await patch_target(service, 1, {"secret": "own-secret-1"})
     m = service.model
     assert m.auth_credentials[shared.id].secret == "sharedsecret"
     new_tag = m.target_groups[1].auth_group
     assert new_tag != 1 and [c.user for c in m.auth_group(new_tag)] == ["a"]
-    assert target_auth(m, 1) == (True, "own-secret-1")
-    assert target_auth(m, 2) == (True, "sharedsecret")
+    assert target_auth(m, m.targets[1]) == (True, "own-secret-1")
+    assert target_auth(m, m.targets[2]) == (True, "sharedsecret")
     # Deleting the target leaves other targets' state alone.
     await service.delete_target(1)
-    assert target_auth(service.model, 2) == (True, "sharedsecret")
+    assert target_auth(service.model, service.model.targets[2]) == (True, "sharedsecret")
 
 
 @aio
@@ -106,12 +106,17 @@ async def test_hnas_enable_reuses_an_existing_group_for_every_portal(tmp_path: P
     await patch_target(service, t.id, {"enable_authentication": True})
     groups = service.model.groups_of_target(t.id)
     assert [(g.auth_type, g.auth_group) for g in groups] == [("CHAP", 5), ("CHAP", 5)]
-    assert target_auth(engine.last, t.id) == (True, "sharedsecret")
-    # A target with no group at all cannot "enable" anything: refused, nothing changed.
+    assert target_auth(engine.last, engine.last.targets[t.id]) == (True, "sharedsecret")
+    # A target not exported yet keeps the setting and its own secret for the groups to come.
     bare = await service.create_target({"name": "bare"})
-    with pytest.raises(ValidationError):
-        await patch_target(service, bare.id, {"enable_authentication": True, "secret": "x" * 12})
-    assert not service.model.groups_of_target(bare.id) and len(service.model.auth_credentials) == 1
+    with pytest.raises(ValidationError):  # no secret to enable with: refused, nothing changed
+        await patch_target(service, bare.id, {"enable_authentication": True})
+    assert len(service.model.auth_credentials) == 1 and not service.model.targets[bare.id].auth_required
+    await patch_target(service, bare.id, {"enable_authentication": True, "secret": "x" * 12})
+    m = service.model
+    assert m.targets[bare.id].auth_required and target_auth(m, m.targets[bare.id]) == (True, "x" * 12)
+    g = await service.create_target_group({"target": bare.id, "portal_group": 2})
+    assert (g.auth_type, g.auth_group) == ("CHAP", m.targets[bare.id].auth_group) and g.auth_group != 5
 
 
 @aio

@@ -297,8 +297,13 @@ async def test_client_leniency(tmp_path: Path) -> None:
             "PUT", f"{FN}/target/1/", {"iscsi_target_alias": None, "iscsi_target_name": None}
         )
         assert status == 200 and body == {"id": 1, "iscsi_target_name": "t1", "iscsi_target_alias": "a1"}
-        # democratic-csi sends extentAvailThreshold 0 for "none".
+        # A threshold is null or 1-99; 0 is refused, as FreeNAS 11.3 did (democratic-csi sends null).
         status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_avail_threshold": 0})
+        assert status == 400
+        assert body == {"iscsi_target_extent_avail_threshold": ["Ensure this value is greater than or equal to 1."]}
+        status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_avail_threshold": 50})
+        assert status == 200 and body["iscsi_target_extent_avail_threshold"] == 50
+        status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_avail_threshold": ""})
         assert status == 200 and body["iscsi_target_extent_avail_threshold"] is None
         # Booleans as strings, as form-minded clients send them.
         status, body, _ = await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_ro": "true"})
@@ -478,7 +483,6 @@ async def test_validation_rules(tmp_path: Path) -> None:
             ("rpm", "12000"),
             ("avail_threshold", -1),
             ("avail_threshold", 100),
-            ("filesize", "0"),
             ("type", "Tape"),
             ("serial", "x" * 17),
         ):
@@ -502,6 +506,121 @@ async def test_validation_rules(tmp_path: Path) -> None:
         # A PUT never shrinks an extent file.
         status, body, _ = await h.call("PUT", f"{FN}/extent/{body['id']}/", {"iscsi_target_extent_filesize": "1TB"})
         assert status == 400
+
+
+@aio
+async def test_freenas_113_rules(tmp_path: Path) -> None:
+    """Rules and messages of FreeNAS 11.3 (truenas/middleware freenas/11.3-stable:
+    gui/services/models.py field lengths and validators; the messages of
+    src/middlewared/middlewared/plugins/iscsi.py, which its forms call)."""
+    too_long = "Ensure this value has at most {} characters (it has {})."
+    async with harness(tmp_path) as h:
+
+        async def refused(method: str, res: str, body: dict, field: str, *msgs: str) -> None:
+            status, data, _ = await h.call(method, f"{FN}/{res}", body)
+            assert status == 400 and data == {field: list(msgs)}, (body, data)
+
+        async def send(method: str, res: str, body: dict) -> tuple[int, dict]:
+            status, data, _ = await h.call(method, f"{FN}/{res}", body)
+            return status, data
+
+        # Thresholds: null or 1..99; 0 is a validation error (Django's MinValueValidator text).
+        gc, thr = "globalconfiguration/", "iscsi_pool_avail_threshold"
+        await refused("PUT", gc, {thr: 0}, thr, "Ensure this value is greater than or equal to 1.")
+        await refused("PUT", gc, {thr: 100}, thr, "Ensure this value is less than or equal to 99.")
+        assert await send("PUT", gc, {thr: 1}) == (200, {**(await send("GET", gc, {}))[1], thr: 1})
+        # iSNS servers: IP[:port] each (IPv6 in brackets); host names are refused as FreeNAS did.
+        servers = "192.0.2.1 192.0.2.2:3206 [2001:db8::1]:3205"
+        status, body = await send("PUT", gc, {"iscsi_isns_servers": servers})
+        assert status == 200 and body["iscsi_isns_servers"] == servers
+        await refused(
+            "PUT", gc, {"iscsi_isns_servers": "192.0.2.1 isns.example.com 2001:db8::1"}, "iscsi_isns_servers",
+            'Server "isns.example.com" is not a valid IP(:PORT)? tuple.',
+            'Server "2001:db8::1" is not a valid IP(:PORT)? tuple.',
+        )
+        assert h.engine.last.global_config.isns_servers == servers  # the refused change left nothing
+        # The model's lengths: basename, names and comments 120, serial 16.
+        basename = "iqn.2000-01.com.example:" + "a" * 100
+        await refused("PUT", gc, {"iscsi_basename": basename}, "iscsi_basename", too_long.format(120, 124))
+        portal = {"iscsi_target_portal_ips": ["127.0.0.1:3270"], "iscsi_target_portal_comment": "c" * 121}
+        await refused("POST", "portal/", portal, "iscsi_target_portal_comment", too_long.format(120, 121))
+        key = "iscsi_target_initiator_comment"
+        await refused("POST", "authorizedinitiator/", {key: "c" * 121}, key, too_long.format(120, 121))
+        key = "iscsi_target_name"
+        await refused("POST", "target/", {key: "t" * 121}, key, too_long.format(120, 121))
+        ext = {"iscsi_target_extent_name": "e1", "iscsi_target_extent_path": "e1.img"}
+        ext["iscsi_target_extent_filesize"] = "1MB"
+        for field, limit in (("comment", 120), ("name", 120), ("serial", 16), ("path", 120)):
+            key = f"iscsi_target_extent_{field}"
+            await refused("POST", "extent/", {**ext, key: "x" * (limit + 1)}, key, too_long.format(limit, limit + 1))
+        # Double quotes: extent names and serials, target aliases; the alias "target" is reserved.
+        quotes = "Double quotes are not allowed"
+        for key, value in (("iscsi_target_extent_name", 'say "hi"'), ("iscsi_target_extent_serial", 'ab"c')):
+            await refused("POST", "extent/", {**ext, key: value}, key, quotes)
+        target = {"iscsi_target_name": "t1", "iscsi_target_alias": 'a"b'}
+        await refused("POST", "target/", target, "iscsi_target_alias", quotes)
+        target["iscsi_target_alias"] = "target"
+        await refused("POST", "target/", target, "iscsi_target_alias", "target is a reserved word")
+        assert (await send("POST", "target/", {"iscsi_target_name": "t1", "iscsi_target_alias": "a1"}))[0] == 201
+        status, body = await send("POST", "target/", {"iscsi_target_name": "t2", "iscsi_target_alias": "a1"})
+        assert status == 409 and body == {"iscsi_target_alias": ["Alias already exists"]}
+        # File extent paths: a directory, or a path ending in "/", is an error on the path field.
+        (tmp_path / "extents" / "adir").mkdir()
+        path_key, not_a_file = "iscsi_target_extent_path", "You need to specify a filepath not a directory"
+        for path in ("adir", "adir/", "newdir/", str(tmp_path / "extents" / "adir")):
+            await refused("POST", "extent/", {**ext, path_key: path}, path_key, not_a_file)
+        assert not (tmp_path / "extents" / "newdir").exists()
+        # Size 0 ("auto") needs an existing file: the error is on the path.
+        auto = {**ext, "iscsi_target_extent_filesize": "0"}
+        await refused("POST", "extent/", auto, path_key, "The file must exist if the extent size is set to auto (0)")
+        key = "iscsi_target_extent_filesize"
+        await refused("POST", "extent/", {**ext, key: "1000"}, key, "File size must be a multiple of block size")
+        assert not (tmp_path / "extents" / "e1.img").exists()
+        # An authcredential sent without a tag joins auth group 1.
+        status, body = await send(
+            "POST", "authcredential/", {"iscsi_target_auth_user": "u", "iscsi_target_auth_secret": "s" * 12}
+        )
+        assert status == 201 and body["iscsi_target_auth_tag"] == 1
+        # Target groups: iscsi_target_authgroup -1 means none (FreeNAS's form choice; opensvc sends it).
+        tg = {"iscsi_target": 1, "iscsi_target_portalgroup": 1, "iscsi_target_authgroup": -1}
+        status, body = await send("POST", "targetgroup/", tg)
+        assert status == 201 and body["iscsi_target_authgroup"] is None
+        status, body = await send("PUT", f"targetgroup/{body['id']}/", {"iscsi_target_authgroup": "-1"})
+        assert status == 200 and body["iscsi_target_authgroup"] is None
+        status, body = await send("PUT", "targetgroup/1/", {"iscsi_target_authgroup": -2})
+        assert status == 400 and "iscsi_target_authgroup" in body
+
+
+async def _raw_get(h, path: bytes) -> bytes:  # type: ignore[no-untyped-def]
+    """A GET sent as written (clients would take "//api" as a scheme-relative URL)."""
+    server = h.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    data = await reader.read()
+    writer.close()
+    return data
+
+
+@aio
+async def test_slashes_are_merged_as_nginx_did(tmp_path: Path) -> None:
+    """FreeNAS sat behind nginx (merge_slashes on): ``target//`` was ``target/``."""
+    async with harness(tmp_path) as h:
+        status, body, _ = await h.call("POST", f"{FN}/target//", {"iscsi_target_name": "t1"})
+        assert status == 201 and body["iscsi_target_name"] == "t1"
+        status, body, _ = await h.call("GET", f"{FN}//target//1//?limit=0&format=json")
+        assert status == 200 and body["id"] == 1
+        status, body, _ = await h.call("GET", f"{FN}/target//?offset=1")  # the query string survives
+        assert status == 200 and body == []
+        status, body, headers = await h.call("GET", f"{FN}//nothing//")
+        assert status == 404 and headers["Content-Type"].startswith("application/json")
+        status, body, headers = await h.call("PATCH", f"{FN}/target//1//", {})
+        assert status == 405 and "PUT" in headers["Allow"]
+        # Merged before authentication: "//api/..." is still protected.
+        paths = (b"//api/v1.0/services/iscsi/target/", b"//v9//storage/iscsi-targets", b"///api//v2.0/system/version/")
+        for path in paths:
+            reply = await _raw_get(h, path)
+            assert reply.startswith(b"HTTP/1.1 401"), (path, reply[:60])
 
 
 @aio

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from support.net import free_port
-from support.rest_harness import FN, HN, aio, basic, harness
+from support.rest_harness import FN, HN, aio, basic, harness, run_tool
 
 from pyscsi_target.config.store import api_key_create
+from rest import hnas
 
 TARGET_FIELDS = {
     "accessConfig",
@@ -50,12 +50,6 @@ async def _setup_target(h) -> str:  # type: ignore[no-untyped-def]
     status, body, _ = await h.call("GET", HN)
     assert status == 200
     return body["iscsiTargets"][0]["objectId"]
-
-
-async def _run(*cmd: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    out = (await asyncio.wait_for(proc.communicate(), 30))[0].decode()
-    return proc.returncode or 0, out
 
 
 @pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
@@ -113,31 +107,31 @@ async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
         if real:
             new_iqn = t["globalUniqueName"]
             url = f"iscsi://target%secret1234@{portal}/{new_iqn}/1"
-            rc, out = await _run("iscsi-inq", url)
+            rc, out = await run_tool("iscsi-inq", url)
             assert rc == 0 and "DIRECT_ACCESS" in out, out
-            rc, out = await _run("iscsi-inq", f"iscsi://target%wrong-secret@{portal}/{new_iqn}/1")
+            rc, out = await run_tool("iscsi-inq", f"iscsi://target%wrong-secret@{portal}/{new_iqn}/1")
             assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
-            rc, out = await _run("iscsi-ls", f"iscsi://{portal}")
+            rc, out = await run_tool("iscsi-ls", f"iscsi://{portal}")
             assert f"Target:{new_iqn} " in out and f"Target:{iqn0} " not in out, out
             # accessConfig that excludes 127.0.0.1: the login is refused with 0x0202; blank again admits it.
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "192.0.2.0/24"}))[0] == 303
-            rc, out = await _run("iscsi-inq", url)
+            rc, out = await run_tool("iscsi-inq", url)
             assert rc != 0 and "(514)" in out, out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
-            assert (await _run("iscsi-inq", url))[0] == 0
+            assert (await run_tool("iscsi-inq", url))[0] == 0
             if shutil.which("qemu-io"):
                 # "(ro)": the LUN is write-protected for this host; "(rw)" writes again.
                 assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "10.0.0.0/8, 127.0.0.1(ro)"}))[0] == 303
-                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
                 assert rc != 0 and "write protected" in out, out  # qemu reads the WP bit of MODE SENSE
-                rc, out = await _run("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-r", "-c", "read 0 4096", url)
                 assert rc == 0 and "read 4096/4096" in out, out
                 assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": "127.0.0.1(rw)"}))[0] == 303
-                rc, out = await _run("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
+                rc, out = await run_tool("qemu-io", "-f", "raw", "-c", "write 0 4096", url)
                 assert rc == 0 and "wrote 4096/4096" in out, out
             # A larger filesize through the FreeNAS view grows the LUN live.
             assert (await h.call("PUT", f"{FN}/extent/1/", {"iscsi_target_extent_filesize": "2MB"}))[0] == 200
-            rc, out = await _run("iscsi-readcapacity16", "-s", url)
+            rc, out = await run_tool("iscsi-readcapacity16", "-s", url)
             assert rc == 0 and out.strip() == str(2 << 20), out
             assert (await h.call("PATCH", f"{HN}/{oid}", {"accessConfig": ""}))[0] == 303
         # Disable again, then change the secret alone: one credential, updated in place.
@@ -168,6 +162,92 @@ async def test_document_patch_examples(tmp_path: Path, real: bool) -> None:
         for bad in ("zz", "00", "", "313a"):
             status, body, _ = await h.call("GET", f"{HN}/{bad}")
             assert status in (404, 200) if bad == "" else status == 404
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["app", "engine"])
+@aio
+async def test_seed_examples_on_a_fresh_target(tmp_path: Path, real: bool) -> None:
+    """Both seed bodies, verbatim, on targets that are not exported yet.  The setting and the
+    secret are the target's: stored at once, shown as stored (the REQUEST example's 303 shows
+    "secret1234" although authentication stays off), and enforced - fail closed - on every
+    target group the target gets later, FreeNAS-view ones included.  With the real engine a
+    real initiator (libiscsi) proves it: CHAP demanded, a wrong secret gets 0x0201."""
+    portal = f"127.0.0.1:{free_port()}"
+    async with harness(tmp_path, portals=(portal,), real_engine=real) as h:
+
+        async def fresh_target(name: str, body: str) -> tuple[str, dict]:
+            """A target made through the FreeNAS view, exported nowhere, PATCHed with ``body``."""
+            status, made, _ = await h.call("POST", f"{FN}/target/", {"iscsi_target_name": name})
+            assert status == 201
+            oid = hnas.object_id("iscsi-target", made["id"])
+            status, reply, _ = await h.call("PATCH", f"{HN}/{oid}", raw=body)
+            assert status == 303 and reply["iscsiTarget"]["secret"] == "secret1234", reply
+            return oid, reply["iscsiTarget"]
+
+        # The REQUEST example: authentication off, the secret kept and shown as stored.
+        oid, t = await fresh_target("plain", PATCH_REQUEST)
+        assert t["isAuthenticationEnabled"] is False and t["alias"] == "example"
+        assert (await h.call("GET", f"{HN}/{oid}"))[1]["iscsiTarget"]["secret"] == "secret1234"
+        # The code samples' body: enabled before the target is exported.
+        oid, t = await fresh_target("fresh", PATCH_SAMPLE)
+        assert t["isAuthenticationEnabled"] is True and t["alias"] == "string"
+        iqn = t["globalUniqueName"]
+        assert iqn == "iqn.2026-11.org.pyscsi-target:fresh.g1"  # regenerateGUN
+        # Exported later through the FreeNAS view, the way democratic-csi asks (authtype "None",
+        # no auth group): the group demands CHAP with the target's secret all the same.
+        tg = {"iscsi_target": 2, "iscsi_target_portalgroup": 1, "iscsi_target_authtype": "None"}
+        tg["iscsi_target_authgroup"] = None
+        status, group, _ = await h.call("POST", f"{FN}/targetgroup/", tg)
+        assert status == 201 and group["iscsi_target_authtype"] == "CHAP"
+        creds = (await h.call("GET", f"{FN}/authcredential/"))[1]
+        own = [c for c in creds if c["iscsi_target_auth_tag"] == group["iscsi_target_authgroup"]]
+        assert [(c["iscsi_target_auth_user"], c["iscsi_target_auth_secret"]) for c in own] == [("fresh", "secret1234")]
+        # A FreeNAS PUT asking for less keeps CHAP: only enableAuthentication false turns it off.
+        status, group, _ = await h.call(
+            "PUT", f"{FN}/targetgroup/{group['id']}/", {"iscsi_target_authtype": "None", "iscsi_target_authgroup": ""}
+        )
+        assert status == 200 and group["iscsi_target_authtype"] == "CHAP" and group["iscsi_target_authgroup"]
+        ext = {"iscsi_target_extent_name": "lun0", "iscsi_target_extent_path": "l0"}
+        ext["iscsi_target_extent_filesize"] = "1MB"
+        assert (await h.call("POST", f"{FN}/extent/", ext))[0] == 201
+        assert (await h.call("POST", f"{FN}/targettoextent/", {"iscsi_target": 2, "iscsi_extent": 1}))[0] == 201
+        if real:
+            good = f"iscsi://fresh%secret1234@{portal}/{iqn}/0"
+            rc, out = await run_tool("iscsi-inq", good)
+            assert rc == 0 and "DIRECT_ACCESS" in out, out
+            rc, out = await run_tool("iscsi-inq", f"iscsi://fresh%wrong-secret1@{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out  # 0x0201 authentication failure
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out  # no CHAP offered: refused too
+        # Disabled: the stored secret stays (for a later re-enable) and logins need no CHAP.
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": False})
+        assert status == 303 and body["iscsiTarget"]["secret"] == "secret1234"
+        assert body["iscsiTarget"]["isAuthenticationEnabled"] is False
+        if real:
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc == 0 and "DIRECT_ACCESS" in out, out
+        # Re-enabled without a secret: the stored one is used again.
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"enableAuthentication": True})
+        assert status == 303 and body["iscsiTarget"]["isAuthenticationEnabled"] is True
+        if real:
+            rc, out = await run_tool("iscsi-inq", f"iscsi://{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out
+        # The credential deleted through the FreeNAS view: logins fail (closed), not open.
+        for c in own:
+            assert (await h.call("DELETE", f"{FN}/authcredential/{c['id']}/"))[0] == 204
+        if real:
+            rc, out = await run_tool("iscsi-inq", f"iscsi://fresh%secret1234@{portal}/{iqn}/0")
+            assert rc != 0 and "(513)" in out, out
+        # ...and a new target group then needs a secret first.
+        assert (await h.call("POST", f"{FN}/portal/", {"iscsi_target_portal_ips": [f"127.0.0.1:{free_port()}"]}))[
+            0
+        ] == 201
+        status, body, _ = await h.call("POST", f"{FN}/targetgroup/", {**tg, "iscsi_target_portalgroup": 2})
+        assert status == 400 and "iscsi_target_authgroup" in body
+        status, body, _ = await h.call("PATCH", f"{HN}/{oid}", {"secret": "another-one"})
+        assert status == 303 and body["iscsiTarget"]["secret"] == "another-one"
+        status, body, _ = await h.call("POST", f"{FN}/targetgroup/", {**tg, "iscsi_target_portalgroup": 2})
+        assert status == 201 and body["iscsi_target_authtype"] == "CHAP"
 
 
 @aio

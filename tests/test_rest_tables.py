@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from support.rest_harness import FN, HN, aio, harness
 
+from pyscsi_target.alerts import Alert
 from pyscsi_target.config.fields import Field, Integer, Text
 from pyscsi_target.config.model import ConfigModel, Extent, PortalGroup, Target
 from rest import freenas_tables
@@ -40,6 +41,7 @@ def test_every_table_shows_what_its_schema_says() -> None:
         (freenas_tables.GLOBAL_CONFIGURATION, model.global_config),
         (freenas_tables.ISCSI_SERVICE, None),
         (freenas_tables.SYSTEM_VERSION, None),
+        (freenas_tables.SYSTEM_ALERT, Alert("pool:/x", "WARNING", "m", 1.5)),
         (ISCSI_TARGET, Target(id=1, name="t")),
     ):
         assert list(table.serialize(model, obj)) == list(table.output_schema()["properties"]), table.name

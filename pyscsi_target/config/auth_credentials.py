@@ -10,14 +10,16 @@ from pyscsi_target.config.fields import Field, FieldSet, Integer, Text
 from pyscsi_target.config.model import AuthCredential, ConfigModel
 
 CHAP_MIN, CHAP_MAX = 12, 16  # FreeNAS's secret lengths
+DEFAULT_TAG = 1  # FreeNAS's model default: a credential sent without a tag joins group 1
 
 
 class AuthCredentialFields(FieldSet):
+    # Lengths are FreeNAS 11.3's model limits (secrets are further held to 12-16).
     tag = Field("tag", Integer(lo=1, hi=65535))
-    user = Field("user", Text(max_len=255))
-    secret = Field("secret", Text(max_len=255, min_len=CHAP_MIN))
-    peeruser = Field("peeruser", Text(max_len=255))
-    peersecret = Field("peersecret", Text(max_len=255, min_len=CHAP_MIN))
+    user = Field("user", Text(max_len=120))
+    secret = Field("secret", Text(max_len=120, min_len=CHAP_MIN))
+    peeruser = Field("peeruser", Text(max_len=120))
+    peersecret = Field("peersecret", Text(max_len=120, min_len=CHAP_MIN))
 
 
 def build_auth_credential(fields: Mapping[str, object], ac: AuthCredential) -> AuthCredential:
@@ -44,7 +46,7 @@ def build_auth_credential(fields: Mapping[str, object], ac: AuthCredential) -> A
         if not CHAP_MIN <= len(ac.peersecret) <= CHAP_MAX:
             errs.add("peersecret", f"Peer secret must be between {CHAP_MIN} and {CHAP_MAX} characters.")
         elif ac.peersecret == ac.secret:
-            errs.add("peersecret", "The peer secret cannot be the same as the secret.")
+            errs.add("peersecret", "The peer secret cannot be the same as user secret.")
     errs.raise_if_any()
     return ac
 

@@ -11,6 +11,10 @@ INVALID = "invalid"
 CONFLICT = "conflict"
 NOT_FOUND = "not_found"
 
+# FreeNAS 11.3's message for names that end up quoted in its ctld.conf (extent names and
+# serials, target aliases).
+NO_QUOTES = "Double quotes are not allowed"
+
 
 class ConfigError(Exception):
     """A refused change.  ``errors`` maps model field names (or ``__all__``) to messages."""

@@ -17,6 +17,8 @@ from pathlib import Path
 from pyscsi_target.backstore.file import create_sparse
 from pyscsi_target.config.errors import Errors, ValidationError
 
+NOT_A_FILE = "You need to specify a filepath not a directory"  # FreeNAS 11.3's words
+
 
 class ExtentRoots:
     """The directories extent files may live in (created if missing)."""
@@ -41,6 +43,9 @@ class ExtentRoots:
         if ".." in Path(raw).parts:
             errs.add("path", "'..' is not allowed in an extent path.")
             return None
+        if raw.endswith("/"):
+            errs.add("path", NOT_A_FILE)
+            return None
         candidate = Path(raw) if os.path.isabs(raw) else self.roots[0] / raw
         candidate = Path(os.path.normpath(candidate))
         real = Path(os.path.realpath(candidate))
@@ -57,7 +62,7 @@ class ExtentRoots:
             errs.add("path", f"Invalid extent path: {exc.strerror or exc}.")  # a name too long, say
             return None
         if stat.S_ISDIR(st.st_mode):
-            errs.add("path", "You need to specify a filepath, not a directory.")
+            errs.add("path", NOT_A_FILE)
             return None
         if not stat.S_ISREG(st.st_mode):
             errs.add("path", "The extent path exists and is not a regular file.")

@@ -7,9 +7,9 @@ import re
 import secrets
 from collections.abc import Mapping
 
-from pyscsi_target.config.errors import ConflictError, Errors
+from pyscsi_target.config.errors import NO_QUOTES, ConflictError, Errors
 from pyscsi_target.config.extent_files import ExtentRoots, resolve_disk
-from pyscsi_target.config.fields import UNSET, Boolean, Choice, Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.fields import THRESHOLD, Boolean, Choice, Field, FieldSet, Integer, Text
 from pyscsi_target.config.model import BLOCK_SIZES, EXTENT_TYPES, RPM_VALUES, ConfigModel, Extent
 from pyscsi_target.values import parse_naa, parse_size
 
@@ -17,40 +17,41 @@ _SERIAL_RE = re.compile(r"^[\x21-\x7e]{1,16}$")
 
 
 class ExtentFields(FieldSet):
+    # Lengths are FreeNAS 11.3's model limits.
     name = Field("name", Text(max_len=120))
     type = Field("type", Choice(Text(), EXTENT_TYPES, aliases={"ZVOL": "Disk"}, shown=("ZVOL",)))
-    path = Field("path", Text(max_len=4096))
-    disk = Field("disk", Text(max_len=4096))
-    filesize = Field("filesize", Text(max_len=40))
+    path = Field("path", Text(max_len=120))
+    disk = Field("disk", Text(max_len=120))  # FreeNAS kept the device in the path column
+    filesize = Field("filesize", Text(max_len=120))
     blocksize = Field("blocksize", Choice(Integer(), BLOCK_SIZES))
     pblocksize = Field("pblocksize", Boolean())
     rpm = Field("rpm", Choice(Text(), RPM_VALUES))
-    serial = Field("serial", Text())
-    naa = Field("naa", Text(pattern="^0x[0-9a-fA-F]{16}$"))
+    serial = Field("serial", Text(max_len=16))
+    naa = Field("naa", Text(max_len=34, pattern="^0x[0-9a-fA-F]{16}$"))
     ro = Field("ro", Boolean())
     insecure_tpc = Field("insecure_tpc", Boolean())
     xen = Field("xen", Boolean())
-    # 0 means "no threshold" to clients (democratic-csi's extentAvailThreshold: 0): stored as null.
-    avail_threshold = Field("avail_threshold", Nullable(Integer(lo=0, hi=99)))
-    comment = Field("comment", Text())
+    # democratic-csi sends null for "no threshold" (it turns its own 0 into null first).
+    avail_threshold = Field("avail_threshold", THRESHOLD)
+    comment = Field("comment", Text(max_len=120))
 
 
 def _read_fields(fields: Mapping[str, object], e: Extent, errs: Errors) -> None:
     F = ExtentFields
     name = F.name.read(fields, errs)
     if isinstance(name, str):
+        if '"' in name:
+            errs.add("name", NO_QUOTES)
         e.name = name.strip()
     if not e.name and "name" not in errs:
         errs.add("name", "This field is required.")
-    for f in (F.type, F.comment, F.pblocksize, F.ro, F.insecure_tpc, F.xen, F.blocksize, F.rpm):
+    for f in (F.type, F.comment, F.pblocksize, F.ro, F.insecure_tpc, F.xen, F.blocksize, F.rpm, F.avail_threshold):
         f.assign(e, fields, errs)
-    if "avail_threshold" in fields:
-        threshold = F.avail_threshold.read(fields, errs)
-        if threshold is not UNSET:
-            e.avail_threshold = threshold or None
     serial = F.serial.read(fields, errs)
     if isinstance(serial, str):
-        if serial and not _SERIAL_RE.match(serial):
+        if '"' in serial:
+            errs.add("serial", NO_QUOTES)
+        elif serial and not _SERIAL_RE.match(serial):
             errs.add("serial", "A serial is 1-16 printable ASCII characters without spaces.")
         else:
             e.serial = serial
@@ -79,11 +80,11 @@ def _file_size(errs: Errors, e: Extent) -> int | None:
     current = os.path.getsize(e.path) if exists else 0
     if wanted == 0:
         if not exists:
-            errs.add("filesize", "A size of 0 (auto) needs an existing file.")
+            errs.add("path", "The file must exist if the extent size is set to auto (0)")  # FreeNAS's words
         elif current < e.blocksize or current % e.blocksize:
             errs.add("filesize", f"The file's size ({current}) is not a multiple of the block size.")
     elif wanted % e.blocksize:
-        errs.add("filesize", f"The size must be a multiple of the block size ({e.blocksize}).")
+        errs.add("filesize", "File size must be a multiple of block size")  # FreeNAS's words
     elif exists and wanted < current:
         errs.add("filesize", f"The file is already {current} bytes; extents are never shrunk.")
     elif wanted > (1 << 63) - 1:

@@ -183,13 +183,15 @@ class Choice(FieldType[T]):
 
 @dataclass(frozen=True)
 class Nullable(FieldType[T | None]):
-    """``null`` or ``""`` stores None (FreeNAS's way of clearing a reference)."""
+    """``null`` or ``""`` stores None (FreeNAS's way of clearing a reference); so do the
+    ``none_words`` a form sent for "none" (FreeNAS's auth group choice ``-1``)."""
 
     inner: FieldType[T]
+    none_words: tuple[object, ...] = ()
     accepts_none: ClassVar[bool] = True
 
     def parse(self, value: object) -> T | None:
-        if value is None or value == "":
+        if value is None or value == "" or (not isinstance(value, bool) and value in self.none_words):
             return None
         return self.inner.parse(value)
 
@@ -197,6 +199,8 @@ class Nullable(FieldType[T | None]):
         return {**self.inner.schema(), "nullable": True}
 
     def input_schema(self) -> Schema:
+        if self.none_words:
+            return {"oneOf": [self.inner.input_schema(), {"enum": list(self.none_words)}], "nullable": True}
         return {**self.inner.input_schema(), "nullable": True}
 
 
@@ -217,6 +221,10 @@ class StringList(FieldType[list[object]]):
 
     def schema(self) -> Schema:
         return {"type": "array", "items": self.item}
+
+
+# A space threshold in percent: null or 1-99, as FreeNAS 11.3's model validators (0 is refused).
+THRESHOLD = Nullable(Integer(lo=1, hi=99))
 
 
 @dataclass(frozen=True)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from pyscsi_target.config.errors import Errors, ValidationError
-from pyscsi_target.config.fields import UNSET, Boolean, Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.fields import THRESHOLD, Boolean, Field, FieldSet, Text
 from pyscsi_target.config.model import ConfigModel, GlobalConfig
-from pyscsi_target.values import MAX_ISCSI_NAME, check_iscsi_name, is_full_iscsi_name
-
-_ISNS_SERVER_RE = re.compile(r"[A-Za-z0-9.\-]+(:\d{1,5})?|\[[0-9a-fA-F:.]+\](:\d{1,5})?")
+from pyscsi_target.values import MAX_ISCSI_NAME, check_iscsi_name, is_full_iscsi_name, parse_isns_servers
 
 
 class GlobalFields(FieldSet):
-    basename = Field("basename", Text(max_len=MAX_ISCSI_NAME))
+    basename = Field("basename", Text(max_len=120))  # FreeNAS's model length
     isns_servers = Field("isns_servers", Text())
-    # 0 is taken as "none", as for extents.
-    pool_avail_threshold = Field("pool_avail_threshold", Nullable(Integer(lo=0, hi=99)))
+    pool_avail_threshold = Field("pool_avail_threshold", THRESHOLD)
 
 
 class ServiceFields(FieldSet):
@@ -47,14 +43,10 @@ def build_global(model: ConfigModel, changes: Mapping[str, object]) -> GlobalCon
             gc.basename = basename
     servers = F.isns_servers.read(changes, errs)
     if isinstance(servers, str):
-        for entry in servers.split():
-            if not _ISNS_SERVER_RE.fullmatch(entry):
-                errs.add("isns_servers", f"{entry!r} is not a host name or address.")
-        gc.isns_servers = " ".join(servers.split())
-    if "pool_avail_threshold" in changes:
-        threshold = F.pool_avail_threshold.read(changes, errs)
-        if threshold is not UNSET:
-            gc.pool_avail_threshold = threshold or None
+        for entry in parse_isns_servers(servers)[1]:
+            errs.add("isns_servers", f'Server "{entry}" is not a valid IP(:PORT)? tuple.')  # FreeNAS's words
+        gc.isns_servers = " ".join(servers.replace(",", " ").split())
+    F.pool_avail_threshold.assign(gc, changes, errs)
     errs.raise_if_any()
     for target in model.targets.values():
         if len(model.target_iqn(target)) > MAX_ISCSI_NAME:

@@ -11,10 +11,11 @@ from pyscsi_target.values import initiator_names_text, networks_text
 
 
 class InitiatorGroupFields(FieldSet):
+    # Lengths are FreeNAS 11.3's model limits.
     tag = Field("tag", Integer(lo=1, hi=65535))
-    initiators = Field("initiators", Text(max_len=65536, allow_ctrl=True))
-    auth_network = Field("auth_network", Text(max_len=65536, allow_ctrl=True))
-    comment = Field("comment", Text())
+    initiators = Field("initiators", Text(max_len=2048, allow_ctrl=True))
+    auth_network = Field("auth_network", Text(max_len=2048, allow_ctrl=True))
+    comment = Field("comment", Text(max_len=120))
 
 
 def build_initiator_group(fields: Mapping[str, object], ig: InitiatorGroup) -> InitiatorGroup:

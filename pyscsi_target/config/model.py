@@ -75,6 +75,11 @@ class Target:
     virtual_server_id: int = 1
     # Appended to the IQN after a regenerateGUN so initiators see a new name.
     gun_generation: int = 0
+    # The Hitachi view's enableAuthentication and secret belong to the target: with
+    # auth_required every target group of the target, present or added later, demands CHAP;
+    # auth_group is the tag of the auth group holding the target's own credential.
+    auth_required: bool = False
+    auth_group: int | None = None
 
 
 @dataclass

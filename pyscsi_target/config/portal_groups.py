@@ -16,7 +16,7 @@ from pyscsi_target.values import format_listen, parse_listen
 
 class PortalGroupFields(FieldSet):
     tag = Field("tag", Integer(lo=1, hi=65535))
-    comment = Field("comment", Text())
+    comment = Field("comment", Text(max_len=120))  # FreeNAS's model length
     listen = Field(
         "listen",
         StringList(item={"type": "string", "example": "127.0.0.1:3260"}, message="Enter a list of IP:PORT strings."),

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
-from pyscsi_target.config.auth_credentials import build_auth_credential
+from pyscsi_target.config.auth_credentials import DEFAULT_TAG, build_auth_credential
 from pyscsi_target.config.errors import ConflictError
 from pyscsi_target.config.extent_files import ExtentRoots
 from pyscsi_target.config.extents import build_extent
@@ -228,7 +228,7 @@ class ConfigService:
     async def create_auth_credential(self, fields: Fields) -> AuthCredential:
         return await self._create(
             AUTH_CREDENTIALS,
-            lambda model: build_auth_credential(fields, AuthCredential(id=0, tag=0, user="", secret="")),
+            lambda model: build_auth_credential(fields, AuthCredential(id=0, tag=DEFAULT_TAG, user="", secret="")),
         )
 
     async def update_auth_credential(self, ac_id: object, changes: Fields) -> AuthCredential:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pyscsi_target.config.errors import ConflictError, Errors
-from pyscsi_target.config.fields import Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.errors import NO_QUOTES, ConflictError, Errors
+from pyscsi_target.config.fields import UNSET, Field, FieldSet, Integer, Nullable, Text
 from pyscsi_target.config.model import ConfigModel, Target
 from pyscsi_target.values import MAX_ISCSI_NAME, check_iscsi_name, parse_access_config
 
 
 class TargetFields(FieldSet):
-    name = Field("name", Text(max_len=MAX_ISCSI_NAME, pattern="^[-a-z0-9.:]+$"))
-    alias = Field("alias", Nullable(Text(max_len=255)))
+    # FreeNAS 11.3's model lengths (the IQN the name makes is also held to 223 bytes).
+    name = Field("name", Text(max_len=120, pattern="^[-a-z0-9.:]+$"))
+    alias = Field("alias", Nullable(Text(max_len=120)))
     comment = Field("comment", Text())
     access_config = Field("access_config", Text(max_len=8192))
     virtual_server_id = Field("virtual_server_id", Integer(lo=0, hi=255))
@@ -32,7 +33,13 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
         else:
             if len(model.target_iqn(t).encode()) > MAX_ISCSI_NAME:
                 errs.add("name", "The target's IQN would be longer than 223 bytes.")
-    F.alias.assign(t, fields, errs)
+    alias = F.alias.read(fields, errs)
+    if isinstance(alias, str) and '"' in alias:
+        errs.add("alias", NO_QUOTES)
+    elif alias == "target":
+        errs.add("alias", "target is a reserved word")  # FreeNAS 11.3's rule and words
+    elif alias is not UNSET:
+        t.alias = alias
     F.comment.assign(t, fields, errs)
     text = F.access_config.read(fields, errs)
     if isinstance(text, str):
@@ -49,7 +56,7 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
         if other.name == t.name:
             raise ConflictError({"name": ["Target name already exists"]})
         if t.alias is not None and other.alias == t.alias:
-            raise ConflictError({"alias": ["Target alias already exists"]})
+            raise ConflictError({"alias": ["Alias already exists"]})
         if model.target_iqn(other) == model.target_iqn(t):
             raise ConflictError({"name": ["Target name already exists"]})
     return t

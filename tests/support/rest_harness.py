@@ -58,6 +58,14 @@ class FakeEngine:
         return self.applied[-1]
 
 
+async def run_tool(*cmd: str, timeout: float = 30) -> tuple[int, str]:
+    """Run an initiator tool (iscsi-inq, iscsi-ls, qemu-io...) without blocking the loop the
+    target under test runs on; returns (exit status, stdout and stderr together)."""
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await asyncio.wait_for(proc.communicate(), timeout))[0].decode()
+    return proc.returncode or 0, out
+
+
 def aio(fn: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
     """Run an async test function with asyncio.run (no pytest plugin needed)."""
 
