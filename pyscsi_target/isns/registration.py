@@ -23,8 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config.model import ConfigModel
-from ..values import ListenAddress, parse_listen
-from .wire import ISNS_PORT
+from ..values import ListenAddress, parse_isns_servers, parse_listen
 
 DEFAULT_PERIOD = 900  # seconds asked for; the server may impose its own (open-isns does)
 MAX_ENTITY_ID = 255  # bytes, NUL excluded (RFC 4171 6.2.1: 4-256 bytes with the NUL)
@@ -123,22 +122,6 @@ class DesiredState:
     servers: tuple[ListenAddress, ...]
     registration: Registration
     rejected_servers: tuple[str, ...] = ()  # entries of isns_servers that are not IP[:port]
-
-
-def parse_isns_servers(text: str) -> tuple[tuple[ListenAddress, ...], tuple[str, ...]]:
-    """``iscsi_isns_servers``: whitespace- or comma-separated IP[:port] entries, port 3205 by
-    default.  Returns the parsed servers (duplicates dropped) and the entries refused."""
-    servers: list[ListenAddress] = []
-    rejected: list[str] = []
-    for entry in text.replace(",", " ").split():
-        try:
-            addr = parse_listen(entry, default_port=ISNS_PORT)
-        except ValueError:
-            rejected.append(entry)
-            continue
-        if addr not in servers:
-            servers.append(addr)
-    return tuple(servers), tuple(rejected)
 
 
 def default_entity_id(state_dir: Path | str | None = None) -> str:
