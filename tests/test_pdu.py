@@ -56,7 +56,7 @@ ALL = [
 
 
 def _fields(pdu: P.PDU) -> dict:
-    names = [n for n, _m, _s in pdu.FLAGS] + list(pdu._attrs)
+    names = type(pdu).FIELD_NAMES
     return {n: getattr(pdu, n) for n in names} | {"immediate": pdu.immediate, "data": bytes(pdu.data)}
 
 
