@@ -21,10 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import model as M
-from ..iscsi.params import LoginReject, LoginResult, TargetInfo
+from ..iscsi.params import ChapCredential, LoginReject, LoginResult, TargetInfo
 from ..iscsi.session import Session
 from ..scsi.task import Nexus
-from ..values import format_listen, parse_access_config, parse_initiator_names, parse_listen, parse_networks
+from ..values import (
+    LoginStatus,
+    format_listen,
+    parse_access_config,
+    parse_initiator_names,
+    parse_listen,
+    parse_networks,
+)
 
 if TYPE_CHECKING:
     from .protocol import IscsiProtocol
@@ -112,6 +119,11 @@ class Listener:
             log.info("stopped listening on %s", format_listen(self.host, self.port))
 
 
+def chap_credentials(model: M.ConfigModel, auth_group: int | None) -> list[ChapCredential]:
+    """The auth group's credentials as the iSCSI core's own type."""
+    return [ChapCredential(c.user, c.secret, c.peeruser, c.peersecret) for c in model.auth_group(auth_group)]
+
+
 class PortalPolicy:
     """LoginPolicy for one accepted connection (RFC 7143 login decisions from the model)."""
 
@@ -161,7 +173,7 @@ class PortalPolicy:
             iqn=rt.iqn,
             alias=t.alias,
             auth_method=tg.auth_type or "None",
-            credentials=m.auth_group(tg.auth_group),
+            credentials=chap_credentials(m, tg.auth_group),
         )
 
     def initiator_allowed(self, target: TargetInfo, initiator_name: str) -> bool:
@@ -176,12 +188,12 @@ class PortalPolicy:
         self.read_only = access == "ro"
         return True
 
-    def discovery_auth(self) -> tuple[str, list[M.AuthCredential]]:
+    def discovery_auth(self) -> tuple[str, list[ChapCredential]]:
         m = self._model()
         pg = m.portal_groups.get(self.listener.pg_id)
         if pg is None:
             return "None", []
-        return pg.discovery_auth_method or "None", m.auth_group(pg.discovery_auth_group)
+        return pg.discovery_auth_method or "None", chap_credentials(m, pg.discovery_auth_group)
 
     def complete_login(self, result: LoginResult) -> int:
         self.session = self.engine.bind_session(self, result)
@@ -401,17 +413,17 @@ class Engine:
     def bind_session(self, policy: PortalPolicy, result: LoginResult) -> Session:
         """complete_login: a new session, a reinstated one, or connection reinstatement."""
         if self.shutting_down:
-            raise LoginReject(0x03, 0x01, "target shutting down")  # service unavailable
+            raise LoginReject(LoginStatus.SERVICE_UNAVAILABLE, "target shutting down")
         target_iqn = result.target.iqn if result.target else ""
         if result.tsih:
             s = self._sessions.get(result.tsih)
             if s is None or s.initiator_name != result.initiator_name or s.isid != result.isid or (
                 (s.target.iqn if s.target else "") != target_iqn
             ):
-                raise LoginReject(0x02, 0x0A, "session does not exist")
+                raise LoginReject(LoginStatus.SESSION_DOES_NOT_EXIST, "session does not exist")
             conn = s.connection
             if conn is not None and conn.cid != result.cid:
-                raise LoginReject(0x02, 0x06, "too many connections")  # MaxConnections=1
+                raise LoginReject(LoginStatus.TOO_MANY_CONNECTIONS, "too many connections")  # MaxConnections=1
             # Connection reinstatement (ERL 0): the old connection's tasks end, the session stays.
             if conn is not None:
                 old = conn
@@ -431,7 +443,7 @@ class Engine:
         if result.session_type == "Normal" and result.target is not None:
             rt = self.target_by_iqn(target_iqn)
             if rt is None:
-                raise LoginReject(0x02, 0x03, "target removed")
+                raise LoginReject(LoginStatus.NOT_FOUND, "target removed")
             nexus = Nexus(
                 nexus_id=next(self._nexus_ids),
                 initiator_name=result.initiator_name,
