@@ -101,7 +101,7 @@ def test_initiator_group_and_discovery_visibility(tmp_path: Path) -> None:
             rsp = await c.login(IQN)  # our initiator name is not in group 1
             assert (rsp.status_class, rsp.status_detail) == (2, 2)
             await c.close()
-            lst = next(iter(eng._listeners.values()))
+            lst = next(iter(eng.portals.listeners.values()))
             pol = eng.make_policy(lst, "127.0.0.1", "127.0.0.1", port)
             assert pol.send_targets("iqn.2000-01.com.other:x", "All") == [(IQN, [f"127.0.0.1:{port},1"])]
             assert pol.send_targets("iqn.1994-05.com.example:loop", "All") == []

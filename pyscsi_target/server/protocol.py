@@ -26,7 +26,9 @@ from ..iscsi.params import LoginResult
 from ..iscsi.pdu import PDU, Framed, OversizedPDU, Payload, PduError, PDUReader, WireOutput
 
 if TYPE_CHECKING:
-    from .engine import Engine, Listener, PortalPolicy
+    from .engine import Engine
+    from .initiator_access import PortalPolicy
+    from .portal_groups import Listener
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             # response failed or the peer left): the session has no connection to live on.
             s = self.policy.session if self.policy is not None else None
             if s is not None and s.connection is None:
-                self.engine.session_ended(s)
+                self.engine.session_registry.ended(s)
         self.engine.connection_closed(self)
         log.debug("connection %s closed (%s)", self.peer, exc or "clean")
 
