@@ -35,6 +35,10 @@ __all__ = ["Engine", "EngineError", "TargetRuntime", "tune_malloc"]
 
 log = logging.getLogger(__name__)
 
+# How many removed target names are remembered (a login naming one gets TARGET REMOVED).
+REMEMBERED_REMOVALS = 1024
+
+
 _MALLOC_TUNED = False
 
 
@@ -96,6 +100,7 @@ class Engine:
         self.portals = Portals(lambda listener: IscsiProtocol(self, listener))
         self._targets: dict[int, TargetRuntime] = {}
         self._by_iqn: dict[str, TargetRuntime] = {}
+        self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
         self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
         self.session_registry = SessionRegistry(queue_depth, self._close_connection)
         self.connections: set[IscsiProtocol] = set()
@@ -182,6 +187,10 @@ class Engine:
         self._targets.pop(rt.target_id, None)
         if self._by_iqn.get(rt.iqn) is rt:
             del self._by_iqn[rt.iqn]
+        self._removed.pop(rt.iqn.lower(), None)
+        self._removed[rt.iqn.lower()] = None
+        if len(self._removed) > REMEMBERED_REMOVALS:
+            del self._removed[next(iter(self._removed))]
         for s in self.session_registry.of_target(rt.iqn):
             self.session_registry.close(s, announce=True)
         try:
@@ -203,6 +212,10 @@ class Engine:
                 if cand.iqn.lower() == low:
                     return cand
         return rt
+
+    def was_removed(self, iqn: str) -> bool:
+        """A target of that name existed and was removed (and has not come back)."""
+        return iqn.lower() in self._removed and self.target_by_iqn(iqn) is None
 
     def targets_by_id(self) -> list[TargetRuntime]:
         return sorted(self._targets.values(), key=lambda r: r.target_id)

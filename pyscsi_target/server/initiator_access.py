@@ -65,6 +65,8 @@ class PortalPolicy:
             return None
         rt = self.engine.target_by_iqn(name)
         if rt is None:
+            if self.engine.was_removed(name):
+                raise LoginReject(LoginStatus.TARGET_REMOVED, f"target {name!r} was removed")
             return None
         t = m.targets.get(rt.target_id)
         groups = target_groups_on(m, rt.target_id, self.listener.pg_id)
@@ -108,7 +110,7 @@ class PortalPolicy:
         if result.session_type == "Normal" and result.target is not None and not result.tsih:
             rt = engine.target_by_iqn(result.target.iqn)
             if rt is None:  # removed while this login was under way
-                raise LoginReject(LoginStatus.NOT_FOUND, "target removed")
+                raise LoginReject(LoginStatus.TARGET_REMOVED, f"target {result.target.iqn!r} was removed")
             port = TargetPort(rt.iqn, rt.device, self.portal_group_tag, self.read_only)
         self.session = engine.session_registry.bind(result, port)
         return self.session.tsih
