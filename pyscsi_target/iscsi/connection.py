@@ -194,9 +194,22 @@ class Connection:
     def handle(self, ev: Event) -> None:
         if self.closed:
             return
+        s = self.session
+        if type(ev) is ScsiCommand and not ev.immediate and ev.cmdsn == s.exp_cmdsn and not (
+            s.discovery or s.discard_cmdsn
+        ):
+            self._next_command(ev)  # almost every PDU under load
+            return
         match ev:
-            case PDU():
-                self._pdu(ev)
+            case DataOut():  # not CmdSN-numbered
+                self._data_out(ev)
+            case ScsiCommand() | NopOut() | TaskMgmtRequest() | TextRequest() | LogoutRequest():
+                self._numbered(ev)
+            case SnackRequest() | UnknownPDU():
+                # ErrorRecoveryLevel 0: no retransmission service (RFC 7143 11.16).
+                self.reject(RejectReason.COMMAND_NOT_SUPPORTED, ev)
+            case PDU():  # a target opcode, or a login request after login
+                self.reject(RejectReason.PROTOCOL_ERROR, ev)
             case DigestError():
                 self._digest_error(ev)
             case OversizedPDU():
@@ -211,24 +224,6 @@ class Connection:
                 self.abort_all()
             case LinkLost():
                 self.connection_lost()
-
-    def _pdu(self, pdu: PDU) -> None:
-        s = self.session
-        if type(pdu) is ScsiCommand and not pdu.immediate and pdu.cmdsn == s.exp_cmdsn and not (
-            s.discovery or s.discard_cmdsn
-        ):
-            self._next_command(pdu)  # almost every PDU under load
-            return
-        match pdu:
-            case DataOut():  # not CmdSN-numbered
-                self._data_out(pdu)
-            case ScsiCommand() | NopOut() | TaskMgmtRequest() | TextRequest() | LogoutRequest():
-                self._numbered(pdu)
-            case SnackRequest() | UnknownPDU():
-                # ErrorRecoveryLevel 0: no retransmission service (RFC 7143 11.16).
-                self.reject(RejectReason.COMMAND_NOT_SUPPORTED, pdu)
-            case _:  # a target opcode, or a login request after login
-                self.reject(RejectReason.PROTOCOL_ERROR, pdu)
 
     def _next_command(self, pdu: ScsiCommand) -> None:
         """Fast path: a SCSI command carrying ExpCmdSN, in a Normal session."""
@@ -480,7 +475,9 @@ class Connection:
         if failed is None and cmd.write and cmd.next_r2t_offset < cmd.edtl:
             return  # more R2Ts to come
         if failed is not None:
-            self._respond(cmd, failed.status, failed.sense, 0, 0)
+            s = self.session
+            encoders.scsi_response(self.output, cmd.itt, failed.status, failed.sense, 0, 0, 0, self._take_statsn(),
+                                   s.exp_cmdsn, s.max_cmdsn, cmd.datasn + cmd.r2tsn)
             self._finish(cmd)
             return
         self._submit(cmd)
@@ -589,12 +586,7 @@ class Connection:
         if send:
             cmd.datasn = encoders.data_in(self.output, cmd.itt, task.data_in, send, cmd.datasn, self.max_xmit,
                                           self.max_burst, s.exp_cmdsn, s.max_cmdsn)
-        self._respond(cmd, status, sense, flags | bidi_flags, residual, bidi_residual)
-
-    def _respond(self, cmd: Cmd, status: int, sense: bytes | None, flags: int, residual: int,
-                 bidi_residual: int = 0) -> None:
-        s = self.session
-        encoders.scsi_response(self.output, cmd.itt, status, sense, flags, residual, bidi_residual,
+        encoders.scsi_response(self.output, cmd.itt, status, sense, flags | bidi_flags, residual, bidi_residual,
                                self._take_statsn(), s.exp_cmdsn, s.max_cmdsn, cmd.datasn + cmd.r2tsn)
 
     # --- Data-Out -----------------------------------------------------------------------

@@ -16,8 +16,8 @@ negotiator=...) -> pairs``
     raises ``TextError`` (protocol error).
 
 ``ffp_text_handler(conn, pairs) -> pairs``
-    The hook ``connection.Connection(text_handler=...)`` calls for one single-PDU request
-    (the connection frames, splits with TTT and stamps).  Never raises: a repeated key is
+    The keys of one single-PDU request of a connection (``TextConnection``: its session,
+    policy and max_xmit; the connection frames, splits and stamps).  Never raises: a repeated key is
     answered ``Reject``.  A redeclared MaxRecvDataSegmentLength updates
     ``conn.session.params.max_xmit_dsl`` and ``conn.max_xmit``.
 
