@@ -415,8 +415,7 @@ class LoginMachine:
         self.failed = True
         self.status = status
         self.reason = reason
-        log.warning("login rejected (status %#06x %s) initiator %s: %s", status, status.name,
-                    self.initiator_name or "?", reason)
+        log.warning("login rejected (status %#06x) initiator %s: %s", status, self.initiator_name or "?", reason)
         req = pdu if isinstance(pdu, LoginRequest) else None
         cmdsn = pdu.cmdsn if isinstance(pdu, LoginRequest | ScsiCommand | NumberedRequest) else 0
         if self._isid is None and req is not None:

@@ -18,7 +18,7 @@ class LoginReject(Exception):  # noqa: N818 - it is a status, not only an error
     """Ends a login with a status other than success (RFC 7143 11.13.5)."""
 
     def __init__(self, status: LoginStatus, reason: str = "", pairs: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(reason or f"login status {status:#06x} ({status.name})")
+        super().__init__(reason or f"login status {status:#06x}")
         self.status = status
         # Keys sent with the reject, e.g. TargetAddress for a redirect (class 0x01).
         self.pairs = pairs or []
