@@ -15,6 +15,12 @@ Data path choices (issue 5):
 - Write payload is copied once, from the receive buffer into one bytearray per command
   allocated at the command's arrival (ExpectedDataTransferLength).
 - Status rides in the final Data-In (phase collapse) unless there is sense data.
+
+Seams for what comes later, free while unused: every input passes ``handle`` and every
+PDU sent passes ``WireOutput.emit`` (fault injection and capture wrap one or the other,
+per connection); a command's write buffer is allocated and counted in ``_setup_cmd``
+against the session's budget (MAX_SESSION_WRITE_BUFFERS), where a daemon-wide budget or
+per-burst allocation would go.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from .command import (
 from .events import AbortTasks, AnnounceDrop, Event, LinkLost, Notice, Ping, RequestLogout
 from .params import LoginPolicy, SessionParams
 from .pdu import (
+    BHS_LEN,
     PDU,
     RESERVED_TAG,
     AsyncEvent,
@@ -136,7 +143,6 @@ class Connection:
         self.output = output if output is not None else WireOutput()
         self.output.header_digest = cp.header_digest
         self.output.data_digest = cp.data_digest
-        self._emit = self.output.emit
         self.max_xmit = cp.max_xmit_dsl
         self.max_burst = p.max_burst_length
         self.first_burst = p.first_burst_length
@@ -179,14 +185,12 @@ class Connection:
         pdu.maxcmdsn = s.max_cmdsn
         self.output.send(pdu)
 
-    def reject(self, reason: RejectReason, bad: PDU | None) -> None:
+    def reject(self, reason: RejectReason, bad: PDU) -> None:
         """Reject PDU carrying the offending header (RFC 7143 11.17)."""
-        raw = bytes(48)
-        if bad is not None:
-            try:
-                raw = bad.raw_header()
-            except Exception:  # noqa: BLE001 - an unencodable header still deserves a Reject
-                pass
+        try:
+            raw = bad.raw_header()
+        except Exception:  # noqa: BLE001 - an unencodable header still deserves a Reject
+            raw = bytes(BHS_LEN)
         self._send_status_pdu(Reject(reason=reason, datasn=0, data=raw))
 
     # --- input ------------------------------------------------------------------------
