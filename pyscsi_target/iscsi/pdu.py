@@ -18,6 +18,7 @@ handler copies into the command's buffer, which is the one copy a write needs).
 # objects (their Annotated metadata) while the class is being created.
 
 import struct
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
 from typing import Annotated, Any, ClassVar, Literal, dataclass_transform, get_args, get_origin
@@ -255,7 +256,13 @@ class _PDUType(type):
 
     def __new__(mcs, name: str, bases: tuple[type, ...], ns: dict[str, Any], *, opcode: int | None = None,
                 fixed_flags: int = 0) -> "_PDUType":
-        own = {n: a for n, a in ns.get("__annotations__", {}).items() if get_origin(a) is not ClassVar}
+        module = vars(sys.modules[ns["__module__"]])
+        own = {}
+        for n, a in ns.get("__annotations__", {}).items():
+            if isinstance(a, str):  # ``from __future__ import annotations`` where the class is defined
+                a = eval(a, module, dict(ns))  # noqa: S307 - the class's own annotation, as get_type_hints does
+            if get_origin(a) is not ClassVar:
+                own[n] = a
         defaults: dict[str, object] = {}
         annotations: dict[str, object] = {}
         for base in bases:  # each base's tables already hold its own bases' fields
