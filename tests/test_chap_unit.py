@@ -6,7 +6,6 @@ import hashlib
 
 import pytest
 
-from pyscsi_target.config.model import AuthCredential
 from pyscsi_target.iscsi.chap import (
     ALGORITHMS,
     ChapError,
@@ -16,6 +15,7 @@ from pyscsi_target.iscsi.chap import (
     encode_hex,
     select_algorithm,
 )
+from pyscsi_target.iscsi.params import ChapCredential
 
 
 def test_algorithm_table():
@@ -56,7 +56,7 @@ def test_select_algorithm(offer, alg):
 
 
 def _server(**kw) -> ChapServer:
-    creds = [AuthCredential(1, 1, "u", "initsecret1234", "t", "tgtsecret12345")]
+    creds = [ChapCredential("u", "initsecret1234", "t", "tgtsecret12345")]
     return ChapServer(creds, random_bytes=lambda n: bytes(range(n)), **kw)
 
 
@@ -120,7 +120,7 @@ def test_challenges_are_random():
 
 
 def test_empty_secret_never_authenticates():
-    s = ChapServer([AuthCredential(1, 1, "u", "")], mutual_required=False)
+    s = ChapServer([ChapCredential("u", "")], mutual_required=False)
     out = dict(s.step({"CHAP_A": "5"}))
     r = chap_digest(5, int(out["CHAP_I"]), b"", decode_binary(out["CHAP_C"]))
     with pytest.raises(ChapError):

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from pyscsi_target.iscsi import pdu as P
-from pyscsi_target.iscsi.connection import Connection
+from pyscsi_target.iscsi.connection import Connection, ConnState
+from pyscsi_target.iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, RequestLogout
 from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo
 from pyscsi_target.iscsi.session import Session
 from pyscsi_target.scsi.task import Nexus, ScsiTask, TmfResult
@@ -590,6 +591,28 @@ def test_session_ends_tasks_on_connection_loss() -> None:
     h.conn.connection_lost()
     assert h.session.tasks == {} and h.dev.pending[0].aborted
     h.dev.finish()
+    assert h.conn.take_output() == []
+
+
+def test_adapter_events_go_through_handle() -> None:
+    """What the adapter feeds (events.py) takes the same input path as PDUs."""
+    h = Harness()
+    h.conn.handle(PING)
+    (nop,) = h.output()
+    assert isinstance(nop, P.NopIn) and nop.ttt == h.conn.ping_ttt and nop.statsn == 100
+    h.conn.handle(RequestLogout(7))
+    (msg,) = h.output()
+    assert isinstance(msg, P.AsyncMessage) and msg.event == P.AsyncEvent.LOGOUT_REQUEST and msg.param3 == 7
+    h.dev.hold = True
+    h.send(h.cmd(bytes(6)))
+    h.conn.handle(ANNOUNCE_DROP)
+    (msg,) = h.output()
+    assert isinstance(msg, P.AsyncMessage) and msg.event == P.AsyncEvent.DROP_ALL_CONNECTIONS
+    h.conn.handle(ABORT_TASKS)
+    assert h.session.tasks == {} and h.dev.pending[0].aborted and not h.conn.closing
+    h.conn.handle(LINK_LOST)
+    assert h.conn.state is ConnState.CLOSED and h.conn.closing and h.conn.closed
+    h.conn.handle(PING)  # nothing goes out on a closed connection
     assert h.conn.take_output() == []
 
 

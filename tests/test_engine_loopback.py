@@ -517,7 +517,7 @@ def test_backlog_of_immediate_commands_pauses_reading(tmp_path: Path) -> None:
     async def body(eng: Engine, port: int) -> None:
         c = await Client.connect("127.0.0.1", port)
         assert (await c.login(IQN)).status_class == 0
-        (sess,) = eng._sessions.values()
+        (sess,) = eng.session_registry.by_tsih.values()
         (proto,) = [p for p in eng.connections if p.conn is not None]
         dev = Holding()
         real = sess.device

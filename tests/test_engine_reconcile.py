@@ -9,6 +9,7 @@ from pathlib import Path
 from test_engine_loopback import IQN, Client, make_model
 
 from pyscsi_target.config import model as M
+from pyscsi_target.iscsi import pdu as P
 from pyscsi_target.server.engine import Engine
 
 
@@ -101,13 +102,58 @@ def test_initiator_group_and_discovery_visibility(tmp_path: Path) -> None:
             rsp = await c.login(IQN)  # our initiator name is not in group 1
             assert (rsp.status_class, rsp.status_detail) == (2, 2)
             await c.close()
-            lst = next(iter(eng._listeners.values()))
+            lst = next(iter(eng.portals.listeners.values()))
             pol = eng.make_policy(lst, "127.0.0.1", "127.0.0.1", port)
             assert pol.send_targets("iqn.2000-01.com.other:x", "All") == [(IQN, [f"127.0.0.1:{port},1"])]
             assert pol.send_targets("iqn.1994-05.com.example:loop", "All") == []
             pol10 = eng.make_policy(lst, "10.1.2.3", "127.0.0.1", port)
             names = [t for t, _a in pol10.send_targets("iqn.1994-05.com.example:loop", "All")]
             assert names == [f"{M.DEFAULT_BASENAME}:net"]
+        finally:
+            await eng.shutdown(grace=0.2)
+
+    asyncio.run(main())
+
+
+def test_target_removed_after_send_targets_answers_target_removed(tmp_path: Path) -> None:
+    """A target SendTargets showed and the configuration then removed: its login is refused
+    with 0x0204 TARGET REMOVED, a name that never existed with 0x0203 NOT FOUND, and the
+    target logs in again once it is back."""
+
+    async def main() -> None:
+        eng = Engine(tmp_path)
+        m = make_model(tmp_path, ["127.0.0.1:0"])
+        m.targets[2] = M.Target(2, "gone")
+        m.target_groups[2] = M.TargetGroup(2, 2, 1)
+        await eng.apply(m)
+        gone = f"{M.DEFAULT_BASENAME}:gone"
+        try:
+            port = eng.listen_addresses()[0][1]
+            d = await Client.connect("127.0.0.1", port)
+            assert (await d.login(None)).status_class == 0
+            await d.send(P.TextRequest(itt=d.next_itt(), cmdsn=d.cmdsn, expstatsn=d.statsn,
+                                       data=P.build_text([("SendTargets", "All")])))
+            txt = await d.recv()
+            assert isinstance(txt, P.TextResponse)
+            assert [v for k, v in P.parse_text(txt.data) if k == "TargetName"] == [IQN, gone]
+            await d.close()
+
+            removed = m.copy()
+            del removed.targets[2], removed.target_groups[2]
+            await eng.apply(removed)
+            c = await Client.connect("127.0.0.1", port)
+            rsp = await c.login(gone.upper())  # iSCSI names compare case-insensitively
+            assert (rsp.status_class, rsp.status_detail) == (0x02, 0x04)
+            await c.close()
+            c = await Client.connect("127.0.0.1", port)
+            rsp = await c.login(f"{M.DEFAULT_BASENAME}:never")
+            assert (rsp.status_class, rsp.status_detail) == (0x02, 0x03)
+            await c.close()
+
+            await eng.apply(m.copy())
+            c = await Client.connect("127.0.0.1", port)
+            assert (await c.login(gone)).status_class == 0
+            await c.close()
         finally:
             await eng.shutdown(grace=0.2)
 

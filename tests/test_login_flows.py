@@ -7,12 +7,13 @@ import hashlib
 import logging
 
 import pytest
+from support.static_policy import StaticPolicy
 
-from pyscsi_target.config.model import AuthCredential
 from pyscsi_target.iscsi import pdu as P
-from pyscsi_target.iscsi.login import MAX_LOGIN_TEXT, LoginMachine, StaticPolicy
+from pyscsi_target.iscsi.login import MAX_LOGIN_TEXT, LoginMachine
 from pyscsi_target.iscsi.negotiation import encode_pairs, parse_pairs
-from pyscsi_target.iscsi.params import LoginReject, TargetInfo
+from pyscsi_target.iscsi.params import ChapCredential, LoginReject, TargetInfo
+from pyscsi_target.values import LoginStatus
 
 INI = "iqn.1994-05.com.redhat:client1"
 TGT = "iqn.2026-11.org.pyscsi-target:disk1"
@@ -23,10 +24,10 @@ HASH = {5: "md5", 6: "sha1", 7: "sha256", 8: "sha3_256"}
 
 
 def cred(user: str = "alice", secret: str = SECRET, peeruser: str = "tgt", peersecret: str = PEERSECRET):
-    return AuthCredential(id=1, tag=1, user=user, secret=secret, peeruser=peeruser, peersecret=peersecret)
+    return ChapCredential(user=user, secret=secret, peeruser=peeruser, peersecret=peersecret)
 
 
-def policy(method: str = "None", creds: list[AuthCredential] | None = None, **kw) -> StaticPolicy:
+def policy(method: str = "None", creds: list[ChapCredential] | None = None, **kw) -> StaticPolicy:
     t = TargetInfo(target_id=1, iqn=TGT, alias="disk one", auth_method=method,
                    credentials=[cred()] if creds is None else creds)
     return StaticPolicy([t], portal_group_tag=7, **kw)
@@ -109,7 +110,7 @@ def test_no_auth_two_stages_fields_and_result():
     assert d["HeaderDigest"] == "CRC32C" and d["DataDigest"] == "None" and d["InitialR2T"] == "No"
     assert d["MaxRecvDataSegmentLength"] == "262144" and d["MaxBurstLength"] == "1048576"
     assert d["MaxOutstandingR2T"] == "8"
-    assert m.done and not m.failed and m.status == (0, 0)
+    assert m.done and not m.failed and m.status == LoginStatus.SUCCESS
     res = m.result
     assert res is not None and res.tsih == 1 and res.session_type == "Normal" and res.leading
     assert res.initiator_name == INI and res.initiator_alias == "client" and res.target.iqn == TGT
@@ -233,7 +234,7 @@ def test_wrong_secret_is_auth_failure_and_not_logged(caplog):
     c = Client(m)
     c.send(first_keys(AuthMethod="CHAP"), csg=0)
     r, _ = do_chap(c, 7, secret="wrong-secret-xyz")
-    assert status(r) == 0x0201 and r.transit == 0 and m.failed and m.status == (2, 1)
+    assert status(r) == 0x0201 and r.transit == 0 and m.failed and m.status == LoginStatus.AUTHENTICATION_FAILURE
     assert "alice" in caplog.text and "0201" in caplog.text
     assert SECRET not in caplog.text and "wrong-secret-xyz" not in caplog.text
     assert m.receive(P.LoginRequest()) == []
@@ -525,14 +526,14 @@ def test_policy_errors():
 
     class Unavailable(StaticPolicy):
         def lookup_target(self, name):
-            raise LoginReject(3, 1, "shutting down")
+            raise LoginReject(LoginStatus.SERVICE_UNAVAILABLE, "shutting down")
 
     m = LoginMachine(Unavailable([]))
     assert status(Client(m).send(first_keys(), csg=0)) == 0x0301
 
     class TooMany(StaticPolicy):
         def complete_login(self, result):
-            raise LoginReject(2, 6, "too many connections")
+            raise LoginReject(LoginStatus.TOO_MANY_CONNECTIONS, "too many connections")
 
     pol = policy()
     m = LoginMachine(TooMany(list(pol.targets.values())))
@@ -609,7 +610,8 @@ def test_statsn_sequence_follows_expstatsn():
 def test_policy_redirect_carries_target_address():
     class Redirect(StaticPolicy):
         def lookup_target(self, name):
-            raise LoginReject(1, 1, "moved", pairs=[("TargetAddress", "192.0.2.9:3260,2")])
+            raise LoginReject(LoginStatus.TARGET_MOVED_TEMPORARILY, "moved",
+                              pairs=[("TargetAddress", "192.0.2.9:3260,2")])
 
     m = LoginMachine(Redirect([]))
     r = Client(m).send(first_keys(), csg=0)

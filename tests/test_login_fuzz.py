@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.static_policy import StaticPolicy
 
-from pyscsi_target.config.model import AuthCredential
 from pyscsi_target.iscsi import pdu as P
-from pyscsi_target.iscsi.login import LoginMachine, StaticPolicy
+from pyscsi_target.iscsi.login import LoginMachine
 from pyscsi_target.iscsi.negotiation import KEYS, Negotiator, encode_pairs
-from pyscsi_target.iscsi.params import SessionParams, TargetInfo
+from pyscsi_target.iscsi.params import ChapCredential, SessionParams, TargetInfo
 from pyscsi_target.iscsi.text import TextHandler
 
 TGT = "iqn.2026-11.org.pyscsi-target:disk1"
@@ -25,7 +25,7 @@ pairs = st.lists(st.tuples(keys, values), max_size=8)
 
 
 def policy(method: str) -> StaticPolicy:
-    cred = AuthCredential(1, 1, "u", "initsecret1234", "t", "tgtsecret12345")
+    cred = ChapCredential("u", "initsecret1234", "t", "tgtsecret12345")
     return StaticPolicy([TargetInfo(1, TGT, "a", method, [cred])], discovery_method=method,
                         discovery_credentials=[cred])
 

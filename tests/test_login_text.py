@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from support.static_policy import StaticPolicy
 
 from pyscsi_target.iscsi import pdu as P
-from pyscsi_target.iscsi.login import StaticPolicy
 from pyscsi_target.iscsi.negotiation import Negotiator, TextError, encode_pairs, parse_pairs
 from pyscsi_target.iscsi.params import SessionParams, TargetInfo
 from pyscsi_target.iscsi.text import TextHandler, answer_text, ffp_text_handler

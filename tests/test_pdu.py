@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import crcmod.predefined
 import pytest
 from hypothesis import given, settings
@@ -56,7 +58,7 @@ ALL = [
 
 
 def _fields(pdu: P.PDU) -> dict:
-    names = [n for n, _m, _s in pdu.FLAGS] + list(pdu._attrs)
+    names = type(pdu).FIELD_NAMES
     return {n: getattr(pdu, n) for n in names} | {"immediate": pdu.immediate, "data": bytes(pdu.data)}
 
 
@@ -164,3 +166,21 @@ def test_text_parsing() -> None:
     with pytest.raises(ValueError):
         P.parse_text(b"novalue\0")
     assert P.build_text([("A", "1"), ("B", "2")]) == b"A=1\0B=2\0"
+
+
+def test_fields_are_declared_once_and_checked() -> None:
+    """The annotations are the field table: slots, defaults, keyword-only constructor."""
+    c = P.ScsiCommand(itt=7)
+    assert c.final is True and c.itt == 7 and c.cdb == bytes(16)  # class defaults
+    assert P.DataOut().ttt == P.RESERVED_TAG and P.LoginRequest().immediate
+    assert not hasattr(c, "__dict__")  # slots only
+    with pytest.raises(TypeError):
+        P.ScsiCommand(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        P.ScsiCommand(7)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="overlaps"):
+
+        class Clash(P.PDU, opcode=0x3E):
+            a: P.Itt = 0
+            b: Annotated[int, P.U16(18)] = 0
+    assert P.ScsiCommand.FIELD_NAMES[:4] == ("final", "read", "write", "attr")

@@ -28,8 +28,8 @@ import hmac
 import secrets
 from collections.abc import Callable
 
-from ..config.model import AuthCredential
 from .negotiation import parse_number
+from .params import ChapCredential
 
 # CHAP_A value -> (hashlib name, digest length).  IANA "iSCSI CHAP algorithms" registry.
 ALGORITHMS: dict[int, tuple[str, int]] = {
@@ -94,7 +94,7 @@ class ChapServer:
     returns the pairs to answer; ``done`` becomes True once the initiator is
     authenticated (and, if asked, we have answered its challenge)."""
 
-    def __init__(self, credentials: list[AuthCredential], *, mutual_required: bool,
+    def __init__(self, credentials: list[ChapCredential], *, mutual_required: bool,
                  random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.credentials = credentials
         self.mutual_required = mutual_required
@@ -143,7 +143,7 @@ class ChapServer:
             raise ChapError(f"user {user!r}: malformed CHAP_R ({e})") from None
         if not self.credentials:
             raise ChapError(f"user {user!r}: no CHAP credentials configured (empty auth group)")
-        matched: AuthCredential | None = None
+        matched: ChapCredential | None = None
         # Check every candidate so that timing does not reveal which names exist.
         for cred in self.credentials:
             if not cred.secret:
@@ -162,7 +162,7 @@ class ChapServer:
         self.done = True
         return out
 
-    def _answer_mutual(self, keys: dict[str, str], cred: AuthCredential) -> list[tuple[str, str]]:
+    def _answer_mutual(self, keys: dict[str, str], cred: ChapCredential) -> list[tuple[str, str]]:
         user = cred.user
         if "CHAP_I" not in keys or "CHAP_C" not in keys:
             raise ChapError(f"user {user!r}: mutual CHAP needs both CHAP_I and CHAP_C")

@@ -60,8 +60,7 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from ..config.model import AuthCredential
-from ..values import MAX_ISCSI_NAME, acceptable_peer_name
+from ..values import MAX_ISCSI_NAME, LoginStatus, acceptable_peer_name
 from .chap import ChapError, ChapServer
 from .negotiation import (
     KEYS,
@@ -72,8 +71,8 @@ from .negotiation import (
     is_security_key,
     parse_pairs,
 )
-from .params import LoginPolicy, LoginReject, LoginResult, TargetInfo, TargetValues
-from .pdu import PDU, LoginRequest, LoginResponse
+from .params import ChapCredential, LoginPolicy, LoginReject, LoginResult, TargetInfo, TargetValues
+from .pdu import PDU, LoginRequest, LoginResponse, NumberedRequest, ScsiCommand
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +80,6 @@ LOGIN_DSL = 8192  # RFC 7143 6.1/13.12: data segments during login use the defau
 MAX_LOGIN_TEXT = 64 * 1024  # total request text accepted over one login
 MAX_LOGIN_PDUS = 128  # bounds loops of empty requests
 ISCSI_VERSION = 0x00
-
-# Status class / detail (RFC 7143 11.13.5)
-SUCCESS = (0x00, 0x00)
-INITIATOR_ERROR = (0x02, 0x00)
-AUTH_FAILURE = (0x02, 0x01)
-AUTHORIZATION_FAILURE = (0x02, 0x02)
-NOT_FOUND = (0x02, 0x03)
-TARGET_REMOVED = (0x02, 0x04)
-UNSUPPORTED_VERSION = (0x02, 0x05)
-TOO_MANY_CONNECTIONS = (0x02, 0x06)
-MISSING_PARAMETER = (0x02, 0x07)
-CANT_INCLUDE_IN_SESSION = (0x02, 0x08)
-SESSION_TYPE_NOT_SUPPORTED = (0x02, 0x09)
-SESSION_DOES_NOT_EXIST = (0x02, 0x0A)
-INVALID_DURING_LOGIN = (0x02, 0x0B)
-TARGET_ERROR = (0x03, 0x00)
-SERVICE_UNAVAILABLE = (0x03, 0x01)
-OUT_OF_RESOURCES = (0x03, 0x02)
 
 _FIRST_ONLY = ("InitiatorName", "TargetName", "SessionType")
 
@@ -109,11 +90,7 @@ def _redacted(pairs: list[tuple[str, str]]) -> str:
                      for k, v in pairs)
 
 
-def _reject(status: tuple[int, int], reason: str) -> LoginReject:
-    return LoginReject(status[0], status[1], reason)
-
-
-def allowed_auth_methods(method: str, credentials: list[AuthCredential]) -> tuple[str, ...]:
+def allowed_auth_methods(method: str, credentials: list[ChapCredential]) -> tuple[str, ...]:
     """AuthMethod values acceptable for a configured auth method."""
     if method == "None":
         return ("None",)
@@ -121,7 +98,7 @@ def allowed_auth_methods(method: str, credentials: list[AuthCredential]) -> tupl
         return ("CHAP",)
     if method == "Auto":
         return ("CHAP", "None") if credentials else ("None",)
-    raise _reject(TARGET_ERROR, f"unknown configured auth method {method!r}")
+    raise LoginReject(LoginStatus.TARGET_ERROR, f"unknown configured auth method {method!r}")
 
 
 class LoginMachine:
@@ -137,7 +114,7 @@ class LoginMachine:
         self.result: LoginResult | None = None
         self.done = False
         self.failed = False
-        self.status: tuple[int, int] | None = None  # the final status class/detail
+        self.status: LoginStatus | None = None  # the final status
         self.reason = ""  # why it failed (safe to log)
         # Identity fixed by the first request.
         self._isid: bytes | None = None
@@ -162,7 +139,7 @@ class LoginMachine:
         self.target: TargetInfo | None = None
         self._auth_cfg = "None"
         self._auth_allowed: tuple[str, ...] = ("None",)
-        self._credentials: list[AuthCredential] = []
+        self._credentials: list[ChapCredential] = []
         self._auth_selected: str | None = None
         self._chap: ChapServer | None = None
         self._declared = False
@@ -170,70 +147,72 @@ class LoginMachine:
 
     # -- public -------------------------------------------------------------------------
 
-    def receive(self, pdu: PDU) -> list[PDU]:
+    def receive(self, pdu: PDU) -> list[LoginResponse]:
         """Feed one received PDU; returns the PDUs to send (see module docstring)."""
         if self.failed or self.done:
             return []
         try:
             return self._receive(pdu)
         except LoginReject as e:
-            return [self._fail(pdu, (e.status_class, e.status_detail), str(e), e.pairs)]
+            return [self._fail(pdu, e.status, str(e), e.pairs)]
         except TextError as e:
-            return [self._fail(pdu, INITIATOR_ERROR, f"malformed login text: {e}")]
+            return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, f"malformed login text: {e}")]
         except ChapError as e:
-            return [self._fail(pdu, AUTH_FAILURE, f"CHAP: {e}")]
+            return [self._fail(pdu, LoginStatus.AUTHENTICATION_FAILURE, f"CHAP: {e}")]
         except Exception as e:  # a bug or a misbehaving policy must not kill the server
             log.exception("login: internal error")
-            return [self._fail(pdu, TARGET_ERROR, f"internal error: {type(e).__name__}")]
+            return [self._fail(pdu, LoginStatus.TARGET_ERROR, f"internal error: {type(e).__name__}")]
 
-    def oversized(self, pdu: PDU, length: int) -> list[PDU]:
+    def oversized(self, pdu: PDU, length: int) -> list[LoginResponse]:
         """A login PDU whose data segment exceeded 8192 bytes (the framer skipped it):
         RFC 7143 limits login data segments to the default MaxRecvDataSegmentLength, so
         this is an initiator error (0x0200) rather than a silent drop."""
         if self.failed or self.done:
             return []
-        return [self._fail(pdu, INITIATOR_ERROR, f"login data segment of {length} bytes exceeds {LOGIN_DSL}")]
+        reason = f"login data segment of {length} bytes exceeds {LOGIN_DSL}"
+        return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, reason)]
 
     # -- request handling ---------------------------------------------------------------
 
-    def _receive(self, pdu: PDU) -> list[PDU]:
+    def _receive(self, pdu: PDU) -> list[LoginResponse]:
         if not isinstance(pdu, LoginRequest):
-            raise _reject(INVALID_DURING_LOGIN, f"{type(pdu).__name__} received during login")
+            raise LoginReject(LoginStatus.INVALID_DURING_LOGIN, f"{type(pdu).__name__} received during login")
         self._pdus += 1
         if self._pdus > MAX_LOGIN_PDUS:
-            raise _reject(INITIATOR_ERROR, "too many login PDUs")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "too many login PDUs")
         if pdu.version_min > ISCSI_VERSION or pdu.version_max < pdu.version_min:
-            raise _reject(UNSUPPORTED_VERSION,
-                          f"version range {pdu.version_min:#x}..{pdu.version_max:#x} excludes {ISCSI_VERSION:#x}")
+            raise LoginReject(LoginStatus.UNSUPPORTED_VERSION,
+                              f"version range {pdu.version_min:#x}..{pdu.version_max:#x} excludes {ISCSI_VERSION:#x}")
         if self._isid is None:
             self._isid = bytes(pdu.isid)
             self._tsih_req = pdu.tsih
             self._cid = pdu.cid
             self._statsn = pdu.expstatsn
         elif (bytes(pdu.isid), pdu.tsih, pdu.cid) != (self._isid, self._tsih_req, self._cid):
-            raise _reject(INITIATOR_ERROR, "ISID, TSIH or CID changed during login")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "ISID, TSIH or CID changed during login")
         if pdu.transit and pdu.cont:
-            raise _reject(INITIATOR_ERROR, "T and C bits both set")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "T and C bits both set")
         csg = pdu.csg
         if csg not in (0, 1):
-            raise _reject(INITIATOR_ERROR, f"invalid CSG {csg}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid CSG {csg}")
         if self._stage is None:
             self._stage = csg
         elif csg != self._stage:
-            raise _reject(INITIATOR_ERROR, f"CSG {csg} but the login is in stage {self._stage}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"CSG {csg} but the login is in stage {self._stage}")
         if pdu.transit and (pdu.nsg not in (1, 3) or pdu.nsg <= csg):
-            raise _reject(INITIATOR_ERROR, f"invalid transit from stage {csg} to {pdu.nsg}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid transit from stage {csg} to {pdu.nsg}")
         self._cmdsn = pdu.cmdsn
 
         if self._tx_rest:
             # The initiator fetches the rest of our long response with empty requests.
             if pdu.data or pdu.cont:
-                raise _reject(INITIATOR_ERROR, "expected an empty request for the rest of a long response")
+                raise LoginReject(LoginStatus.INITIATOR_ERROR,
+                                  "expected an empty request for the rest of a long response")
             return [self._next_chunk(pdu)]
 
         self._rx_total += len(pdu.data)
         if self._rx_total > MAX_LOGIN_TEXT:
-            raise _reject(INITIATOR_ERROR, f"login text exceeds {MAX_LOGIN_TEXT} bytes")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"login text exceeds {MAX_LOGIN_TEXT} bytes")
         self._rx += pdu.data
         if pdu.cont:
             return [self._response(pdu, b"", transit=False, nsg=0)]
@@ -247,7 +226,7 @@ class LoginMachine:
         check_duplicates(pairs, self._seen)
         return self._handle(pdu, pairs)
 
-    def _handle(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[PDU]:
+    def _handle(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[LoginResponse]:
         out: list[tuple[str, str]] = []
         if self._neg is None:
             out += self._begin(pdu, pairs)
@@ -259,9 +238,10 @@ class LoginMachine:
         if sec:
             for k, v in sec.items():
                 if len(v.encode()) > KEYS[k].max_len:
-                    raise _reject(INITIATOR_ERROR, f"{k} value longer than {KEYS[k].max_len} bytes")
+                    raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{k} value longer than {KEYS[k].max_len} bytes")
             if stage != 0:
-                raise _reject(INITIATOR_ERROR, f"security key {next(iter(sec))} in the operational stage")
+                raise LoginReject(LoginStatus.INITIATOR_ERROR,
+                                  f"security key {next(iter(sec))} in the operational stage")
             out += self._auth_step(sec)
         # Operational keys are answered in whichever stage they arrive (RFC 7143 6.3).
         out += neg.respond(ops)
@@ -290,7 +270,8 @@ class LoginMachine:
             if k not in _FIRST_ONLY:
                 out.append((k, v))
             elif self._identity.get(k) != v:
-                raise _reject(INITIATOR_ERROR, f"{k} declared again with another value or after the first request")
+                raise LoginReject(LoginStatus.INITIATOR_ERROR,
+                                  f"{k} declared again with another value or after the first request")
         return out
 
     def _begin(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -298,13 +279,13 @@ class LoginMachine:
         d = dict(pairs)
         name = d.get("InitiatorName")
         if name is None:
-            raise _reject(MISSING_PARAMETER, "no InitiatorName in the first login request")
+            raise LoginReject(LoginStatus.MISSING_PARAMETER, "no InitiatorName in the first login request")
         if not acceptable_peer_name(name):
-            raise _reject(INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}")
         self.initiator_name = name
         stype = d.get("SessionType", "Normal")
         if stype not in ("Normal", "Discovery"):
-            raise _reject(SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}")
+            raise LoginReject(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}")
         self.session_type = stype
         self._identity = {"InitiatorName": name, "SessionType": stype}
         out: list[tuple[str, str]] = []
@@ -313,12 +294,14 @@ class LoginMachine:
         else:
             tname = d.get("TargetName")
             if tname is None:
-                raise _reject(MISSING_PARAMETER, "no TargetName in the first login request of a Normal session")
+                raise LoginReject(LoginStatus.MISSING_PARAMETER,
+                                  "no TargetName in the first login request of a Normal session")
             target = self.policy.lookup_target(tname) if len(tname.encode()) <= MAX_ISCSI_NAME else None
             if target is None:
-                raise _reject(NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found")
+                raise LoginReject(LoginStatus.NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found")
             if not self.policy.initiator_allowed(target, name):
-                raise _reject(AUTHORIZATION_FAILURE, f"initiator {name!r} may not log in to {target.iqn}")
+                raise LoginReject(LoginStatus.AUTHORIZATION_FAILURE,
+                                  f"initiator {name!r} may not log in to {target.iqn}")
             self.target = target
             self._identity["TargetName"] = tname
             method, creds = target.auth_method, target.credentials
@@ -331,7 +314,8 @@ class LoginMachine:
         self._credentials = list(creds)
         self._auth_allowed = allowed_auth_methods(method, self._credentials)
         if self._stage == 1 and "None" not in self._auth_allowed:
-            raise _reject(AUTH_FAILURE, f"authentication ({method}) required but the security stage was skipped")
+            raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
+                              f"authentication ({method}) required but the security stage was skipped")
         self._neg = Negotiator(self.values, leading=self._tsih_req == 0, session_type=stype)
         return out
 
@@ -343,7 +327,8 @@ class LoginMachine:
             offer = sec.pop("AuthMethod").split(",")
             choice = next((m for m in offer if m in self._auth_allowed), None)
             if choice is None:
-                raise _reject(AUTH_FAILURE, f"AuthMethod={','.join(offer)[:128]} but {self._auth_cfg} is required")
+                raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
+                                  f"AuthMethod={','.join(offer)[:128]} but {self._auth_cfg} is required")
             self._auth_selected = choice
             out.append(("AuthMethod", choice))
             if choice == "CHAP":
@@ -351,7 +336,8 @@ class LoginMachine:
                                         random_bytes=self._random)
         if sec:  # CHAP_* keys
             if self._chap is None:
-                raise _reject(AUTH_FAILURE, f"{next(iter(sec))} sent but CHAP was not negotiated")
+                raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
+                                  f"{next(iter(sec))} sent but CHAP was not negotiated")
             out += self._chap.step(sec)
         return out
 
@@ -359,7 +345,8 @@ class LoginMachine:
         """May the login leave the security stage?  (Raises if it never can.)"""
         if self._auth_selected is None:
             if "None" not in self._auth_allowed:
-                raise _reject(AUTH_FAILURE, f"authentication ({self._auth_cfg}) required but no AuthMethod offered")
+                raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
+                                  f"authentication ({self._auth_cfg}) required but no AuthMethod offered")
             self._auth_selected = "None"
         if self._auth_selected == "None":
             return True
@@ -385,37 +372,36 @@ class LoginMachine:
         )
         tsih = self.policy.complete_login(result)
         if not isinstance(tsih, int) or not 1 <= tsih <= 0xFFFF:
-            raise _reject(TARGET_ERROR, f"policy returned TSIH {tsih!r}")
+            raise LoginReject(LoginStatus.TARGET_ERROR, f"policy returned TSIH {tsih!r}")
         result.tsih = tsih
         self._tsih = tsih
         self.result = result
 
-    def _response(self, pdu: LoginRequest, data: bytes, *, transit: bool, nsg: int) -> PDU:
+    def _response(self, pdu: LoginRequest, data: bytes, *, transit: bool, nsg: int) -> LoginResponse:
         self._tx_rest = data
         self._tx_transit, self._tx_nsg = transit, nsg
         return self._next_chunk(pdu)
 
-    def _next_chunk(self, pdu: LoginRequest) -> PDU:
+    def _next_chunk(self, pdu: LoginRequest) -> LoginResponse:
         chunk, self._tx_rest = self._tx_rest[:LOGIN_DSL], self._tx_rest[LOGIN_DSL:]
         more = bool(self._tx_rest)
         transit = self._tx_transit and not more
         final = transit and self._tx_nsg == 3
-        assert self._stage is not None
+        assert self._stage is not None and self._isid is not None
         rsp = LoginResponse(
-            transit=int(transit), cont=int(more), csg=self._stage, nsg=self._tx_nsg if transit else 0,
+            transit=transit, cont=more, csg=self._stage, nsg=self._tx_nsg if transit else 0,
             version_max=ISCSI_VERSION, version_active=ISCSI_VERSION, isid=self._isid,
             tsih=self._tsih if final else self._tsih_req, itt=pdu.itt, statsn=self._statsn,
             expcmdsn=pdu.cmdsn, maxcmdsn=(pdu.cmdsn + self.cmdsn_window - 1) & 0xFFFFFFFF,
-            status_class=0, status_detail=0,
+            status_class=0, status_detail=0, data=chunk,
         )
-        rsp.data = chunk
         self._statsn = (self._statsn + 1) & 0xFFFFFFFF
         if transit:
             if final:
                 assert self.result is not None
                 self.result.statsn = self._statsn
                 self.done = True
-                self.status = SUCCESS
+                self.status = LoginStatus.SUCCESS
                 log.info("login: %s -> %s (%s session), TSIH %d, CID %d, auth %s%s",
                          self.initiator_name, self.target.iqn if self.target else "-", self.session_type,
                          self._tsih, self._cid, self._auth_selected,
@@ -424,78 +410,26 @@ class LoginMachine:
                 self._stage = self._tx_nsg
         return rsp
 
-    def _fail(self, pdu: PDU, status: tuple[int, int], reason: str,
-              pairs: list[tuple[str, str]] | None = None) -> PDU:
+    def _fail(self, pdu: PDU, status: LoginStatus, reason: str,
+              pairs: list[tuple[str, str]] | None = None) -> LoginResponse:
         self.failed = True
         self.status = status
         self.reason = reason
-        log.warning("login rejected (status %#04x%02x) initiator %s: %s", status[0], status[1],
-                    self.initiator_name or "?", reason)
+        log.warning("login rejected (status %#06x) initiator %s: %s", status, self.initiator_name or "?", reason)
         req = pdu if isinstance(pdu, LoginRequest) else None
-        cmdsn = getattr(pdu, "cmdsn", 0) if req is None else req.cmdsn
+        cmdsn = pdu.cmdsn if isinstance(pdu, LoginRequest | ScsiCommand | NumberedRequest) else 0
         if self._isid is None and req is not None:
             self._statsn = req.expstatsn
         rsp = LoginResponse(
-            transit=0, cont=0, csg=(req.csg if req is not None else (self._stage or 0)) & 3, nsg=0,
+            transit=False, cont=False, csg=(req.csg if req is not None else (self._stage or 0)) & 3, nsg=0,
             version_max=ISCSI_VERSION, version_active=ISCSI_VERSION,
             isid=bytes(req.isid) if req is not None else (self._isid or bytes(6)),
-            tsih=req.tsih if req is not None else self._tsih_req, itt=getattr(pdu, "itt", 0),
+            tsih=req.tsih if req is not None else self._tsih_req, itt=pdu.itt,
             statsn=self._statsn, expcmdsn=cmdsn, maxcmdsn=cmdsn,
-            status_class=status[0], status_detail=status[1],
+            status_class=status.status_class, status_detail=status.status_detail,
         )
         if pairs:
             rsp.data = encode_pairs(pairs)[:LOGIN_DSL]
         self._statsn = (self._statsn + 1) & 0xFFFFFFFF
         return rsp
 
-
-class StaticPolicy:
-    """A self-contained LoginPolicy over fixed data (unit tests, tools, examples).
-
-    ``allowed`` maps a target IQN to the initiator names admitted (absent: everyone).
-    complete_login assigns TSIHs, reinstates a session of the same (initiator, ISID)
-    when TSIH is 0 and refuses an unknown non-zero TSIH with 0x020a."""
-
-    def __init__(self, targets: list[TargetInfo], *, portal_group_tag: int = 1,
-                 allowed: dict[str, set[str]] | None = None, discovery_method: str = "None",
-                 discovery_credentials: list[AuthCredential] | None = None,
-                 addresses: list[str] | None = None) -> None:
-        self.targets = {t.iqn: t for t in targets}
-        self.portal_group_tag = portal_group_tag
-        self.allowed = allowed or {}
-        self.discovery_method = discovery_method
-        self.discovery_credentials = discovery_credentials or []
-        self.addresses = addresses if addresses is not None else [f"127.0.0.1:3260,{portal_group_tag}"]
-        self.sessions: dict[tuple[str, int], int] = {}  # (initiator, ISID) -> TSIH
-        self.completed: list[LoginResult] = []
-        self._next_tsih = 1
-
-    def lookup_target(self, name: str) -> TargetInfo | None:
-        return self.targets.get(name)
-
-    def initiator_allowed(self, target: TargetInfo, initiator_name: str) -> bool:
-        names = self.allowed.get(target.iqn)
-        return names is None or initiator_name in names
-
-    def discovery_auth(self) -> tuple[str, list[AuthCredential]]:
-        return self.discovery_method, self.discovery_credentials
-
-    def complete_login(self, result: LoginResult) -> int:
-        key = (result.initiator_name, result.isid)
-        if result.tsih:
-            if result.tsih not in self.sessions.values():
-                raise LoginReject(*SESSION_DOES_NOT_EXIST, "session does not exist")
-            tsih = result.tsih
-        else:
-            tsih = self._next_tsih
-            self._next_tsih = self._next_tsih % 0xFFFF + 1
-            self.sessions[key] = tsih  # replaces (reinstates) an older session of that ISID
-        self.completed.append(result)
-        return tsih
-
-    def send_targets(self, initiator_name: str, which: str) -> list[tuple[str, list[str]]]:
-        out = []
-        for t in self.targets.values():
-            if (which == "All" or which == t.iqn) and self.initiator_allowed(t, initiator_name):
-                out.append((t.iqn, list(self.addresses)))
-        return out

@@ -11,19 +11,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..config.model import AuthCredential
+from ..values import LoginStatus
 
 
 class LoginReject(Exception):  # noqa: N818 - it is a status, not only an error
-    """Ends a login with a status class/detail (RFC 7143 11.13.5)."""
+    """Ends a login with a status other than success (RFC 7143 11.13.5)."""
 
-    def __init__(self, status_class: int, status_detail: int, reason: str = "",
-                 pairs: list[tuple[str, str]] | None = None) -> None:
-        super().__init__(reason or f"login status {status_class:#04x}{status_detail:02x}")
-        self.status_class = status_class
-        self.status_detail = status_detail
+    def __init__(self, status: LoginStatus, reason: str = "", pairs: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(reason or f"login status {status:#06x}")
+        self.status = status
         # Keys sent with the reject, e.g. TargetAddress for a redirect (class 0x01).
         self.pairs = pairs or []
+
+
+@dataclass(frozen=True, slots=True)
+class ChapCredential:
+    """One CHAP credential of an auth group: the initiator's user/secret and, for mutual
+    CHAP, the name/secret the target answers with."""
+
+    user: str
+    secret: str
+    peeruser: str = ""
+    peersecret: str = ""
 
 
 @dataclass
@@ -58,7 +67,7 @@ class TargetInfo:
     iqn: str
     alias: str | None
     auth_method: str  # "None", "Auto", "CHAP", "CHAP Mutual" (of the target group serving this portal)
-    credentials: list[AuthCredential]  # the auth group's credentials (CHAP user/secret, peer user/secret)
+    credentials: list[ChapCredential]  # the auth group's credentials (CHAP user/secret, peer user/secret)
 
 
 @dataclass
@@ -117,7 +126,7 @@ class LoginPolicy(Protocol):
     def initiator_allowed(self, target: TargetInfo, initiator_name: str) -> bool:
         """Initiator group (names + networks) and access config; False -> 0x0202."""
 
-    def discovery_auth(self) -> tuple[str, list[AuthCredential]]:
+    def discovery_auth(self) -> tuple[str, list[ChapCredential]]:
         """The portal group's discovery auth method and its auth group's credentials."""
 
     def complete_login(self, result: LoginResult) -> int:

@@ -1,9 +1,11 @@
 """Sans-IO iSCSI PDU codec (RFC 7143 section 11).
 
-Every opcode both ways, Additional Header Segments, padding and CRC32C digests.  Each
-PDU class declares its Basic Header Segment fields once; a precompiled ``struct`` per
-class decodes or encodes the whole BHS in one call (construct is 25-75x slower and
-is kept off this path).
+Every opcode both ways, Additional Header Segments, padding and CRC32C digests.  A PDU
+class declares each Basic Header Segment field once, as an annotation whose metadata
+says where it sits (``Annotated[int, U32(16)]``) or which bits of byte 1 it holds
+(``Annotated[bool, Bit(0x80)]``).  From that table the class gets its slots, a typed
+keyword constructor, one precompiled ``struct`` for the whole BHS and generated
+straight-line decoder and encoder (construct is 25-75x slower and is kept off this path).
 
 ``PDUReader`` is the incremental framer for an ``asyncio.BufferedProtocol``: the
 transport receives straight into its buffer (one recv per batch) and it yields whole
@@ -12,12 +14,14 @@ the next ``get_buffer`` call: a consumer that keeps payload must copy it (a Data
 handler copies into the command's buffer, which is the one copy a write needs).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the class machinery reads the annotation
+# objects (their Annotated metadata) while the class is being created.
 
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, dataclass_transform, get_args, get_origin
 
 from crc32c import crc32c  # hardware CRC32C (SSE4.2): 17-26 GB/s here, crcmod manages 0.44 GB/s
 
@@ -26,6 +30,9 @@ DIGEST_LEN = 4
 RESERVED_TAG = 0xFFFFFFFF
 # A hard ceiling independent of negotiation: DataSegmentLength is 24 bits.
 MAX_DSL = (1 << 24) - 1
+
+# What a data segment (or a piece of one) may be on either path.
+Payload = bytes | bytearray | memoryview
 
 
 class Op(IntEnum):
@@ -63,12 +70,65 @@ class RejectReason(IntEnum):
     WAITING_FOR_LOGOUT = 0x0C
 
 
+class TmfFunction(IntEnum):
+    """Task Management Function Request functions (RFC 7143 11.5.1)."""
+
+    ABORT_TASK = 1
+    ABORT_TASK_SET = 2
+    CLEAR_ACA = 3
+    CLEAR_TASK_SET = 4
+    LOGICAL_UNIT_RESET = 5
+    TARGET_WARM_RESET = 6
+    TARGET_COLD_RESET = 7
+    TASK_REASSIGN = 8
+
+
+class TmfResponse(IntEnum):
+    """Task Management Function Response codes (RFC 7143 11.6.1)."""
+
+    COMPLETE = 0
+    NO_SUCH_TASK = 1
+    NO_SUCH_LUN = 2
+    TASK_STILL_ALLEGIANT = 3
+    REASSIGNMENT_UNSUPPORTED = 4
+    NOT_SUPPORTED = 5
+    AUTHORIZATION_FAILED = 6
+    REJECTED = 255
+
+
+class LogoutReason(IntEnum):
+    """Logout Request reason codes (RFC 7143 11.14.1)."""
+
+    CLOSE_SESSION = 0
+    CLOSE_CONNECTION = 1
+    REMOVE_FOR_RECOVERY = 2
+
+
+class LogoutOutcome(IntEnum):
+    """Logout Response codes (RFC 7143 11.15.1)."""
+
+    SUCCESS = 0
+    CID_NOT_FOUND = 1
+    RECOVERY_UNSUPPORTED = 2
+    CLEANUP_FAILED = 3
+
+
+class AsyncEvent(IntEnum):
+    """Asynchronous Message events (RFC 7143 11.9.1)."""
+
+    SCSI_EVENT = 0
+    LOGOUT_REQUEST = 1
+    DROP_CONNECTION = 2
+    DROP_ALL_CONNECTIONS = 3
+    RENEGOTIATE = 4
+
+
 class AhsType(IntEnum):
     EXTENDED_CDB = 1
     BIDI_READ_LENGTH = 2
 
 
-def digest(*bufs: Any) -> int:
+def digest(*bufs: Payload) -> int:
     """CRC32C over consecutive buffers (header digest: BHS+AHS; data digest: data+pad)."""
     crc = 0
     for b in bufs:
@@ -115,69 +175,199 @@ def int_to_lun(lun: int) -> int:
     return (0x4000 | lun) << 48
 
 
-# --- PDU classes ---------------------------------------------------------------------
+# --- field layout ----------------------------------------------------------------------
 
 
-class PDU:
-    """Base class: one iSCSI PDU.  Subclasses declare FIELDS and FLAGS."""
+class At:
+    """Annotation metadata: the field is ``code`` (a struct code) at BHS byte ``offset``."""
 
-    opcode: ClassVar[int]
-    # (attribute, struct code, byte offset) of BHS fields after byte 3, and bytes 2/3.
-    FIELDS: ClassVar[tuple[tuple[str, str, int], ...]] = ()
-    # (attribute, mask, shift) packed into byte 1.
-    FLAGS: ClassVar[tuple[tuple[str, int, int], ...]] = ()
+    __slots__ = ("code", "offset")
+
+    def __init__(self, code: str, offset: int) -> None:
+        self.code = code
+        self.offset = offset
+
+
+class Bit:
+    """Annotation metadata: the field is the bits ``mask`` of BHS byte 1 (the flags byte)."""
+
+    __slots__ = ("mask", "shift")
+
+    def __init__(self, mask: int) -> None:
+        self.mask = mask
+        self.shift = (mask & -mask).bit_length() - 1
+
+
+def U8(offset: int) -> At:  # noqa: N802 - reads as a type in annotations
+    return At("B", offset)
+
+
+def U16(offset: int) -> At:  # noqa: N802
+    return At("H", offset)
+
+
+def U32(offset: int) -> At:  # noqa: N802
+    return At("I", offset)
+
+
+def Raw(offset: int, length: int) -> At:  # noqa: N802
+    return At(f"{length}s", offset)
+
+
+# Fields at the same place in many PDUs.
+Lun = Annotated[int, At("Q", 8)]
+Itt = Annotated[int, U32(16)]
+Ttt = Annotated[int, U32(20)]
+CmdSN = Annotated[int, U32(24)]
+ExpStatSN = Annotated[int, U32(28)]
+StatSN = Annotated[int, U32(24)]
+ExpCmdSN = Annotated[int, U32(28)]
+MaxCmdSN = Annotated[int, U32(32)]
+Final = Annotated[bool, Bit(0x80)]
+Continue = Annotated[bool, Bit(0x40)]
+# Login Request and Response
+Transit = Annotated[bool, Bit(0x80)]
+Csg = Annotated[int, Bit(0x0C)]
+Nsg = Annotated[int, Bit(0x03)]
+VersionMax = Annotated[int, U8(2)]
+Isid = Annotated[bytes, Raw(8, 6)]
+Tsih = Annotated[int, U16(14)]
+
+
+def _meta(annotation: object) -> At | Bit | None:
+    if get_origin(annotation) is Annotated:
+        for m in get_args(annotation)[1:]:
+            if isinstance(m, At | Bit):
+                return m
+    return None
+
+
+@dataclass_transform(kw_only_default=True, eq_default=False)
+class _PDUType(type):
+    """Builds a PDU class from its annotated fields (``class X(PDU, opcode=..., fixed_flags=...)``).
+
+    The fields become slots (their defaults move out of the class body) and the class gets
+    a keyword constructor, a ``struct`` for its BHS and a generated straight-line decoder
+    and encoder: one unpack, no per-field loop.  It runs for every PDU: a loop of setattr
+    calls cost 1.16 us per decoded PDU, the generated decoder about 0.5 us."""
+
+    _defaults: dict[str, object]
+    _annotations: dict[str, object]
+
+    def __new__(mcs, name: str, bases: tuple[type, ...], ns: dict[str, Any], *, opcode: int | None = None,
+                fixed_flags: int = 0) -> "_PDUType":
+        module = vars(sys.modules[ns["__module__"]])
+        own = {}
+        for n, a in ns.get("__annotations__", {}).items():
+            if isinstance(a, str):  # ``from __future__ import annotations`` where the class is defined
+                a = eval(a, module, dict(ns))  # noqa: S307 - the class's own annotation, as get_type_hints does
+            if get_origin(a) is not ClassVar:
+                own[n] = a
+        defaults: dict[str, object] = {}
+        annotations: dict[str, object] = {}
+        for base in bases:  # each base's tables already hold its own bases' fields
+            if isinstance(base, _PDUType):
+                defaults.update(base._defaults)
+                annotations.update(base._annotations)
+        defaults.update({n: ns.pop(n) for n in own if n in ns})
+        annotations.update(own)
+        # A field redeclared for a new default keeps its base class's slot.
+        ns["__slots__"] = tuple(n for n in own if not any(hasattr(b, n) for b in bases))
+        ns["_defaults"], ns["_annotations"] = defaults, annotations
+        if opcode is not None:
+            ns["opcode"] = opcode
+        if fixed_flags:
+            ns["FIXED_FLAGS"] = fixed_flags
+        scope: dict[str, Any] = {f"_d_{n}": v for n, v in defaults.items()}
+        if bases:
+            ns.update(_codec(name, annotations, fixed_flags, scope))
+        cls = super().__new__(mcs, name, bases, ns)
+        scope["_cls"] = cls
+        if opcode is not None:
+            _DECODERS[opcode] = scope["_from_bhs"]
+        return cls
+
+
+def _codec(name: str, annotations: dict[str, object], fixed_flags: int, scope: dict[str, Any]) -> dict[str, Any]:
+    """Generate ``__init__``, ``_from_bhs`` and ``_encode_bhs`` from the field table."""
+    bits: list[tuple[str, Bit]] = []
+    at: list[tuple[str, At]] = []
+    for n, a in annotations.items():
+        m = _meta(a)
+        if isinstance(m, Bit):
+            bits.append((n, m))
+        elif isinstance(m, At):
+            at.append((n, m))
+    fmt, pos, attrs = ">", 0, []
+    for n, m in sorted(at, key=lambda f: f[1].offset):
+        if m.offset < pos:
+            raise TypeError(f"{name}.{n} overlaps")
+        fmt += "x" * (m.offset - pos) + m.code
+        pos = m.offset + struct.calcsize(">" + m.code)
+        attrs.append(n)
+    fmt += "x" * (BHS_LEN - pos)
+    layout = struct.Struct(fmt)
+    scope.update(_new=object.__new__, _unpack=layout.unpack_from, _pack=layout.pack_into)
+    flag_names = [n for n, _m in bits]
+    # Constructor: every field a keyword with its default.
+    args = ", ".join(f"{n}=_d_{n}" for n in annotations)
+    init = [f"def __init__(self, *, {args}):"] + [f"    self.{n} = {n}" for n in annotations]
+    # Decoder: fields not in the BHS (payload, AHS, bookkeeping) start at their defaults.
+    dec = ["def _from_bhs(bhs):", "    pdu = _new(_cls)", "    pdu.immediate = (bhs[0] & 0x40) != 0"]
+    dec += [f"    pdu.{n} = _d_{n}" for n in annotations if n != "immediate" and n not in attrs + flag_names]
+    if bits:
+        dec.append("    f = bhs[1]")
+        for n, m in bits:
+            if get_args(annotations[n])[0] is bool:
+                dec.append(f"    pdu.{n} = (f & {m.mask}) != 0")
+            else:
+                dec.append(f"    pdu.{n} = (f & {m.mask}) >> {m.shift}")
+    if attrs:
+        dec.append(f"    {', '.join(f'pdu.{a}' for a in attrs)}, = _unpack(bhs)")
+    dec.append("    return pdu")
+    # Encoder of the flags and fields (byte 0 and the lengths are the caller's).
+    enc = ["def _encode_bhs(self, hdr):"]
+    if attrs:
+        enc.append(f"    _pack(hdr, 0, {', '.join(f'self.{a}' for a in attrs)})")
+    flags = " | ".join([str(fixed_flags)] + [f"((self.{n} << {m.shift}) & {m.mask})" for n, m in bits])
+    enc.append(f"    hdr[1] = {flags}")
+    exec("\n".join(init + dec + enc), scope)  # noqa: S102 - code built only from the class's own field table
+    return {
+        "__init__": scope["__init__"],
+        "_from_bhs": staticmethod(scope["_from_bhs"]),
+        "_encode_bhs": scope["_encode_bhs"],
+        "_struct": layout,
+        "FIELD_NAMES": tuple(flag_names) + tuple(attrs),
+    }
+
+
+_DECODERS: dict[int, Callable[[Payload], "PDU"]] = {}
+
+
+class PDU(metaclass=_PDUType):
+    """Base class: one iSCSI PDU.  Subclasses declare their BHS fields as annotations."""
+
+    opcode: ClassVar[int] = -1
     # Bits of byte 1 always set (the F bit of PDUs that have no other use of it).
     FIXED_FLAGS: ClassVar[int] = 0
+    # Flags and BHS fields, in wire order (tools and tests).
+    FIELD_NAMES: ClassVar[tuple[str, ...]] = ()
     _struct: ClassVar[struct.Struct]
-    _attrs: ClassVar[tuple[str, ...]]
+    _from_bhs: ClassVar[Callable[[Payload], "PDU"]]
 
-    __slots__ = ("immediate", "ahs", "data")
+    immediate: bool = False
+    ahs: Sequence[tuple[int, bytes]] = ()
+    data: Payload = b""
+    itt: Itt = 0  # every BHS has the Initiator Task Tag at byte 16
 
-    def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        fmt, pos, attrs = ">", 0, []
-        for name, code, off in sorted(cls.FIELDS, key=lambda f: f[2]):
-            if off < pos:
-                raise TypeError(f"{cls.__name__}.{name} overlaps")
-            fmt += "x" * (off - pos) + code
-            pos = off + struct.calcsize(">" + code)
-            attrs.append(name)
-        fmt += "x" * (BHS_LEN - pos)
-        cls._struct = struct.Struct(fmt)
-        cls._attrs = tuple(attrs)
-        cls._from_bhs = _make_decoder(cls)  # type: ignore[method-assign]
-        if "opcode" in cls.__dict__:
-            _REGISTRY[cls.opcode] = cls
-
-    def __init__(self, **kw: Any) -> None:
-        self.immediate = False
-        self.ahs: list[tuple[int, bytes]] = []
-        self.data: bytes | bytearray | memoryview = b""
-        for name, _code, _off in self.FIELDS:
-            setattr(self, name, 0)
-        for name, _mask, _shift in self.FLAGS:
-            setattr(self, name, 0)
-        self._defaults()
-        for k, v in kw.items():
-            setattr(self, k, v)
-
-    def _defaults(self) -> None:
-        """Per-class default values beyond zero."""
-
-    # -- decoding --
-    @staticmethod
-    def _from_bhs(bhs: memoryview | bytes) -> PDU:  # replaced per class by _make_decoder
-        raise NotImplementedError
+    def _encode_bhs(self, hdr: bytearray) -> None:
+        """Flags and BHS fields into ``hdr`` (generated per class)."""
 
     # -- encoding --
     def encode_header(self, ahs_len: int, dsl: int) -> bytearray:
         hdr = bytearray(BHS_LEN + ahs_len)
-        self._struct.pack_into(hdr, 0, *[getattr(self, a) for a in self._attrs])
-        flags = self.FIXED_FLAGS
-        for name, mask, shift in self.FLAGS:
-            flags |= (int(getattr(self, name)) << shift) & mask
+        self._encode_bhs(hdr)
         hdr[0] = self.opcode | (0x40 if self.immediate else 0)
-        hdr[1] = flags
         hdr[4] = ahs_len >> 2
         hdr[5:8] = dsl.to_bytes(3, "big")
         off = BHS_LEN
@@ -189,96 +379,99 @@ class PDU:
             off += 3 + seg_len + pad_len(3 + seg_len)
         return hdr
 
-    def _ahs_len(self) -> int:
+    def ahs_len(self) -> int:
         return sum(3 + len(p) + pad_len(3 + len(p)) for _t, p in self.ahs)
 
-    def to_buffers(self, header_digest: bool = False, data_digest: bool = False) -> list[Any]:
+    def raw_header(self) -> bytes:
+        """The BHS as it would travel (a Reject carries the offending one)."""
+        return bytes(self.encode_header(0, len(self.data))[:BHS_LEN])
+
+    def to_buffers(self, header_digest: bool = False, data_digest: bool = False) -> list[Payload]:
         """Wire form as a list for ``transport.writelines`` (the payload is not copied)."""
-        data = self.data
-        dsl = len(data)
-        hdr = self.encode_header(self._ahs_len(), dsl)
-        if header_digest:
-            hdr += _DIGEST.pack(crc32c(hdr))
-        if not dsl:
-            return [hdr]
-        pad = _PADS[dsl & 3]
-        if data_digest:
-            tail = pad + _DIGEST.pack(crc32c(pad, value=crc32c(data)))
-            return [hdr, data, tail]
-        return [hdr, data, pad] if pad else [hdr, data]
+        out = WireOutput(header_digest, data_digest)
+        out.send(self)
+        return out.take()
 
     def to_bytes(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
         return b"".join(bytes(b) for b in self.to_buffers(header_digest, data_digest))
 
     def __repr__(self) -> str:
-        parts = [f"{n}={getattr(self, n)!r}" for n, _m, _s in self.FLAGS]
-        for n in self._attrs:
+        parts = []
+        for n in self.FIELD_NAMES:
             v = getattr(self, n)
-            parts.append(f"{n}=0x{v:x}" if isinstance(v, int) and v > 9 else f"{n}={v!r}")
+            parts.append(f"{n}=0x{v:x}" if isinstance(v, int) and not isinstance(v, bool) and v > 9 else f"{n}={v!r}")
         if self.immediate:
             parts.insert(0, "immediate")
         return f"{type(self).__name__}({', '.join(parts)}, dsl={len(self.data)})"
 
 
-_REGISTRY: dict[int, type[PDU]] = {}
+class WireOutput:
+    """The wire form of what one connection sends: the one path every outgoing PDU takes.
+
+    ``emit`` appends a PDU given as a packed header and its payload parts, adding the
+    header digest, the padding and the data digest; ``send`` does so for a PDU object.
+    The payload is referenced, not copied; ``take`` hands the list to
+    ``transport.writelines``.  Digests are switched on when login completes."""
+
+    __slots__ = ("header_digest", "data_digest", "buffers")
+
+    def __init__(self, header_digest: bool = False, data_digest: bool = False) -> None:
+        self.header_digest = header_digest
+        self.data_digest = data_digest
+        self.buffers: list[Payload] = []
+
+    def emit(self, hdr: bytearray, parts: Sequence[Payload] = (), dlen: int = 0) -> None:
+        out = self.buffers
+        if self.header_digest:
+            hdr += _DIGEST.pack(crc32c(hdr))
+        out.append(hdr)
+        if not dlen:
+            return
+        out.extend(parts)
+        pad = _PADS[dlen & 3]
+        if self.data_digest:
+            crc = 0
+            for p in parts:
+                crc = crc32c(p, crc)
+            if pad:
+                crc = crc32c(pad, crc)
+            out.append(pad + _DIGEST.pack(crc))
+        elif pad:
+            out.append(pad)
+
+    def send(self, pdu: PDU) -> None:
+        data = pdu.data
+        dlen = len(data)
+        self.emit(pdu.encode_header(pdu.ahs_len(), dlen), (data,), dlen)
+
+    def take(self) -> list[Payload]:
+        out = self.buffers
+        self.buffers = []
+        return out
 
 
-def _make_decoder(cls: type[PDU]) -> Any:
-    """Generate a straight-line BHS decoder for ``cls``: one unpack, no per-field loop.
-
-    A loop of setattr calls cost 1.16 us per PDU, this 0.66 us: it runs for every PDU."""
-    lines = [
-        "def _from_bhs(bhs):",
-        "    pdu = _new(_cls)",
-        "    pdu.immediate = (bhs[0] & 0x40) != 0",
-        "    pdu.ahs = []",
-        "    pdu.data = b''",
-    ]
-    if cls.FLAGS:
-        lines.append("    f = bhs[1]")
-        lines += [f"    pdu.{name} = (f & {mask}) >> {shift}" for name, mask, shift in cls.FLAGS]
-    if cls._attrs:
-        targets = ", ".join(f"pdu.{a}" for a in cls._attrs)
-        lines.append(f"    {targets}, = _unpack(bhs)")
-    lines.append("    return pdu")
-    scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls, "_unpack": cls._struct.unpack_from}
-    exec("\n".join(lines), scope)  # noqa: S102 - code built only from the class's own field table
-    return staticmethod(scope["_from_bhs"])
-
-# Offsets shared by many PDUs.
-_LUN = ("lun", "Q", 8)
-_ITT = ("itt", "I", 16)
-_TTT = ("ttt", "I", 20)
-_CMDSN = ("cmdsn", "I", 24)
-_EXPSTATSN = ("expstatsn", "I", 28)
-_STATSN = ("statsn", "I", 24)
-_EXPCMDSN = ("expcmdsn", "I", 28)
-_MAXCMDSN = ("maxcmdsn", "I", 32)
-_FINAL = (("final", 0x80, 7),)
-
+# --- the PDUs ----------------------------------------------------------------------------
 
 # Initiator -> target
 
 
-class NopOut(PDU):
-    opcode = Op.NOP_OUT
-    FIXED_FLAGS = 0x80
-    FIELDS = (_LUN, _ITT, _TTT, _CMDSN, _EXPSTATSN)
-    __slots__ = ("lun", "itt", "ttt", "cmdsn", "expstatsn")
-
-    def _defaults(self) -> None:
-        self.ttt = RESERVED_TAG
+class NopOut(PDU, opcode=Op.NOP_OUT, fixed_flags=0x80):
+    lun: Lun = 0
+    ttt: Ttt = RESERVED_TAG
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
 
 
-class ScsiCommand(PDU):
-    opcode = Op.SCSI_CMD
-    FLAGS = (("final", 0x80, 7), ("read", 0x40, 6), ("write", 0x20, 5), ("attr", 0x07, 0))
-    FIELDS = (_LUN, _ITT, ("edtl", "I", 20), _CMDSN, _EXPSTATSN, ("cdb", "16s", 32))
-    __slots__ = ("final", "read", "write", "attr", "lun", "itt", "edtl", "cmdsn", "expstatsn", "cdb")
-
-    def _defaults(self) -> None:
-        self.final = 1
-        self.cdb = bytes(16)
+class ScsiCommand(PDU, opcode=Op.SCSI_CMD):
+    final: Final = True
+    read: Annotated[bool, Bit(0x40)] = False
+    write: Annotated[bool, Bit(0x20)] = False
+    attr: Annotated[int, Bit(0x07)] = 0
+    lun: Lun = 0
+    edtl: Annotated[int, U32(20)] = 0
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
+    cdb: Annotated[bytes, Raw(32, 16)] = bytes(16)
 
     def full_cdb(self) -> bytes:
         """The CDB with an Extended CDB AHS appended (RFC 7143 11.3.6)."""
@@ -294,186 +487,175 @@ class ScsiCommand(PDU):
         return None
 
 
-class TaskMgmtRequest(PDU):
-    opcode = Op.TMF_REQ
-    FIXED_FLAGS = 0x80
-    FLAGS = (("function", 0x7F, 0),)
-    FIELDS = (_LUN, _ITT, ("rtt", "I", 20), _CMDSN, _EXPSTATSN, ("refcmdsn", "I", 32), ("expdatasn", "I", 36))
-    __slots__ = ("function", "lun", "itt", "rtt", "cmdsn", "expstatsn", "refcmdsn", "expdatasn")
-
-    def _defaults(self) -> None:
-        self.rtt = RESERVED_TAG
-
-
-class LoginRequest(PDU):
-    opcode = Op.LOGIN_REQ
-    FLAGS = (("transit", 0x80, 7), ("cont", 0x40, 6), ("csg", 0x0C, 2), ("nsg", 0x03, 0))
-    FIELDS = (
-        ("version_max", "B", 2), ("version_min", "B", 3), ("isid", "6s", 8), ("tsih", "H", 14), _ITT,
-        ("cid", "H", 20), _CMDSN, _EXPSTATSN,
-    )
-    __slots__ = ("transit", "cont", "csg", "nsg", "version_max", "version_min", "isid", "tsih", "itt",
-                 "cid", "cmdsn", "expstatsn")
-
-    def _defaults(self) -> None:
-        self.immediate = True
-        self.isid = bytes(6)
+class TaskMgmtRequest(PDU, opcode=Op.TMF_REQ, fixed_flags=0x80):
+    function: Annotated[int, Bit(0x7F)] = 0
+    lun: Lun = 0
+    rtt: Annotated[int, U32(20)] = RESERVED_TAG
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
+    refcmdsn: Annotated[int, U32(32)] = 0
+    expdatasn: Annotated[int, U32(36)] = 0
 
 
-class TextRequest(PDU):
-    opcode = Op.TEXT_REQ
-    FLAGS = (("final", 0x80, 7), ("cont", 0x40, 6))
-    FIELDS = (_LUN, _ITT, _TTT, _CMDSN, _EXPSTATSN)
-    __slots__ = ("final", "cont", "lun", "itt", "ttt", "cmdsn", "expstatsn")
-
-    def _defaults(self) -> None:
-        self.final = 1
-        self.ttt = RESERVED_TAG
-
-
-class DataOut(PDU):
-    opcode = Op.DATA_OUT
-    FLAGS = _FINAL
-    FIELDS = (_LUN, _ITT, _TTT, _EXPSTATSN, ("datasn", "I", 36), ("offset", "I", 40))
-    __slots__ = ("final", "lun", "itt", "ttt", "expstatsn", "datasn", "offset")
-
-    def _defaults(self) -> None:
-        self.ttt = RESERVED_TAG
+class LoginRequest(PDU, opcode=Op.LOGIN_REQ):
+    immediate: bool = True
+    transit: Transit = False
+    cont: Continue = False
+    csg: Csg = 0
+    nsg: Nsg = 0
+    version_max: VersionMax = 0
+    version_min: Annotated[int, U8(3)] = 0
+    isid: Isid = bytes(6)
+    tsih: Tsih = 0
+    cid: Annotated[int, U16(20)] = 0
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
 
 
-class LogoutRequest(PDU):
-    opcode = Op.LOGOUT_REQ
-    FIXED_FLAGS = 0x80
-    FLAGS = (("reason", 0x7F, 0),)
-    FIELDS = (_ITT, ("cid", "H", 20), _CMDSN, _EXPSTATSN)
-    __slots__ = ("reason", "itt", "cid", "cmdsn", "expstatsn")
+class TextRequest(PDU, opcode=Op.TEXT_REQ):
+    final: Final = True
+    cont: Continue = False
+    lun: Lun = 0
+    ttt: Ttt = RESERVED_TAG
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
 
 
-class SnackRequest(PDU):
-    opcode = Op.SNACK
-    FIXED_FLAGS = 0x80
-    FLAGS = (("type", 0x0F, 0),)
-    FIELDS = (_LUN, _ITT, _TTT, _EXPSTATSN, ("begrun", "I", 40), ("runlength", "I", 44))
-    __slots__ = ("type", "lun", "itt", "ttt", "expstatsn", "begrun", "runlength")
+class DataOut(PDU, opcode=Op.DATA_OUT):
+    final: Final = False
+    lun: Lun = 0
+    ttt: Ttt = RESERVED_TAG
+    expstatsn: ExpStatSN = 0
+    datasn: Annotated[int, U32(36)] = 0
+    offset: Annotated[int, U32(40)] = 0
+
+
+class LogoutRequest(PDU, opcode=Op.LOGOUT_REQ, fixed_flags=0x80):
+    reason: Annotated[int, Bit(0x7F)] = 0
+    cid: Annotated[int, U16(20)] = 0
+    cmdsn: CmdSN = 0
+    expstatsn: ExpStatSN = 0
+
+
+class SnackRequest(PDU, opcode=Op.SNACK, fixed_flags=0x80):
+    type: Annotated[int, Bit(0x0F)] = 0
+    lun: Lun = 0
+    ttt: Ttt = 0
+    expstatsn: ExpStatSN = 0
+    begrun: Annotated[int, U32(40)] = 0
+    runlength: Annotated[int, U32(44)] = 0
 
 
 # Target -> initiator
 
 
-class NopIn(PDU):
-    opcode = Op.NOP_IN
-    FIXED_FLAGS = 0x80
-    FIELDS = (_LUN, _ITT, _TTT, _STATSN, _EXPCMDSN, _MAXCMDSN)
-    __slots__ = ("lun", "itt", "ttt", "statsn", "expcmdsn", "maxcmdsn")
+class TargetPDU(PDU):
+    """What a target sends: each carries StatSN, ExpCmdSN and MaxCmdSN at the same place."""
 
-    def _defaults(self) -> None:
-        self.itt = RESERVED_TAG
-        self.ttt = RESERVED_TAG
+    statsn: StatSN = 0
+    expcmdsn: ExpCmdSN = 0
+    maxcmdsn: MaxCmdSN = 0
 
 
-class ScsiResponse(PDU):
-    opcode = Op.SCSI_RSP
-    FIXED_FLAGS = 0x80
-    FLAGS = (("bidi_overflow", 0x10, 4), ("bidi_underflow", 0x08, 3), ("overflow", 0x04, 2),
-             ("underflow", 0x02, 1))
-    FIELDS = (
-        ("response", "B", 2), ("status", "B", 3), _ITT, ("snacktag", "I", 20), _STATSN, _EXPCMDSN,
-        _MAXCMDSN, ("expdatasn", "I", 36), ("bidi_residual", "I", 40), ("residual", "I", 44),
-    )
-    __slots__ = ("bidi_overflow", "bidi_underflow", "overflow", "underflow", "response", "status", "itt",
-                 "snacktag", "statsn", "expcmdsn", "maxcmdsn", "expdatasn", "bidi_residual", "residual")
+class NopIn(TargetPDU, opcode=Op.NOP_IN, fixed_flags=0x80):
+    lun: Lun = 0
+    itt: Itt = RESERVED_TAG
+    ttt: Ttt = RESERVED_TAG
 
 
-class TaskMgmtResponse(PDU):
-    opcode = Op.TMF_RSP
-    FIXED_FLAGS = 0x80
-    FIELDS = (("response", "B", 2), _ITT, _STATSN, _EXPCMDSN, _MAXCMDSN)
-    __slots__ = ("response", "itt", "statsn", "expcmdsn", "maxcmdsn")
+class ScsiResponse(TargetPDU, opcode=Op.SCSI_RSP, fixed_flags=0x80):
+    bidi_overflow: Annotated[bool, Bit(0x10)] = False
+    bidi_underflow: Annotated[bool, Bit(0x08)] = False
+    overflow: Annotated[bool, Bit(0x04)] = False
+    underflow: Annotated[bool, Bit(0x02)] = False
+    response: Annotated[int, U8(2)] = 0
+    status: Annotated[int, U8(3)] = 0
+    snacktag: Annotated[int, U32(20)] = 0
+    expdatasn: Annotated[int, U32(36)] = 0
+    bidi_residual: Annotated[int, U32(40)] = 0
+    residual: Annotated[int, U32(44)] = 0
 
 
-class LoginResponse(PDU):
-    opcode = Op.LOGIN_RSP
-    FLAGS = (("transit", 0x80, 7), ("cont", 0x40, 6), ("csg", 0x0C, 2), ("nsg", 0x03, 0))
-    FIELDS = (
-        ("version_max", "B", 2), ("version_active", "B", 3), ("isid", "6s", 8), ("tsih", "H", 14), _ITT,
-        _STATSN, _EXPCMDSN, _MAXCMDSN, ("status_class", "B", 36), ("status_detail", "B", 37),
-    )
-    __slots__ = ("transit", "cont", "csg", "nsg", "version_max", "version_active", "isid", "tsih", "itt",
-                 "statsn", "expcmdsn", "maxcmdsn", "status_class", "status_detail")
-
-    def _defaults(self) -> None:
-        self.isid = bytes(6)
+class TaskMgmtResponse(TargetPDU, opcode=Op.TMF_RSP, fixed_flags=0x80):
+    response: Annotated[int, U8(2)] = 0
 
 
-class TextResponse(PDU):
-    opcode = Op.TEXT_RSP
-    FLAGS = (("final", 0x80, 7), ("cont", 0x40, 6))
-    FIELDS = (_LUN, _ITT, _TTT, _STATSN, _EXPCMDSN, _MAXCMDSN)
-    __slots__ = ("final", "cont", "lun", "itt", "ttt", "statsn", "expcmdsn", "maxcmdsn")
-
-    def _defaults(self) -> None:
-        self.final = 1
-        self.ttt = RESERVED_TAG
-
-
-class DataIn(PDU):
-    opcode = Op.DATA_IN
-    FLAGS = (("final", 0x80, 7), ("ack", 0x40, 6), ("overflow", 0x04, 2), ("underflow", 0x02, 1),
-             ("has_status", 0x01, 0))
-    FIELDS = (
-        ("status", "B", 3), _LUN, _ITT, _TTT, _STATSN, _EXPCMDSN, _MAXCMDSN, ("datasn", "I", 36),
-        ("offset", "I", 40), ("residual", "I", 44),
-    )
-    __slots__ = ("final", "ack", "overflow", "underflow", "has_status", "status", "lun", "itt", "ttt",
-                 "statsn", "expcmdsn", "maxcmdsn", "datasn", "offset", "residual")
-
-    def _defaults(self) -> None:
-        self.ttt = RESERVED_TAG
+class LoginResponse(TargetPDU, opcode=Op.LOGIN_RSP):
+    transit: Transit = False
+    cont: Continue = False
+    csg: Csg = 0
+    nsg: Nsg = 0
+    version_max: VersionMax = 0
+    version_active: Annotated[int, U8(3)] = 0
+    isid: Isid = bytes(6)
+    tsih: Tsih = 0
+    status_class: Annotated[int, U8(36)] = 0
+    status_detail: Annotated[int, U8(37)] = 0
 
 
-class LogoutResponse(PDU):
-    opcode = Op.LOGOUT_RSP
-    FIXED_FLAGS = 0x80
-    FIELDS = (("response", "B", 2), _ITT, _STATSN, _EXPCMDSN, _MAXCMDSN, ("time2wait", "H", 40),
-              ("time2retain", "H", 42))
-    __slots__ = ("response", "itt", "statsn", "expcmdsn", "maxcmdsn", "time2wait", "time2retain")
+class TextResponse(TargetPDU, opcode=Op.TEXT_RSP):
+    final: Final = True
+    cont: Continue = False
+    lun: Lun = 0
+    ttt: Ttt = RESERVED_TAG
 
 
-class R2T(PDU):
-    opcode = Op.R2T
-    FIXED_FLAGS = 0x80
-    FIELDS = (_LUN, _ITT, _TTT, _STATSN, _EXPCMDSN, _MAXCMDSN, ("r2tsn", "I", 36), ("offset", "I", 40),
-              ("desired_length", "I", 44))
-    __slots__ = ("lun", "itt", "ttt", "statsn", "expcmdsn", "maxcmdsn", "r2tsn", "offset", "desired_length")
+class DataIn(TargetPDU, opcode=Op.DATA_IN):
+    final: Final = False
+    ack: Annotated[bool, Bit(0x40)] = False
+    overflow: Annotated[bool, Bit(0x04)] = False
+    underflow: Annotated[bool, Bit(0x02)] = False
+    has_status: Annotated[bool, Bit(0x01)] = False
+    status: Annotated[int, U8(3)] = 0
+    lun: Lun = 0
+    ttt: Ttt = RESERVED_TAG
+    datasn: Annotated[int, U32(36)] = 0
+    offset: Annotated[int, U32(40)] = 0
+    residual: Annotated[int, U32(44)] = 0
 
 
-class AsyncMessage(PDU):
-    opcode = Op.ASYNC
-    FIXED_FLAGS = 0x80
-    FIELDS = (_LUN, ("itt", "I", 16), _STATSN, _EXPCMDSN, _MAXCMDSN, ("event", "B", 36), ("vcode", "B", 37),
-              ("param1", "H", 38), ("param2", "H", 40), ("param3", "H", 42))
-    __slots__ = ("lun", "itt", "statsn", "expcmdsn", "maxcmdsn", "event", "vcode", "param1", "param2", "param3")
-
-    def _defaults(self) -> None:
-        self.itt = RESERVED_TAG
+class LogoutResponse(TargetPDU, opcode=Op.LOGOUT_RSP, fixed_flags=0x80):
+    response: Annotated[int, U8(2)] = 0
+    time2wait: Annotated[int, U16(40)] = 0
+    time2retain: Annotated[int, U16(42)] = 0
 
 
-class Reject(PDU):
-    opcode = Op.REJECT
-    FIXED_FLAGS = 0x80
-    FIELDS = (("reason", "B", 2), ("itt", "I", 16), _STATSN, _EXPCMDSN, _MAXCMDSN, ("datasn", "I", 36))
-    __slots__ = ("reason", "itt", "statsn", "expcmdsn", "maxcmdsn", "datasn")
+class R2T(TargetPDU, opcode=Op.R2T, fixed_flags=0x80):
+    lun: Lun = 0
+    ttt: Ttt = 0
+    r2tsn: Annotated[int, U32(36)] = 0
+    offset: Annotated[int, U32(40)] = 0
+    desired_length: Annotated[int, U32(44)] = 0
 
-    def _defaults(self) -> None:
-        self.itt = RESERVED_TAG
+
+class AsyncMessage(TargetPDU, opcode=Op.ASYNC, fixed_flags=0x80):
+    lun: Lun = 0
+    itt: Itt = RESERVED_TAG
+    event: Annotated[int, U8(36)] = 0
+    vcode: Annotated[int, U8(37)] = 0
+    param1: Annotated[int, U16(38)] = 0
+    param2: Annotated[int, U16(40)] = 0
+    param3: Annotated[int, U16(42)] = 0
+
+
+class Reject(TargetPDU, opcode=Op.REJECT, fixed_flags=0x80):
+    reason: Annotated[int, U8(2)] = 0
+    itt: Itt = RESERVED_TAG
+    datasn: Annotated[int, U32(36)] = 0
 
 
 class UnknownPDU(PDU):
     """A BHS with an opcode this codec does not know; kept raw so it can be Rejected."""
 
-    FIELDS = (_ITT,)
-    __slots__ = ("raw_opcode", "bhs", "itt")
+    raw_opcode: int = 0
+    bhs: bytes = bytes(BHS_LEN)
 
+    def raw_header(self) -> bytes:
+        return self.bhs
+
+
+# The PDUs an initiator numbers with CmdSN besides SCSI commands (they wait for their turn).
+NumberedRequest = NopOut | TaskMgmtRequest | TextRequest | LogoutRequest
 
 # --- decoding ------------------------------------------------------------------------
 
@@ -482,18 +664,15 @@ class PduError(Exception):
     """Raised for a PDU that cannot be framed at all (the connection must be dropped)."""
 
 
-def decode_bhs(bhs: memoryview | bytes) -> PDU:
-    op = bhs[0] & 0x3F
-    cls = _REGISTRY.get(op)
-    if cls is None:
-        pdu = UnknownPDU._from_bhs(bhs)
-        pdu.raw_opcode = op  # type: ignore[attr-defined]
-        pdu.bhs = bytes(bhs[:BHS_LEN])  # type: ignore[attr-defined]
-        return pdu
-    return cls._from_bhs(bhs)
+def decode_bhs(bhs: Payload) -> PDU:
+    dec = _DECODERS.get(bhs[0] & 0x3F)
+    if dec is None:
+        return UnknownPDU(raw_opcode=bhs[0] & 0x3F, bhs=bytes(bhs[:BHS_LEN]),
+                          itt=int.from_bytes(bhs[16:20], "big"), immediate=(bhs[0] & 0x40) != 0)
+    return dec(bhs)
 
 
-def decode_ahs(buf: memoryview | bytes) -> list[tuple[int, bytes]]:
+def decode_ahs(buf: Payload) -> list[tuple[int, bytes]]:
     out, off = [], 0
     while off + 4 <= len(buf):
         seg_len, typ = struct.unpack_from(">HB", buf, off)
@@ -521,7 +700,7 @@ class DigestError:
 
     __slots__ = ("kind", "pdu")
 
-    def __init__(self, kind: str, pdu: PDU | None) -> None:
+    def __init__(self, kind: Literal["header", "data"], pdu: PDU | None) -> None:
         self.kind = kind
         self.pdu = pdu
 
@@ -540,6 +719,10 @@ class OversizedPDU:
 
     def __repr__(self) -> str:
         return f"OversizedPDU({self.pdu!r}, {self.length})"
+
+
+# What the framer yields.
+Framed = PDU | DigestError | OversizedPDU
 
 
 class PDUReader:
@@ -571,12 +754,12 @@ class PDUReader:
             self._compact()
         return self._view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> Iterator[PDU | DigestError | OversizedPDU]:
+    def buffer_updated(self, nbytes: int) -> Iterator[Framed]:
         self._end += nbytes
         return self._parse()
 
-    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[PDU | DigestError | OversizedPDU]:
-        out: list[PDU | DigestError | OversizedPDU] = []
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Framed]:
+        out: list[Framed] = []
         mv = memoryview(data)
         while mv:
             buf = self.get_buffer()
@@ -607,7 +790,7 @@ class PDUReader:
             self._buf, self._view = new, memoryview(new)
         self._start, self._end = 0, pending
 
-    def _parse(self) -> Iterator[PDU | DigestError | OversizedPDU]:
+    def _parse(self) -> Iterator[Framed]:
         view = self._view
         hd = DIGEST_LEN if self.header_digest else 0
         dd = DIGEST_LEN if self.data_digest else 0

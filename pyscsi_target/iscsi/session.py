@@ -18,17 +18,24 @@ at a time (connection reinstatement replaces it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, TypedDict
 
 from ..scsi.task import Nexus
+from .command import Cmd
 from .params import LoginResult, SessionParams, TargetInfo
+from .pdu import NumberedRequest
+from .scsi_layer import ScsiLayer
 
 if TYPE_CHECKING:
-    from .connection import Cmd, Connection
+    from .connection import Connection
 
 SERIAL_MASK = 0xFFFFFFFF
 _HALF = 1 << 31
+
+# What waits for its CmdSN turn: a command, a copied request, or None for a CmdSN whose
+# command was rejected or aborted but still has to be consumed in order.
+Held = Cmd | NumberedRequest | None
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -43,6 +50,21 @@ def sn_le(a: int, b: int) -> bool:
 DEFAULT_QUEUE_DEPTH = 128
 
 
+class SessionInfo(TypedDict):
+    tsih: int
+    isid: str
+    initiator: str
+    initiator_alias: str | None
+    target: str | None
+    type: str
+    exp_cmdsn: int
+    max_cmdsn: int
+    tasks: int
+    peer: str | None
+    header_digest: bool
+    data_digest: bool
+
+
 class Session:
     """One iSCSI session: identity, CmdSN window, task table and its connection."""
 
@@ -51,7 +73,7 @@ class Session:
         result: LoginResult,
         tsih: int,
         nexus: Nexus | None,
-        device: Any = None,
+        device: ScsiLayer | None = None,
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         peers: Callable[[], Iterable[Session]] | None = None,
     ) -> None:
@@ -63,7 +85,7 @@ class Session:
         self.discovery = result.session_type == "Discovery"
         self.params: SessionParams = result.params
         self.nexus = nexus
-        self.device = device  # the target's ScsiDevice (None in discovery sessions)
+        self.device = device  # the target's SCSI layer (None in discovery sessions)
         self.queue_depth = queue_depth
         # Sessions on the same target (LUN/target scoped task management reaches them).
         self._peers = peers
@@ -71,7 +93,7 @@ class Session:
         self.max_cmdsn = (self.exp_cmdsn + queue_depth - 1) & SERIAL_MASK
         self.active = 0  # non-immediate SCSI commands accepted and not yet finished
         self.write_buffered = 0  # bytes of write buffers held by commands in progress
-        self.held: dict[int, Any] = {}  # CmdSN -> early PDU copy or Cmd (not yet in order)
+        self.held: dict[int, Held] = {}  # CmdSN -> what arrived early (not yet in order)
         self.tasks: dict[int, Cmd] = {}  # ITT -> command in progress
         self.discard_cmdsn: set[int] = set()  # ABORT TASK arrived before the command
         self.connection: Connection | None = None
@@ -91,20 +113,34 @@ class Session:
     def in_window(self, cmdsn: int) -> bool:
         return sn_le(self.exp_cmdsn, cmdsn) and sn_le(cmdsn, self.max_cmdsn)
 
-    def advance(self) -> None:
-        """ExpCmdSN moves past one consumed command."""
-        self.exp_cmdsn = (self.exp_cmdsn + 1) & SERIAL_MASK
-        self.update_window()
+    def admit(self, cmd: Cmd) -> None:
+        """A numbered SCSI command takes one of the queue-depth slots until it finishes."""
+        cmd.counted = True
+        self.active += 1
 
-    def update_window(self) -> None:
-        # Early SCSI commands are counted in ``active`` already; other early PDUs are few
-        # and bounded by the window itself.
-        free = self.queue_depth - self.active
-        new_max = (self.exp_cmdsn + max(free, 0) - 1) & SERIAL_MASK
-        if sn_lt(self.max_cmdsn, new_max):  # never shrink what was already granted
-            self.max_cmdsn = new_max
+    def arrive(self, cmdsn: int, item: Held) -> bool:
+        """A numbered request in the window arrived.  True: it is the next in order and
+        ExpCmdSN has moved past it (the caller delivers it, then ``drain``s); False: it
+        is held until the gap before it is filled."""
+        if cmdsn == self.exp_cmdsn:
+            self.exp_cmdsn = (cmdsn + 1) & SERIAL_MASK
+            self._update_window()
+            return True
+        self.held[cmdsn] = item
+        self._update_window()
+        return False
 
-    def task_finished(self, cmd: Cmd) -> None:
+    def drain(self) -> Iterator[Held]:
+        """What was held and is now in order, consuming each CmdSN as it goes."""
+        held = self.held
+        while held and self.exp_cmdsn in held:
+            item = held.pop(self.exp_cmdsn)
+            self.exp_cmdsn = (self.exp_cmdsn + 1) & SERIAL_MASK
+            self._update_window()
+            yield item
+
+    def release(self, cmd: Cmd) -> None:
+        """A command finished (answered, failed or aborted): its slot and buffer are free."""
         if self.tasks.get(cmd.itt) is cmd:
             del self.tasks[cmd.itt]
         if cmd.buf is not None:
@@ -114,9 +150,18 @@ class Session:
         if cmd.counted:
             cmd.counted = False
             self.active -= 1
-            self.update_window()
+            self._update_window()
 
-    def describe(self) -> dict[str, Any]:
+    def _update_window(self) -> None:
+        """MaxCmdSN: ExpCmdSN plus the free slots, never less than already granted.  Early
+        SCSI commands are counted in ``active`` already; other early PDUs are few and
+        bounded by the window itself."""
+        free = self.queue_depth - self.active
+        new_max = (self.exp_cmdsn + max(free, 0) - 1) & SERIAL_MASK
+        if sn_lt(self.max_cmdsn, new_max):
+            self.max_cmdsn = new_max
+
+    def describe(self) -> SessionInfo:
         """Observability snapshot."""
         conn = self.connection
         return {

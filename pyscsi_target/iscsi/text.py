@@ -16,8 +16,8 @@ negotiator=...) -> pairs``
     raises ``TextError`` (protocol error).
 
 ``ffp_text_handler(conn, pairs) -> pairs``
-    The hook ``connection.Connection(text_handler=...)`` calls for one single-PDU request
-    (the connection frames, splits with TTT and stamps).  Never raises: a repeated key is
+    The keys of one single-PDU request of a connection (``TextConnection``: its session,
+    policy and max_xmit; the connection frames, splits and stamps).  Never raises: a repeated key is
     answered ``Reject``.  A redeclared MaxRecvDataSegmentLength updates
     ``conn.session.params.max_xmit_dsl`` and ``conn.max_xmit``.
 
@@ -41,7 +41,7 @@ negotiator=...) -> pairs``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from ..values import MAX_ISCSI_NAME
 from .negotiation import (
@@ -52,21 +52,24 @@ from .negotiation import (
     encode_pairs,
     parse_pairs,
 )
-from .params import LoginPolicy, SessionParams, TargetValues
-from .pdu import PDU, RESERVED_TAG, Reject, RejectReason, TextRequest, TextResponse
+from .params import LoginPolicy, SessionParams, TargetInfo, TargetValues
+from .pdu import RESERVED_TAG, Reject, RejectReason, TextRequest, TextResponse
 
 MAX_TEXT = 64 * 1024
 
 
-def send_targets_pairs(policy: LoginPolicy, initiator_name: str, which: str) -> list[tuple[str, str]]:
+def send_targets_pairs(policy: LoginPolicy | None, initiator_name: str, which: str) -> list[tuple[str, str]]:
+    """TargetName/TargetAddress pairs of what ``policy`` shows (nothing without a policy)."""
     out: list[tuple[str, str]] = []
+    if policy is None:
+        return out
     for iqn, addrs in policy.send_targets(initiator_name, which):
         out.append(("TargetName", iqn))
         out.extend(("TargetAddress", a) for a in addrs)
     return out
 
 
-def answer_text(pairs: list[tuple[str, str]], *, policy: LoginPolicy, session_type: str, initiator_name: str,
+def answer_text(pairs: list[tuple[str, str]], *, policy: LoginPolicy | None, session_type: str, initiator_name: str,
                 target_iqn: str | None, negotiator: Negotiator,
                 seen: set[str] | None = None) -> list[tuple[str, str]]:
     """Answer one complete Text request (see the module docstring)."""
@@ -93,10 +96,27 @@ def answer_text(pairs: list[tuple[str, str]], *, policy: LoginPolicy, session_ty
     return out
 
 
-def ffp_text_handler(conn: Any, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """connection.Connection's text hook (see the module docstring)."""
+class _TextSession(Protocol):
+    discovery: bool
+    initiator_name: str
+    params: SessionParams
+    target: TargetInfo | None
+
+
+class TextConnection(Protocol):
+    """What ``ffp_text_handler`` reads and updates of a connection."""
+
+    @property
+    def session(self) -> _TextSession: ...
+
+    policy: LoginPolicy | None
+    max_xmit: int
+
+
+def ffp_text_handler(conn: TextConnection, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A connection's text hook (see the module docstring)."""
     s = conn.session
-    discovery = bool(getattr(s, "discovery", False))
+    discovery = s.discovery
     neg = Negotiator(TargetValues(), session_type="Discovery" if discovery else "Normal")
     seen: set[str] = set()
     out: list[tuple[str, str]] = []
@@ -105,9 +125,10 @@ def ffp_text_handler(conn: Any, pairs: list[tuple[str, str]]) -> list[tuple[str,
             out.append((key, REJECT))  # offered twice in one request: refuse the repeat
             continue
         seen.add(key)
-        target = getattr(s, "target", None)
+        target = s.target
         out += answer_text([(key, value)], policy=conn.policy, session_type="Discovery" if discovery else "Normal",
-                           initiator_name=s.initiator_name, target_iqn=getattr(target, "iqn", None), negotiator=neg)
+                           initiator_name=s.initiator_name, target_iqn=target.iqn if target else None,
+                           negotiator=neg)
     mrdsl = neg.declared.get("MaxRecvDataSegmentLength")
     if mrdsl is not None:
         s.params.max_xmit_dsl = int(mrdsl)
@@ -128,7 +149,7 @@ class _Exchange:
 class TextHandler:
     """One connection's FFP text exchanges at PDU level (see the module docstring)."""
 
-    def __init__(self, policy: LoginPolicy, *, session_type: str, initiator_name: str, target_iqn: str | None,
+    def __init__(self, policy: LoginPolicy | None, *, session_type: str, initiator_name: str, target_iqn: str | None,
                  params: SessionParams, values: TargetValues | None = None) -> None:
         self.policy = policy
         self.session_type = session_type
@@ -144,20 +165,18 @@ class TextHandler:
         self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
         return self._ttt
 
-    def _reject(self, pdu: PDU, reason: RejectReason) -> list[PDU]:
+    def _reject(self, pdu: TextRequest, reason: RejectReason) -> list[TextResponse | Reject]:
         self._ex = None
-        rej = Reject(reason=reason)
-        rej.data = bytes(pdu.encode_header(0, len(pdu.data))[:48])
-        return [rej]
+        return [Reject(reason=reason, data=pdu.raw_header())]
 
-    def receive(self, pdu: TextRequest) -> list[PDU]:
+    def receive(self, pdu: TextRequest) -> list[TextResponse | Reject]:
         """One Text Request in, one TextResponse (or Reject) out, unstamped."""
         try:
             return self._receive(pdu)
         except TextError:
             return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
 
-    def _receive(self, pdu: TextRequest) -> list[PDU]:
+    def _receive(self, pdu: TextRequest) -> list[TextResponse | Reject]:
         if pdu.final and pdu.cont:
             return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
         ex = self._ex
@@ -189,7 +208,7 @@ class TextHandler:
         ex.tx_final = bool(pdu.final)
         return [self._next_piece(pdu, ex)]
 
-    def _next_piece(self, pdu: TextRequest, ex: _Exchange) -> PDU:
+    def _next_piece(self, pdu: TextRequest, ex: _Exchange) -> TextResponse:
         size = max(512, self.params.max_xmit_dsl)
         chunk, ex.tx_rest = ex.tx_rest[:size], ex.tx_rest[size:]
         more = bool(ex.tx_rest)
@@ -202,12 +221,8 @@ class TextHandler:
             mrdsl = self._neg.declared.get("MaxRecvDataSegmentLength")
             if mrdsl is not None:
                 self.params.max_xmit_dsl = int(mrdsl)
-        rsp = TextResponse(final=1, cont=0, itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun)
-        rsp.data = chunk
-        return rsp
+        return TextResponse(final=True, cont=False, itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=chunk)
 
-    def _piece(self, pdu: TextRequest, ex: _Exchange, chunk: bytes, *, more: bool) -> PDU:
+    def _piece(self, pdu: TextRequest, ex: _Exchange, chunk: bytes, *, more: bool) -> TextResponse:
         # F=0 pieces carry a TTT the initiator echoes to continue (RFC 7143 11.11.4).
-        rsp = TextResponse(final=0, cont=int(more and bool(chunk)), itt=pdu.itt, ttt=ex.ttt, lun=pdu.lun)
-        rsp.data = chunk
-        return rsp
+        return TextResponse(final=False, cont=more and bool(chunk), itt=pdu.itt, ttt=ex.ttt, lun=pdu.lun, data=chunk)

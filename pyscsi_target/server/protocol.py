@@ -6,20 +6,29 @@ PDUs of a batch are handled, their responses collected, and written with one
 into one flush per loop iteration.  Timers live here, not in the sans-IO core: a login
 timeout, and a NOP-In keepalive that pings an idle connection and drops it when the
 ping goes unanswered.
+
+One input point (``buffer_updated`` hands each framed event to the login machine or the
+connection) and one output point (the connection's ``WireOutput``, written in
+``_flush``) carry every PDU of the connection, login included.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ..iscsi import pdu as P
 from ..iscsi.connection import Connection
-from ..iscsi.pdu import PduError, PDUReader
+from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, Notice, RequestLogout
+from ..iscsi.login import LoginMachine
+from ..iscsi.params import LoginResult
+from ..iscsi.pdu import PDU, Framed, OversizedPDU, Payload, PduError, PDUReader, WireOutput
 
 if TYPE_CHECKING:
-    from .engine import Engine, Listener
+    from .engine import Engine
+    from .initiator_access import PortalPolicy
+    from .portal_groups import Listener
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +39,45 @@ READ_BUFFER = 32 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 
 
+@runtime_checkable
+class StreamTransport(Protocol):
+    """What we use of a TCP transport (asyncio's and uvloop's, which are not related classes)."""
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
+
+    def writelines(self, list_of_data: Iterable[Payload]) -> None: ...
+
+    def is_closing(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def _address(info: object) -> tuple[str, int]:
+    """(host, port) of a socket address as get_extra_info gives it (IPv6 has 4 items)."""
+    if isinstance(info, tuple) and len(info) >= 2:
+        return str(info[0]), int(info[1])
+    return "", 0
+
+
 class IscsiProtocol(asyncio.BufferedProtocol):
     def __init__(self, engine: Engine, listener: Listener) -> None:
         self.engine = engine
         self.listener = listener
         self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER)
-        self.transport: asyncio.Transport | None = None
+        self.output = WireOutput()  # login responses, then everything the connection sends
+        self.transport: StreamTransport | None = None
         self.conn: Connection | None = None
-        self.login: Any = None
-        self.policy: Any = None
+        self.login: LoginMachine | None = None
+        self.policy: PortalPolicy | None = None
         self.peer = ""
-        self._login_out: list[Any] = []
         self._close_after_flush = False
         self._in_batch = False
         self._flush_scheduled = False
@@ -54,18 +91,17 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     # --- asyncio callbacks ----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from ..iscsi.login import LoginMachine
-
-        self.transport = transport  # type: ignore[assignment]
+        if not isinstance(transport, StreamTransport):
+            raise TypeError(f"not a stream transport: {transport!r}")
+        self.transport = transport
         # A few large Data-In bursts exceed the default 64 KiB high-water mark; pausing
         # reads that early would stall a healthy pipeline.  The CmdSN window bounds it.
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        sock = transport.get_extra_info("sockname") or ("", 0)
-        peer_ip, local_ip, local_port = str(peer[0]), str(sock[0]), int(sock[1])
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        peer_ip, peer_port = _address(transport.get_extra_info("peername"))
+        local_ip, local_port = _address(transport.get_extra_info("sockname"))
         if local_ip.startswith("::ffff:") and "." in local_ip:
             local_ip = local_ip[7:]  # an IPv4 client on a dual-stack socket
-        self.peer = f"[{peer_ip}]:{peer[1]}" if ":" in peer_ip else f"{peer_ip}:{peer[1]}"
+        self.peer = f"[{peer_ip}]:{peer_port}" if ":" in peer_ip else f"{peer_ip}:{peer_port}"
         self.engine.connections.add(self)
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
         self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth)
@@ -118,13 +154,13 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self._timer = None
         conn = self.conn
         if conn is not None:
-            conn.connection_lost()
+            conn.handle(LINK_LOST)
         else:
             # Bound by complete_login but never reached full feature phase (the final
             # response failed or the peer left): the session has no connection to live on.
-            s = getattr(self.policy, "session", None)
+            s = self.policy.session if self.policy is not None else None
             if s is not None and s.connection is None:
-                self.engine.session_ended(s)
+                self.engine.session_registry.ended(s)
         self.engine.connection_closed(self)
         log.debug("connection %s closed (%s)", self.peer, exc or "clean")
 
@@ -158,13 +194,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     # --- login phase ----------------------------------------------------------------------
 
-    def _login_event(self, ev: Any) -> bool:
+    def _login_event(self, ev: Framed) -> bool:
         """Handle one event before full feature phase; True once login completed."""
         login = self.login
-        if isinstance(ev, P.OversizedPDU):
+        if login is None:  # no event comes before connection_made
+            return False
+        if isinstance(ev, OversizedPDU):
             # A data segment over the 8192 bytes allowed during login: Login reject 0x0200.
             responses = login.oversized(ev.pdu, ev.length)
-        elif isinstance(ev, P.PDU):
+        elif isinstance(ev, PDU):
             # Any other PDU before full feature phase is answered by the login machine
             # with Login reject 0x020b (RFC 7143 6.2: invalid during login).
             if isinstance(ev.data, memoryview):
@@ -175,17 +213,17 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self._close_after_flush = True
             return False
         for rsp in responses:
-            self._login_out.extend(rsp.to_buffers())
+            self.output.send(rsp)
         if login.failed:
             self._close_after_flush = True  # a login reject ends the connection (RFC 7143 11.13.5)
             return False
-        if not login.done:
+        if not login.done or login.result is None:
             return False
         self._enter_ffp(login.result)
         return True
 
-    def _enter_ffp(self, result: Any) -> None:
-        session = self.policy.session
+    def _enter_ffp(self, result: LoginResult) -> None:
+        session = self.policy.session if self.policy is not None else None
         if session is None:
             # The login machine finished without complete_login: cannot happen with a
             # conforming LoginMachine; refuse rather than serve an unbound session.
@@ -202,6 +240,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             notify=self._notify,
             on_event=self._on_event,
             conn_params=params,
+            output=self.output,
         )
         self.conn = conn
         r = self.reader
@@ -232,7 +271,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         now = self.loop.time()
         if self._logout_deadline is not None and now >= self._logout_deadline:
             log.info("%s: no logout after the async logout request, dropping", self.peer)
-            conn.announce_drop()
+            conn.handle(ANNOUNCE_DROP)
             self.close(abort_tasks=True)
             return
         idle = now - self._last_rx
@@ -241,7 +280,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.close(abort_tasks=True, hard=True)
             return
         if idle >= self.engine.nop_interval and conn.ping_ttt is None:
-            conn.ping()
+            conn.handle(PING)
             self._flush()
         delay = self.engine.nop_interval if conn.ping_ttt is None else self.engine.nop_timeout
         if self._logout_deadline is not None:
@@ -259,23 +298,19 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._flush_scheduled = False
         self._flush()
 
-    def _on_event(self, event: str, conn: Connection) -> None:
-        if event == "cold_reset" and conn.session.target is not None:
-            iqn = conn.session.target.iqn
-            self.loop.call_soon(self.engine.target_cold_reset, iqn)
+    def _on_event(self, event: Notice, conn: Connection) -> None:
+        if event is Notice.COLD_RESET and conn.session.target is not None:
+            self.loop.call_soon(self.engine.target_cold_reset, conn.session.target.iqn)
 
     def _flush(self) -> None:
         t = self.transport
         if t is None:
             return
-        out = self._login_out
-        if out:
-            self._login_out = []
+        if self.output.buffers:
+            out = self.output.take()
+            if not t.is_closing():
+                t.writelines(out)
         conn = self.conn
-        if conn is not None and conn.out:
-            out = out + conn.take_output() if out else conn.take_output()
-        if out and not t.is_closing():
-            t.writelines(out)
         if self._close_after_flush or (conn is not None and conn.closing):
             t.close()  # close() still sends what is buffered
         elif conn is not None and (self._paused_reading or len(conn.session.tasks) >= 2 * self.engine.queue_depth):
@@ -287,7 +322,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if conn is None:
             self.close()
             return
-        conn.request_logout(within)
+        conn.handle(RequestLogout(within))
         self._logout_deadline = self.loop.time() + within
         if self._timer is not None:
             self._timer.cancel()
@@ -296,9 +331,9 @@ class IscsiProtocol(asyncio.BufferedProtocol):
 
     def close(self, abort_tasks: bool = False, hard: bool = False, announce: bool = False) -> None:
         if self.conn is not None and announce:
-            self.conn.announce_drop()
+            self.conn.handle(ANNOUNCE_DROP)
         if self.conn is not None and abort_tasks:
-            self.conn.abort_all()
+            self.conn.handle(ABORT_TASKS)
         if hard and self.transport is not None:
             self.transport.abort()  # a dead peer would never drain our buffer
             return
