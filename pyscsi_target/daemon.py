@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config.service import ConfigService
 from .config.store import ConfigStore
+from .isns import IsnsClient, default_entity_id, desired_state
 from .server.engine import Engine
 from .values import format_listen
 
@@ -45,12 +46,20 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    isns = IsnsClient()
+    entity_id = default_entity_id(opts.state_dir)
+
+    def publish_isns() -> None:  # every apply, whether or not every portal bound
+        isns.update(desired_state(engine.model, engine.bound_portals(), entity_id=entity_id))
+
+    engine.on_applied.append(publish_isns)
     runner = None
     try:
         await service.start(default_portals=[format_listen(h, p) for h, p in opts.portals], demo=opts.demo)
         ssl_ctx = ssl_context_from_files(opts.api_cert, opts.api_key_file) if opts.api_cert else None
         runner = await start_api(make_app(service, store), opts.api[0], opts.api[1], ssl_ctx)
         log.info("pyscsi-target ready (state dir %s)", opts.state_dir)
+        isns.start()
         if ready is not None:
             ready.set()
         await stop.wait()
@@ -58,6 +67,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     finally:
         if runner is not None:
             await runner.cleanup()
+        await isns.close()  # deregisters (bounded) while the portals still exist
         await engine.shutdown()
         store.close()
     return 0

@@ -343,7 +343,7 @@ def test_the_daemon_wiring_registers_what_the_engine_listens_on(server: Isnsd, t
         async def apply(model: M.ConfigModel) -> None:
             with contextlib.suppress(EngineError):
                 await engine.apply(model)
-            bound = {key: (lst.host, lst.port) for key, lst in engine._listeners.items()}
+            bound = engine.bound_portals()
             isns.update(desired_state(engine.model, bound, entity_id=EID))
 
         try:
@@ -366,3 +366,18 @@ def test_the_daemon_wiring_registers_what_the_engine_listens_on(server: Isnsd, t
             await engine.shutdown()
 
     run(main())
+
+
+def test_the_daemon_registers_on_configuration_and_deregisters_at_shutdown(server: Isnsd, tmp_path: Path) -> None:
+    """End to end through the daemon: iscsi_isns_servers set over the FreeNAS API registers the
+    demo target and its portal; SIGTERM deregisters the entity before the process exits."""
+    from support.daemon import Daemon, wait_for
+
+    with Daemon(tmp_path / "state") as d:
+        d.rest("PUT", "globalconfiguration/", {"iscsi_isns_servers": server.address})
+        assert wait_for(lambda: d.iqn in names(server.nodes()), timeout=20), server.nodes()
+        assert [(o["Portal IP address"], o["Portal TCP/UDP port"]) for o in server.portals()] == [
+            (d.host, f"{d.port}/tcp")]
+        d.stop()
+        assert d.returncode == 0
+    assert server.entities() == []

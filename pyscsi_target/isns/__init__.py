@@ -6,22 +6,10 @@ client connection: bytes in, typed events out), ``registration`` (the desired st
 pure function of the configuration), ``plan`` (the requests from one state to another)
 and ``client`` (asyncio: one reconcile loop per server, refresh, backoff).
 
-Wiring into the daemon (pyscsi_target/daemon.py ``serve``)::
-
-    from .isns import IsnsClient, default_entity_id, desired_state
-
-    isns = IsnsClient()
-    eid = default_entity_id(opts.state_dir)
-
-    def publish_isns() -> None:  # after every Engine.apply, whether or not every portal bound
-        bound = {key: (lst.host, lst.port) for key, lst in engine._listeners.items()}
-        isns.update(desired_state(engine.model, bound, entity_id=eid))
-
-    await service.start(...)   # applies the model: portals bound
-    publish_isns()
-    isns.start()
-    ...
-    await isns.close()         # at shutdown, before engine.shutdown(): deregisters, at most 5 s
+Wiring: the daemon (pyscsi_target/daemon.py ``serve``) calls ``isns.update(desired_state(
+engine.model, engine.bound_portals(), entity_id=...))`` from the engine's ``on_applied`` hook,
+``isns.start()`` once the API is up and ``await isns.close()`` (deregisters, at most 5 s) before
+the engine shuts down.
 
 ``update`` and ``start`` return at once; nothing here waits on an iSNS server.
 """

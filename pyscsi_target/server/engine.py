@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -106,6 +107,8 @@ class Engine:
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()
         self.shutting_down = False
+        # Called after every apply, even one where a portal could not bind (iSNS registration).
+        self.on_applied: list[Callable[[], None]] = []
 
     # --- reconcile ----------------------------------------------------------------------
 
@@ -114,7 +117,11 @@ class Engine:
             self.model = model
             self._apply_lus(model)
             self._apply_targets(model)
-            await self.portals.apply(model, model.service_enabled and not self.shutting_down)
+            try:
+                await self.portals.apply(model, model.service_enabled and not self.shutting_down)
+            finally:
+                for observer in self.on_applied:
+                    observer()
 
     def _apply_lus(self, model: M.ConfigModel) -> None:
         from ..scsi.lu import open_logical_unit
@@ -197,6 +204,10 @@ class Engine:
             rt.device.close()
         except Exception:  # noqa: BLE001
             log.exception("closing device of %s failed", rt.iqn)
+
+    def bound_portals(self) -> dict[tuple[str, int], tuple[str, int]]:
+        """Each listen address of the model -> the (host, port) bound for it (port 0 resolved)."""
+        return self.portals.bound()
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         """Actual (host, port) of every listener (port 0 in the model resolves here)."""

@@ -99,6 +99,10 @@ class Portals:
             await lst.stop()
         self.listeners.clear()
 
+    def bound(self) -> dict[tuple[str, int], tuple[str, int]]:
+        """Each listening address of the model -> the (host, port) actually bound."""
+        return {key: (lst.host, lst.port) for key, lst in self.listeners.items()}
+
     def addresses(self) -> list[tuple[str, int]]:
         """Actual (host, port) of every listener (port 0 in the model resolves here)."""
         return [(lst.host, lst.port) for lst in self.listeners.values()]
