@@ -416,7 +416,7 @@ def _etc(root: Path) -> list[Entry]:
     conf = re.sub(r"(?m)^iscsid\.startup = .*$", "iscsid.startup = /bin/true", conf)
     files = {
         "etc/iscsi/iscsid.conf": conf.encode(),
-        "etc/passwd": b"root:x:0:0:root:/root:/bin/sh\n",
+        "etc/passwd": b"root:x:0:0:root:/:/bin/sh\n",
         "etc/group": b"root:x:0:\ndisk:x:6:\n",
         "etc/nsswitch.conf": b"passwd: files\ngroup: files\nhosts: files\n",
         "etc/hosts": b"127.0.0.1 localhost\n",

@@ -5,7 +5,7 @@
 #   results  records of the test (lib.sh writes them on fd 7), one tab-separated line each
 #   kmsg     the kernel log, streamed from /dev/kmsg as it is written (so it survives a hang)
 #   control  lines the host sends (Guest.send), appended to /tmp/guest/host-events
-export PATH=/usr/sbin:/usr/bin:/bin HOME=/root
+export PATH=/usr/sbin:/usr/bin:/bin HOME=/
 /bin/mount -t proc proc /proc
 /bin/mount -t sysfs sysfs /sys
 /bin/mount -t devtmpfs devtmpfs /dev
