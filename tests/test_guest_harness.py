@@ -76,6 +76,7 @@ def test_overlay_holds_init_helpers_script_conf_env_and_files(tmp_path: Path) ->
     assert os.access(o / "usr2/bin/tool", os.X_OK)
     conf_text = (o / "guest/conf").read_text()
     assert "GUEST_ADDRESS=10.0.2.15/24\n" in conf_text and "GUEST_TIMEOUT=77\n" in conf_text
+    assert "GUEST_NIC_MODULE=e1000\n" in conf_text
     assert "GUEST_INITIATOR=iqn.2026-11.org.pyscsi-target.test:guest\n" in conf_text
 
 
@@ -118,6 +119,7 @@ def test_lib_sh_records_round_trip_through_the_parser(tmp_path: Path) -> None:
         GUEST_STATE={tmp_path}
         . {HERE / "lib.sh"}
         begin write
+        sleep 0.2
         step write PASS "$(printf '32 MiB\tin 1.0s')"
         check sum abc abc "direct read"
         check other abc abd || echo check-returned-false
@@ -133,7 +135,8 @@ def test_lib_sh_records_round_trip_through_the_parser(tmp_path: Path) -> None:
     assert [(x.kind, x.name, x.status) for x in recs] == [
         ("begin", "write", ""), ("step", "write", "PASS"), ("check", "sum", "PASS"), ("check", "other", "FAIL"),
         ("data", "disk.lbs", ""), ("mark", "started", ""), ("step", "fs", "FAIL")]
-    assert recs[1].detail == "32 MiB in 1.0s" and recs[1].seconds is not None and recs[1].uptime is not None
+    assert recs[1].detail == "32 MiB in 1.0s" and recs[1].uptime is not None
+    assert recs[1].seconds is not None and 0.15 <= recs[1].seconds < 5
     assert recs[6].seconds is None  # "fs" was never begun
     assert recs[3].detail.startswith("expected 'abc', got 'abd'")
     assert recs[5].detail == "now really"  # a record stays one line
@@ -302,3 +305,21 @@ def test_apt_depends_takes_the_first_alternative(monkeypatch: pytest.MonkeyPatch
 def test_kvm_detection_gives_a_reason() -> None:
     usable, why = kvm_usable()
     assert usable or why
+
+
+# --- the manual-run CLI ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [
+    ["interop", "--portal", "10.1.1.1:3260"],  # not loopback: user-mode networking cannot forward it
+    ["interop", "--portal", "127.0.0.1:3260", "--chap-user", "u"],  # a user without a secret
+    ["interop", "--portal", "127.0.0.1:3260", "--size-mib", "0"],
+    ["interop", "--timeout", "1"],
+    ["run", "/nonexistent/script.sh"],
+    ["run", "--env", "NOVALUE", "/dev/null"],
+])
+def test_cli_refuses_bad_arguments_before_booting(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from support.guest.__main__ import main
+
+    assert main(argv) == 2
+    assert "usage error" in capsys.readouterr().err

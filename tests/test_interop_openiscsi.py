@@ -120,3 +120,4 @@ def test_open_iscsi_through_a_tap_device_in_a_namespace(tmp_path: Path, record_p
     assert run.data["discovery.address"] == d.portal  # the target's own address is the one the guest uses
     assert "virtio-net-pci,netdev=n0" in (run.run_dir / "qemu.cmd").read_text()
     d.assert_clean_log()
+

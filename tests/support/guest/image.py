@@ -3,8 +3,9 @@
 A guest is Debian bookworm's own kernel plus an initramfs and a read-only "tools disk":
 
 * ``vmlinuz``: the kernel of the ``linux-image-amd64`` metapackage;
-* ``initrd.img``: busybox (static), the kernel modules the tests need, listed in load order in
-  ``/guest/modules``, and /etc.  It stays small because TCG decompresses and copies it at every boot;
+* ``initrd.img``: busybox (static), the kernel modules the tests need and /etc.  /init loads the boot
+  set (``/guest/modules``, in dependency order); the others load on demand through busybox's modprobe
+  (the kernel's request_module, or a script).  It stays small: TCG unpacks it at every boot;
 * ``tools.img``: an ext4 image mounted read-only on /usr, holding open-iscsi, multipath-tools and
   udev, fio, e2fsprogs and util-linux with every shared library they load.  fio alone links librbd,
   glusterfs and ICU (~100 MB); from a disk the guest reads only the pages it runs.
@@ -38,7 +39,7 @@ from .cpio import Entry, archive, tree_entries
 
 log = logging.getLogger("pyscsi.guest")
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 KERNEL_METAPACKAGE = "linux-image-amd64"
 # Packages whose programs the guest runs; their library dependencies are followed.
 PACKAGES = ("busybox-static", "libc6", "zlib1g", "open-iscsi", "multipath-tools", "kpartx", "dmsetup", "udev",
@@ -49,12 +50,13 @@ PROGRAMS = ("iscsid", "iscsiadm", "iscsi-iname", "multipath", "multipathd", "kpa
             "sg_inq", "sg_persist", "sg_readcap", "sg_rtpg", "sg_turs", "sg_vpd", "udevadm", "systemd-udevd")
 ALIASES = {"mkfs.ext4": "mke2fs", "fsck.ext4": "e2fsck", "e2label": "tune2fs"}
 # Library directories copied whole: plugins loaded with dlopen, which ldd cannot see.
-PLUGIN_DIRS = ("lib/x86_64-linux-gnu/multipath", "usr/lib/x86_64-linux-gnu/multipath")
-# Kernel modules, with their dependencies; the optional ones may be built in or absent.
-MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "e1000", "crc32c_generic", "iscsi_tcp",
-           "sd_mod", "sg", "ext4", "dm_multipath", "dm_round_robin", "dm_service_time", "dm_queue_length",
-           "scsi_dh_alua")
-OPTIONAL_MODULES = ("crc32c_intel",)
+PLUGIN_DIRS = ("lib/multipath", "usr/lib/multipath", "lib/x86_64-linux-gnu/multipath")
+# Kernel modules, with their dependencies: those every run needs load at boot (the optional ones may be
+# built in or absent); the rest, and the NIC driver of the run's network, through modprobe.
+BOOT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4", "iscsi_tcp", "sd_mod")
+OPTIONAL_BOOT_MODULES = ("crc32c_intel",)
+ON_DEMAND_MODULES = ("virtio_net", "e1000", "sg", "dm_multipath", "dm_round_robin", "dm_service_time",
+                     "dm_queue_length", "scsi_dh_alua")
 # udev rules the guest keeps: block device naming, device-mapper and multipath.
 UDEV_RULES = re.compile(r"^(50-udev-default|55-dm|60-block|60-persistent-storage|.*dm.*|.*multipath.*|.*kpartx.*|"
                         r"95-dm-notify|80-drivers)\.rules$")
@@ -220,7 +222,8 @@ def _build(dest: Path, cache: Path) -> None:
         out.mkdir()
         tools = work / "tools"
         host_libs = _populate_tools(root, tools)
-        modules = _write_initrd(root, kver, work / "initrd", out / "initrd.img")
+        modules = _write_initrd(root, kver, work / "initrd", out / "initrd.img",
+                                sorted(p.name for p in (tools / "lib").iterdir() if p.is_dir()))
         shutil.copyfile(root / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
         _make_ext4(tools, out / "tools.img")
         manifest = {
@@ -363,15 +366,15 @@ def _make_ext4(tree: Path, image: Path) -> None:
 # --- the initramfs ----------------------------------------------------------------------
 
 
-def _module_order(root: Path, kver: str) -> list[str]:
-    """Module files (relative to lib/modules/KVER) in an order insmod can load them."""
-    _run("depmod", "-b", str(root), kver)
+def _module_order(root: Path, kver: str, names: Iterable[str], optional: Iterable[str] = ()) -> list[str]:
+    """Module files (relative to lib/modules/KVER) of ``names`` and their dependencies, in an order
+    insmod can load them."""
     order: list[str] = []
-    for name in (*MODULES, *OPTIONAL_MODULES):
+    for name in (*names, *optional):
         r = subprocess.run(["modprobe", "-d", str(root), "-S", kver, "--show-depends", name],
                            capture_output=True, text=True, errors="replace")
         if r.returncode != 0:
-            if name in OPTIONAL_MODULES:
+            if name in optional:
                 continue
             raise ImageBuildError(f"kernel module {name}: {r.stderr.strip()}")
         for line in r.stdout.splitlines():
@@ -382,13 +385,16 @@ def _module_order(root: Path, kver: str) -> list[str]:
     return order
 
 
-def _write_initrd(root: Path, kver: str, work: Path, dest: Path) -> list[str]:
-    order = _module_order(root, kver)
+def _write_initrd(root: Path, kver: str, work: Path, dest: Path, lib_dirs: list[str]) -> list[str]:
+    """The initramfs; ``lib_dirs`` are the tools disk's lib/ directories, which the guest's /lib points to."""
+    _run("depmod", "-b", str(root), kver)
+    order = _module_order(root, kver, BOOT_MODULES, OPTIONAL_BOOT_MODULES)
+    on_demand = _module_order(root, kver, ON_DEMAND_MODULES)
     mods = work / "lib/modules" / kver
-    for rel in order:
+    for rel in dict.fromkeys([*order, *on_demand]):
         (mods / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / "lib/modules" / kver / rel, mods / rel)
-    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+    for f in ("modules.order", "modules.builtin", "modules.builtin.modinfo", "modules.builtin.alias.bin"):
         if (root / "lib/modules" / kver / f).exists():
             shutil.copy2(root / "lib/modules" / kver / f, mods / f)
     _run("depmod", "-b", str(work), kver)
@@ -400,14 +406,14 @@ def _write_initrd(root: Path, kver: str, work: Path, dest: Path) -> list[str]:
     entries += [Entry.file("bin/busybox", busybox.read_bytes(), 0o755)]
     entries += [Entry.symlink(f"bin/{a}", "busybox") for a in applets if a != "busybox"]
     # /usr is the tools disk; the rest of a merged-/usr layout points into it.
-    entries += [Entry.symlink("sbin", "usr/sbin"), Entry.symlink("lib/x86_64-linux-gnu", "../usr/lib/x86_64-linux-gnu"),
-                Entry.symlink("lib/udev", "../usr/lib/udev"),
+    entries += [Entry.symlink("sbin", "usr/sbin"),
                 Entry.symlink("lib64/ld-linux-x86-64.so.2", "../usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")]
+    entries += [Entry.symlink(f"lib/{d}", f"../usr/lib/{d}") for d in lib_dirs if d != "modules"]
     entries += tree_entries(work / "lib", prefix="lib/")
     entries += [Entry.file("guest/modules", "".join(f"{m}\n" for m in order).encode())]
     entries += _etc(root)
     dest.write_bytes(gzip.compress(archive(entries), compresslevel=6, mtime=0))
-    return order
+    return [*order, *(m for m in on_demand if m not in order)]
 
 
 def _etc(root: Path) -> list[Entry]:

@@ -16,13 +16,15 @@ ln -sf /proc/self/fd /dev/fd
 ln -sf /proc/mounts /etc/mtab
 . /guest/conf
 
-# Modules, in the dependency order computed when the image was built.  Built-in or unusable on this
-# CPU (crc32c-intel without SSE4.2) is not an error.
+# The boot modules, in the dependency order computed when the image was built (built-in, or unusable
+# on this CPU as crc32c-intel without SSE4.2, is not an error); the kernel loads the others on demand.
 KV=$(uname -r)
 while read -r m; do
   insmod "/lib/modules/$KV/$m" 2>/tmp/guest/insmod.err || grep -q 'File exists' /tmp/guest/insmod.err \
     || echo "guest: insmod ${m##*/}: $(cat /tmp/guest/insmod.err)"
 done < /guest/modules
+echo /bin/modprobe >/proc/sys/kernel/modprobe
+[ -n "$GUEST_NIC_MODULE" ] && modprobe "$GUEST_NIC_MODULE"
 
 port() {
   for p in /sys/class/virtio-ports/vport*; do

@@ -10,9 +10,13 @@
 #   say TEXT                      a console line
 # iSCSI and block devices:
 #   start_iscsid                  iscsid in the background, initiator name $GUEST_INITIATOR
+#   iscsi_login IQN PORTAL [TPGT [REPLACEMENT_TIMEOUT]]  a node on PORTAL (as the guest reaches it) and a
+#                                 login; the default replacement timeout (120 s) outlasts a target restart
 #   iscsi_session IQN PORTAL      the number of the session to IQN through PORTAL (ADDRESS:PORT)
 #   iscsi_disk SESSION LUN|auto [SECONDS]  the block device (e.g. sdb) of a LUN of a session
 #   start_udev                    systemd-udevd plus a coldplug (needed by multipathd's uevents)
+#   start_multipath               dm-multipath over every iSCSI path: udev, multipathd, the maps (a
+#                                 default /etc/multipath.conf unless the run supplied one)
 #   iscsi_diagnostics             the iscsid log tail, on the console
 # Records are tab-separated: kind, name, status, seconds, guest uptime, detail.  Scratch state lives
 # in $GUEST_STATE (/tmp/guest).
@@ -21,10 +25,22 @@ GUEST_STATE=${GUEST_STATE:-/tmp/guest}
 
 now() { read -r _up _rest </proc/uptime; echo "$_up"; }
 
-# record KIND NAME STATUS SECONDS DETAIL
+# Guest uptime in centiseconds, in $_cs (no subshell: under TCG every fork costs).
+_centis() {
+  read -r _up _rest </proc/uptime
+  _cs=${_up%.*}${_up#*.}
+  _cs=${_cs#"${_cs%%[!0]*}"}
+  _cs=${_cs:-0}
+}
+
+# record KIND NAME STATUS SECONDS DETAIL: one line, however many lines or tabs DETAIL has.
 record() {
-  _line=$(printf '%s' "$5" | tr '\t\r\n' '   ' | cut -c1-2000)
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$(now)" "$_line" >&7
+  local d=$5
+  read -r _up _rest </proc/uptime
+  d=${d//$'\t'/ }
+  d=${d//$'\n'/ }
+  d=${d//$'\r'/ }
+  printf '%s\t%s\t%s\t%s\t%s\t%.2000s\n' "$1" "$2" "$3" "$4" "$_up" "$d" >&7
 }
 
 say() { echo "guest: $*"; }
@@ -32,14 +48,21 @@ say() { echo "guest: $*"; }
 begin() {
   echo "$1" >"$GUEST_STATE/step"
   _step_name=$1
-  _step_t0=$(now)
+  _centis
+  _step_t0=$_cs
   record begin "$1" "" "" ""
 }
 
 step() {
   local name=$1 status=$2 secs=""
+  # The duration in seconds with two decimals, computed without a subshell.
   shift 2
-  [ "$name" = "$_step_name" ] && secs=$(awk -v a="$_step_t0" -v b="$(now)" 'BEGIN {printf "%.2f", b - a}')
+  if [ "$name" = "$_step_name" ]; then
+    _centis
+    secs=$(((_cs - _step_t0) % 100))
+    [ "$secs" -lt 10 ] && secs=0$secs
+    secs=$(((_cs - _step_t0) / 100)).$secs
+  fi
   record step "$name" "$status" "$secs" "$*"
   say "STEP $name: $status ${secs:+(${secs}s) }$*"
   [ "$status" != FAIL ]
@@ -93,6 +116,14 @@ start_iscsid() {
   return 1
 }
 
+iscsi_login() {
+  local iqn=$1 portal=$2 tpgt=${3:-1} replacement=${4:-120}
+  iscsiadm -m node -o new -T "$iqn" -p "$portal,$tpgt" >/dev/null 2>&1
+  iscsiadm -m node -T "$iqn" -p "$portal" -o update -n node.session.timeo.replacement_timeout -v "$replacement" \
+    >/dev/null || return 1
+  iscsiadm -m node -T "$iqn" -p "$portal" --login
+}
+
 iscsi_session() {
   local iqn=$1 address=${2%:*} port=${2##*:} s c
   for s in /sys/class/iscsi_session/session*; do
@@ -104,28 +135,26 @@ iscsi_session() {
   return 1
 }
 
-# Prints "DEVICE HCTL-path" of the LUN (lowest disk LUN for "auto") once its block device exists.
+# Prints "DEVICE LU-sysfs-dir" of the LUN (for "auto": the lowest-numbered disk) once its block
+# device exists.  "auto" first rescans the session: the write to the host's scan file returns when
+# every LU is known, so the lowest disk LUN is not mistaken for one that merely appeared first.
 iscsi_disk() {
-  local sess=$1 lun=$2 limit=$((${3:-30} * 10)) i=0 d l b best bl
+  local sess=$1 lun=$2 limit=$((${3:-30} * 10)) i=0 d l b want
+  [ "$lun" = auto ] && iscsiadm -m session -r "$sess" --rescan >/dev/null 2>&1
   while [ $i -lt $limit ]; do
-    best="" bl=""
-    for d in /sys/class/iscsi_session/session"$sess"/device/target*/*:*:*:*; do
-      [ -e "$d/type" ] || continue
-      l=${d##*:}
-      b=$(ls "$d/block" 2>/dev/null | head -1)
-      [ -n "$b" ] && [ -b "/dev/$b" ] || continue
-      if [ "$lun" = auto ]; then
-        [ "$(cat "$d/type")" = 0 ] || continue
-        if [ -z "$bl" ] || [ "$l" -lt "$bl" ]; then bl=$l best="$b $d"; fi
-      elif [ "$l" = "$lun" ]; then
-        best="$b $d"
-      fi
-    done
-    # With "auto", give the scan a moment to find a lower LUN than the first one seen.
-    if [ -n "$best" ] && { [ "$lun" != auto ] || [ $i -ge 10 ]; }; then
-      echo "$best"
-      return 0
+    want=$lun
+    if [ "$lun" = auto ]; then
+      want=""
+      for d in /sys/class/iscsi_session/session"$sess"/device/target*/*:*:*:*; do
+        [ -e "$d/type" ] && [ "$(cat "$d/type")" = 0 ] || continue
+        l=${d##*:}
+        if [ -z "$want" ] || [ "$l" -lt "$want" ]; then want=$l; fi
+      done
     fi
+    for d in /sys/class/iscsi_session/session"$sess"/device/target*/*:*:*:"$want"; do
+      b=$(ls "$d/block" 2>/dev/null | head -1)
+      [ -n "$want" ] && [ -n "$b" ] && [ -b "/dev/$b" ] && { echo "$b $d"; return 0; }
+    done
     sleep 0.1
     i=$((i + 1))
   done
@@ -138,6 +167,21 @@ start_udev() {
   udevadm trigger --action=add --type=subsystems
   udevadm trigger --action=add --type=devices
   udevadm settle --timeout=30
+}
+
+start_multipath() {
+  modprobe dm_multipath && modprobe dm_round_robin || return 1
+  [ -e /etc/multipath.conf ] || printf 'defaults {\n  user_friendly_names yes\n  find_multipaths no\n}\n' \
+    >/etc/multipath.conf
+  start_udev || return 1
+  multipathd -s >"$GUEST_STATE/multipathd.log" 2>&1 &
+  local i=0
+  until multipathd show daemon >/dev/null 2>&1; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && return 1
+    sleep 0.1
+  done
+  multipath -v2 >"$GUEST_STATE/multipath.log" 2>&1
 }
 
 iscsi_diagnostics() {

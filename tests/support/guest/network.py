@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 NICS = ("e1000", "virtio-net-pci")
+NIC_MODULES = {"e1000": "e1000", "virtio-net-pci": "virtio_net"}  # the guest driver of each qemu NIC
 FORWARDER = Path(__file__).with_name("forwarder.py")
 _CLONE_NEWNET = 0x40000000
 _names = itertools.count(1)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .cpio import Entry, archive
 from .image import GuestImage, ensure_image
-from .network import GuestNetwork
+from .network import NIC_MODULES, GuestNetwork
 
 HERE = Path(__file__).parent
 BOOT_ALLOWANCE = 90.0  # host-side margin over the guest's own limit: boot, module loading, power-off
@@ -157,6 +157,7 @@ class GuestOptions:
 def guest_conf(network: GuestNetwork | None, options: GuestOptions) -> str:
     """The guest's /guest/conf, read by /init."""
     values = {"GUEST_ADDRESS": network.guest_address if network else "",
+              "GUEST_NIC_MODULE": NIC_MODULES[network.nic] if network else "",
               "GUEST_TIMEOUT": str(int(options.timeout)), "GUEST_INITIATOR": options.initiator}
     return "".join(f"{k}={shlex.quote(v)}\n" for k, v in values.items())
 
