@@ -272,6 +272,19 @@ def test_tap_namespace_is_private_and_removed() -> None:
     assert net.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_namespaces_left_by_dead_test_processes_are_removed() -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    name = f"pyscsi-guest-{dead.pid}-1"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        assert name in TapNetwork.remove_stale()
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
 # --- the image cache and the host ---------------------------------------------------------------
 
 
@@ -323,3 +336,28 @@ def test_cli_refuses_bad_arguments_before_booting(argv: list[str], capsys: pytes
 
     assert main(argv) == 2
     assert "usage error" in capsys.readouterr().err
+
+
+def test_qemu_command_line(tmp_path: Path) -> None:
+    from support.guest.vm import Guest
+
+    image = GuestImage(tmp_path / "image")
+    image.dir.mkdir()
+    for f in ("vmlinuz", "initrd.img", "tools.img"):
+        (image.dir / f).write_bytes(b"x")
+    net = UserNetwork(["127.0.0.1:3260"])
+    g = Guest("true\n", net, options=GuestOptions(mem_mib=600, smp=1), run_dir=tmp_path / "run", image=image)
+    cmd = g.qemu_command("tcg")
+    joined = " ".join(cmd)
+    assert cmd[0] == "qemu-system-x86_64" and "-no-reboot" in cmd and "-nodefaults" in cmd
+    assert cmd[cmd.index("-accel") + 1] == "tcg,thread=multi" and cmd[cmd.index("-m") + 1] == "600"
+    assert cmd[cmd.index("-smp") + 1] == "1"
+    for name in ("results", "kmsg", "control"):
+        assert f"name={name}" in joined
+    assert f"pipe,id=ch2,path={tmp_path / 'run' / 'control'}" in joined  # the host's events, through a FIFO
+    assert "readonly=on" in cmd[cmd.index("-drive") + 1]  # the tools disk is shared by concurrent guests
+    assert "restrict=on" in joined and "rdinit=/init" in cmd[cmd.index("-append") + 1]
+    assert g.qemu_command("kvm")[g.qemu_command("kvm").index("-accel") + 1] == "kvm"
+    # The run's initramfs is the image plus the overlay; the FIFOs for the host's events exist.
+    assert (tmp_path / "run/initrd.img").read_bytes().startswith(b"x\x1f\x8b")
+    assert all((tmp_path / "run" / f).exists() for f in ("control.in", "control.out"))

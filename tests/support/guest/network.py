@@ -19,6 +19,7 @@ import ctypes
 import ipaddress
 import itertools
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -142,7 +143,18 @@ class TapNetwork(GuestNetwork):
         if r.returncode != 0:
             raise RuntimeError(f"ip -n {self.name} {' '.join(args)}: {r.stderr.strip()}")
 
+    @staticmethod
+    def remove_stale() -> list[str]:
+        """Remove the namespaces of test processes that died before removing theirs; returns their names."""
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        stale = [m.group(0) for m in re.finditer(r"(?m)^pyscsi-guest-(\d+)-\d+", out)
+                 if not os.path.exists(f"/proc/{m.group(1)}")]
+        for name in stale:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        return stale
+
     def create(self) -> TapNetwork:
+        self.remove_stale()
         r = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"ip netns add {self.name}: {r.stderr.strip()} (tap mode needs root)")
