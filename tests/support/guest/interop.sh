@@ -4,7 +4,8 @@
 # IO_IQN (empty: the first SendTargets answer), IO_LUN (number or auto), IO_CHAP_USER/IO_CHAP_SECRET,
 # IO_MCHAP_USER/IO_MCHAP_SECRET (mutual), IO_DISCOVERY_CHAP (1: CHAP on the discovery session too),
 # IO_HDIGEST/IO_DDIGEST, IO_SIZE_MIB, IO_FS (1: mkfs.ext4 + fsck), IO_TCP_WINDOW, IO_CHAP_ALGS.
-# Exit status 0 only when every step passed.
+# Exit status 0 only when every step passed.  Data is checked with md5sum: the pattern is random, so a
+# cryptographic hash buys nothing, and md5 hashes twice as fast as sha256 in a TCG guest.
 
 STEPS="discovery login params disk write readback"
 [ "$IO_FS" = 1 ] && STEPS="$STEPS fs"
@@ -164,10 +165,10 @@ if [ -n "$BDEV" ]; then
   [ "$N" -le "$MAXN" ] || { say "disk smaller than $N MiB: testing $MAXN MiB"; N=$MAXN; }
   begin write
   dd if=/dev/urandom of=/tmp/pattern bs=1M count=$N 2>/dev/null
-  PSUM=$(sha256sum /tmp/pattern | cut -d' ' -f1)
+  PSUM=$(md5sum /tmp/pattern | cut -d' ' -f1)
   TAIL=$((BYTES - 1048576))
   dd if=/dev/urandom of=/tmp/tail bs=1M count=1 2>/dev/null
-  TSUM=$(sha256sum /tmp/tail | cut -d' ' -f1)
+  TSUM=$(md5sum /tmp/tail | cut -d' ' -f1)
   t0=$(now)
   dd if=/tmp/pattern of=/dev/$BDEV bs=1M oflag=direct conv=fsync 2>/tmp/guest/dd.err
   rc=$?
@@ -187,16 +188,16 @@ if [ -n "$BDEV" ]; then
     sync
     echo 3 >/proc/sys/vm/drop_caches
     t0=$(now)
-    R1=$(dd if=/dev/$BDEV bs=1M count=$N iflag=direct 2>/tmp/guest/dd.err | sha256sum | cut -d' ' -f1)
+    R1=$(dd if=/dev/$BDEV bs=1M count=$N iflag=direct 2>/tmp/guest/dd.err | md5sum | cut -d' ' -f1)
     t1=$(now)
     echo 3 >/proc/sys/vm/drop_caches
-    R2=$(dd if=/dev/$BDEV bs=1M count=$N 2>>/tmp/guest/dd.err | sha256sum | cut -d' ' -f1)
+    R2=$(dd if=/dev/$BDEV bs=1M count=$N 2>>/tmp/guest/dd.err | md5sum | cut -d' ' -f1)
     t2=$(now)
     data readback.seconds "direct $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}') buffered $(awk -v a="$t1" -v b="$t2" 'BEGIN {printf "%.2f", b - a}')"
     R3=$TSUM
     [ $TAIL -ge $((N * 1048576)) ] \
       && R3=$(dd if=/dev/$BDEV bs=64k count=16 iflag=direct,skip_bytes skip=$TAIL 2>>/tmp/guest/dd.err \
-        | sha256sum | cut -d' ' -f1)
+        | md5sum | cut -d' ' -f1)
     ok=1
     check readback.direct "$PSUM" "$R1" "O_DIRECT read of $N MiB" || ok=0
     check readback.buffered "$PSUM" "$R2" "buffered read after drop_caches" || ok=0
@@ -223,14 +224,14 @@ if [ -n "$BDEV" ]; then
     if [ -z "$err" ]; then
       { dd if=/tmp/pattern of=/mnt/testfile bs=1M count=$F 2>/dev/null && mkdir -p /mnt/d \
         && echo hello >/mnt/d/small && sync; } || err="file write failed"
-      FSUM=$(dd if=/tmp/pattern bs=1M count=$F 2>/dev/null | sha256sum | cut -d' ' -f1)
+      FSUM=$(dd if=/tmp/pattern bs=1M count=$F 2>/dev/null | md5sum | cut -d' ' -f1)
       umount /mnt || err=${err:-"umount failed"}
     fi
     [ -z "$err" ] && { e2fsck -f -n /dev/$BDEV >>/tmp/guest/fs.log 2>&1 || err="e2fsck found problems (rc=$?)"; }
     if [ -z "$err" ]; then
       echo 3 >/proc/sys/vm/drop_caches
       if mount -t ext4 -o ro /dev/$BDEV /mnt >>/tmp/guest/fs.log 2>&1; then
-        check fs.file "$FSUM" "$(sha256sum /mnt/testfile | cut -d' ' -f1)" "file content after a read-only remount" \
+        check fs.file "$FSUM" "$(md5sum /mnt/testfile | cut -d' ' -f1)" "file content after a read-only remount" \
           || err="file content differs after remount"
         check fs.small hello "$(cat /mnt/d/small)" || err="small file differs after remount"
         umount /mnt
