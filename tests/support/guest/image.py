@@ -229,9 +229,9 @@ def _build(dest: Path, cache: Path) -> None:
         manifest = {
             "recipe": RECIPE_VERSION, "kernel_package": kernel_pkg, "kernel": kver, "modules": modules,
             "packages": [d.name for d in debs], "libraries_from_host": host_libs,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "build_seconds": 0.0,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(time.monotonic() - t0, 1),
         }
-        manifest["build_seconds"] = round(time.monotonic() - t0, 1)
         (out / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         out.rename(dest)

@@ -107,7 +107,9 @@ class UserNetwork(GuestNetwork):
     def qemu_args(self, run_dir: Path) -> list[str]:
         forwards = []
         for i, (host, port) in enumerate(self.portals):
-            cmd = shlex.join([sys.executable, str(FORWARDER), host, str(port), str(run_dir / "forwarder.log")])
+            # -I -S: the relay needs no site-packages and must not depend on PYTHON* variables.
+            cmd = shlex.join([sys.executable, "-I", "-S", str(FORWARDER), host, str(port),
+                              str(run_dir / "forwarder.log")])
             forwards.append(f"guestfwd=tcp:{self.guest_portal(i)}-cmd:{_qemu_escape(cmd)}")
         netdev = ",".join(["user", "id=n0", "ipv6=off", "restrict=on", "net=10.0.2.0/24", *forwards])
         return ["-netdev", netdev, "-device", f"{self.nic},netdev=n0,romfile="]
