@@ -71,6 +71,8 @@ def test_the_checker_finds_outside_references() -> None:
 def test_no_tracked_file_refers_outside_the_repository() -> None:
     found = []
     for path in tracked_files(ROOT):
+        if path.resolve() == Path(__file__).resolve():
+            continue  # this file names what it forbids
         try:
             text = path.read_text()
         except (UnicodeDecodeError, OSError):
