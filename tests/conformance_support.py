@@ -7,14 +7,13 @@ target name + TPGT; our relative target port id and ALUA target port group follo
 group tag), so the two URLs are real multipath paths to the same LU: what iscsi-test-cu's
 MultipathIO suite and dm-multipath expect.
 
-``run_testcu()`` runs iscsi-test-cu, keeps its whole verbose log in a file and scores it with
-the team's shared scorer (``shared/tools/testcu_score.py``, found beside the repository).
+``run_testcu()`` runs iscsi-test-cu line-buffered, keeps its whole verbose log in a file and scores
+it with ``support.testcu_score`` (a skip is a skip there, not the pass CUnit counts it as).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import os
 import re
 import shutil
@@ -26,13 +25,13 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from support.daemon import BASE_IQN, Daemon
 from support.net import free_port
 from support.rawclient import login_session
+from support.testcu_score import Verdict, count, score
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_NAME = "conf"
@@ -59,27 +58,6 @@ LBPPB1_SKIPS = ("CompareAndWrite.InvalidDataOutSize", "WriteSame10.InvalidDataOu
 BLOCK4K_SKIPS = LBPPB1_SKIPS + ("WriteAtomic16.VPD",)
 
 
-def _scorer_candidates() -> list[Path]:
-    env = os.environ.get("PYSCSI_TESTCU_SCORER")
-    out = [Path(env)] if env else []
-    # CI: a fresh clone with shared/ beside it; here: /work/main next to /work/shared.
-    out += [ROOT.parent / "shared" / "tools" / "testcu_score.py", Path("/work/shared/tools/testcu_score.py")]
-    return out
-
-
-def load_scorer() -> ModuleType:
-    """The shared scorer module; fails the test (never skips) when it cannot be found."""
-    for path in _scorer_candidates():
-        if path.is_file():
-            spec = importlib.util.spec_from_file_location("testcu_score", path)
-            assert spec is not None and spec.loader is not None
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    pytest.fail("testcu_score.py not found; looked at: " + ", ".join(map(str, _scorer_candidates()))
-                + " (set PYSCSI_TESTCU_SCORER to its path)")
-
-
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -90,12 +68,12 @@ def require_tool(name: str) -> str:
 @dataclass
 class CuRun:
     log_path: Path
-    results: dict[str, str]
+    results: dict[str, Verdict]
     duration: float
     returncode: int
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[Verdict, int] = field(default_factory=dict)
 
-    def names(self, verdict: str) -> list[str]:
+    def names(self, verdict: Verdict) -> list[str]:
         return sorted(n for n, v in self.results.items() if v == verdict)
 
     def summary(self) -> str:
@@ -108,8 +86,8 @@ def run_testcu(urls: Iterable[str], test: str, log_path: Path, *, flags: Iterabl
                timeout: float = 900.0) -> CuRun:
     """Run ``iscsi-test-cu -V FLAGS -t TEST URL [URL2]`` with the whole log saved to ``log_path``."""
     exe = require_tool("iscsi-test-cu")
-    scorer = load_scorer()
-    cmd = [exe, *flags, "-V", "-t", test, *urls]
+    # Line-buffered, so that a status word and a stderr line never share a line of the log.
+    cmd = ["stdbuf", "-oL", "-eL", exe, *flags, "-V", "-t", test, *urls]
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         log.write((" ".join(cmd) + "\n").encode())
@@ -121,9 +99,8 @@ def run_testcu(urls: Iterable[str], test: str, log_path: Path, *, flags: Iterabl
         except subprocess.TimeoutExpired:
             rc = -1
     duration = time.monotonic() - t0
-    results = scorer.score(log_path.read_text(errors="replace"))
-    counts = {k: sum(1 for v in results.values() if v == k) for k in ("pass", "skip", "fail")}
-    run = CuRun(log_path, results, duration, rc, counts)
+    results = score(log_path.read_text(errors="replace"))
+    run = CuRun(log_path, results, duration, rc, count(results.values()))
     print(f"iscsi-test-cu -t {test}: {run.summary()}")
     if rc == -1:
         pytest.fail(f"iscsi-test-cu timed out after {timeout}s; {run.summary()}")

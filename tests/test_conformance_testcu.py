@@ -16,8 +16,7 @@ block) because five tests run only when LBPPB >= 2.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import conformance_support
 import pytest
 from conformance_support import (
     ALLOWED_SKIPS,
@@ -26,7 +25,6 @@ from conformance_support import (
     disallowed_skips,
     failure_excerpts,
     lbppb_exponent,
-    load_scorer,
     log_file,
     reverify_defects,
     run_testcu,
@@ -62,10 +60,10 @@ def test_testcu_all_multipath_thin_512(tmp_path_factory: pytest.TempPathFactory)
     assert run.counts["pass"] >= PASS_FLOOR, f"pass floor {PASS_FLOOR} not met: {run.summary()}"
 
 
-def test_scorer_is_the_shared_one() -> None:
-    # The floor above is only as good as its scorer: a FAILED test must never count as a pass.
+def test_runs_are_scored_by_the_repository_scorer() -> None:
+    # The floor above is only as good as its scorer: a FAILED or cut-short test is never a pass, and a
+    # skip CUnit reports as passed is a skip (tests/test_testcu_score.py pins the log forms).
     sample = ("Suite: X\n  Test: A ...passed\n  Test: B ...\n    [SKIPPED] no\npassed\n"
               "  Test: C ...\n    [FAILED] wrong\nFAILED\n  Test: D ...\nRun Summary:\n")
-    scorer = load_scorer()
-    assert scorer.score(sample) == {"X.A": "pass", "X.B": "skip", "X.C": "fail", "X.D": "fail"}
-    assert Path(scorer.__file__).name == "testcu_score.py"
+    assert conformance_support.score(sample) == {"X.A": "pass", "X.B": "skip", "X.C": "fail", "X.D": "fail"}
+    assert conformance_support.score.__module__ == "support.testcu_score"

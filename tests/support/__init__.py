@@ -7,16 +7,9 @@
   writes, NOP/Text/TMF/Logout) for negative tests.
 - ``background``: a session doing verified I/O in a thread while other tests misbehave.
 - ``tgtd``: a private Debian tgtd (C reference target) on given ports for A/B runs.
-- ``tools``: libiscsi/qemu-img wrappers and the iscsi-test-cu scorer.
-
-The open-iscsi guest harness (../shared/interop/open-iscsi-vm.sh) was validated against
-tgtd here: ``-b`` builds the kernel+initramfs cache in ~25 s once; a default run (32 MiB,
-mkfs) takes 17-45 s under TCG depending on host load, e.g.::
-
-    open-iscsi-vm.sh -a 127.0.0.1:PORT                                   # no auth
-    open-iscsi-vm.sh -a 127.0.0.1:PORT -u USER -p SECRET -U TUSER -P TSECRET -d CRC32C
-    open-iscsi-vm.sh -a 127.0.0.1:PORT -T IQN -l 2 -s 256 -t 900         # LUN 2, 256 MiB
-
-tgtd passes every mode except that its default HeaderDigest/DataDigest is None only (the
-helper enables ``None,CRC32C``) and it does not enforce discovery CHAP (-C passes anyway).
+- ``tools``: libiscsi/qemu-img wrappers.
+- ``guest``: the kernel-initiator guest (Debian's kernel, open-iscsi, multipath-tools, fio under
+  qemu), its two network modes and the open-iscsi interop flow; ``python3 -m support.guest`` runs it
+  by hand (PYTHONPATH=tests).
+- ``testcu_score``: per-test verdicts of an ``iscsi-test-cu -V`` log (a skip is not a pass).
 """
