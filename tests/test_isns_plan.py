@@ -18,10 +18,9 @@ from pyscsi_target.isns.registration import (
     Registration,
     default_entity_id,
     desired_state,
-    parse_isns_servers,
 )
 from pyscsi_target.isns.wire import SEND_PDU_LIMIT, Function, Tag
-from pyscsi_target.values import ListenAddress
+from pyscsi_target.values import ListenAddress, parse_isns_servers
 
 BASE = M.DEFAULT_BASENAME
 

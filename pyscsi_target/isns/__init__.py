@@ -22,7 +22,6 @@ from .registration import (
     Registration,
     default_entity_id,
     desired_state,
-    parse_isns_servers,
 )
 
 __all__ = [
@@ -34,5 +33,4 @@ __all__ = [
     "ServerState",
     "default_entity_id",
     "desired_state",
-    "parse_isns_servers",
 ]
