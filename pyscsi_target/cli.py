@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .log_format import FORMATS, configure_logging
 from .values import parse_listen
 
 
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true",
                    help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="auto", choices=list(FORMATS),
+                   help="auto: journal when stderr is systemd's journal stream, else text; "
+                        "json: one object per line")
 
     k = sub.add_parser("api-key", help="manage REST API keys")
     ksub = k.add_subparsers(dest="key_command", required=True)
@@ -73,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(api_key_create(state_dir, args.virtual_server or []))
         return 0
 
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     if bool(args.api_cert) != bool(args.api_key_file):
         print("pyscsi-target: --api-cert and --api-key-file go together", file=sys.stderr)
         return 2
