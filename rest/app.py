@@ -18,7 +18,7 @@ from aiohttp import web
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
-from . import freenas, hnas, openapi
+from . import freenas, hnas, native, openapi
 from .common import ADMIN_KEY, ALLOWED_VS_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
@@ -141,6 +141,7 @@ def make_app(
     doc = app[DOC_KEY] = openapi.new_doc()
     freenas.setup_routes(app, doc)
     hnas.setup_routes(app, doc)
+    native.setup_routes(app, doc)
     return app
 
 

@@ -18,6 +18,7 @@ at a time (connection reinstatement replaces it).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -132,4 +133,5 @@ class Session:
             "peer": conn.peer if conn else None,
             "header_digest": self.params.header_digest,
             "data_digest": self.params.data_digest,
+            "params": dataclasses.asdict(self.params),  # everything negotiated, for `ls -l`
         }
