@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import objects as o
     from . import tree
 
-    ls = command(sub, "ls", lambda client, a: tree.run(client, long=a.long, as_json=a.json) or 0,
+    ls = command(sub, "ls", lambda client, a: tree.run(client, long=a.long, as_json=a.json),
                  "show portal groups, targets, LUNs, extents, ACLs, auth and live sessions as a tree")
     ls.add_argument("-l", "--long", action="store_true", help="add each session's negotiated parameters")
     command(sub, "sessions", o.sessions, "list live sessions")
@@ -135,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     command(ch, "list", o.chap_list, "list CHAP users (never their secrets)")
     c = command(ch, "create", o.chap_create, "add a CHAP user to an auth group", "chap")
     c.add_argument("tag", metavar="TAG", type=int)
-    c.add_argument("user", metavar="USER")
+    c.add_argument("chap_user", metavar="USER")  # not "user": that is the API user (--user)
     c.add_argument("--secret", help="12-16 characters (default: $PYSCSI_TARGET_CHAP_SECRET or a prompt; "
                                     "a secret on the command line shows in ps)")
     c.add_argument("--peer-user", help="mutual CHAP: the name the target answers with")
     c.add_argument("--peer-secret", help="default: $PYSCSI_TARGET_CHAP_PEER_SECRET or a prompt")
     c = command(ch, "delete", o.chap_delete, "remove a CHAP user from an auth group", "chap")
     c.add_argument("tag", metavar="TAG", type=int)
-    c.add_argument("user", metavar="USER")
+    c.add_argument("chap_user", metavar="USER")
 
     pg = group("portal-group", "addresses the target listens on")
     command(pg, "list", o.portal_group_list, "list portal groups")

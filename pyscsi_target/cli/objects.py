@@ -340,7 +340,7 @@ def _secret(given: str | None, env: str, prompt: str) -> str:
 
 def chap_create(client: ApiClient, args: argparse.Namespace) -> int:
     body: dict[str, object] = {
-        "iscsi_target_auth_tag": args.tag, "iscsi_target_auth_user": args.user,
+        "iscsi_target_auth_tag": args.tag, "iscsi_target_auth_user": args.chap_user,
         "iscsi_target_auth_secret": _secret(args.secret, "PYSCSI_TARGET_CHAP_SECRET", "CHAP secret"),
     }
     if args.peer_user:
@@ -348,17 +348,17 @@ def chap_create(client: ApiClient, args: argparse.Namespace) -> int:
         body["iscsi_target_auth_peersecret"] = _secret(args.peer_secret, "PYSCSI_TARGET_CHAP_PEER_SECRET",
                                                        "peer secret")
     c = client.request("POST", f"{FREENAS}/authcredential/", body)
-    _ok(f"created CHAP user [bold]{args.user}[/] in auth group {args.tag} (id {c['id']})")
+    _ok(f"created CHAP user [bold]{args.chap_user}[/] in auth group {args.tag} (id {c['id']})")
     return 0
 
 
 def chap_delete(client: ApiClient, args: argparse.Namespace) -> int:
     creds = [c for c in client.list_all("authcredential")
-             if c["iscsi_target_auth_tag"] == args.tag and c["iscsi_target_auth_user"] == args.user]
+             if c["iscsi_target_auth_tag"] == args.tag and c["iscsi_target_auth_user"] == args.chap_user]
     if not creds:
-        raise CliError(f"no CHAP user {args.user!r} in auth group {args.tag}")
+        raise CliError(f"no CHAP user {args.chap_user!r} in auth group {args.tag}")
     client.request("DELETE", f"{FREENAS}/authcredential/{creds[0]['id']}/")
-    _ok(f"deleted CHAP user [bold]{args.user}[/] from auth group {args.tag}")
+    _ok(f"deleted CHAP user [bold]{args.chap_user}[/] from auth group {args.tag}")
     return 0
 
 

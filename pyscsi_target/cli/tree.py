@@ -151,9 +151,10 @@ def build(data: dict[str, Any], url: str, long: bool = False) -> Tree:
     return root
 
 
-def run(client: ApiClient, *, long: bool, as_json: bool) -> None:
+def run(client: ApiClient, *, long: bool, as_json: bool) -> int:
     data = fetch(client)
     if as_json:
         print_json(data)
-        return
-    console().print(build(data, client.conn.url, long))
+    else:
+        console().print(build(data, client.conn.url, long))
+    return 0
