@@ -233,7 +233,8 @@ async def put_config(request: web.Request) -> web.Response:
     engine = service.engine
     try:
         plan = plan_import(doc, service.model, service.roots,
-                           engine.session_count if engine is not None else lambda _t: 0, force=force)
+                           engine.session_count if engine is not None else lambda _t: 0,
+                           current_api_keys=request.app[STORE_KEY].api_key_rows(), force=force)
         report = plan.report() if dry_run else await apply_import(service, plan)
     except ConfigError as exc:
         return _config_error(exc)

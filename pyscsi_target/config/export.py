@@ -60,6 +60,19 @@ Raw = Mapping[str, object]
 Builder = Callable[[ConfigModel, Raw, Any, ExtentRoots], Any]
 
 
+def _credential(model: ConfigModel, raw: Raw, obj: Any, roots: ExtentRoots) -> Any:
+    try:
+        return build_auth_credential(raw, obj)
+    except ValidationError as exc:
+        # The /v9 view stores a target's CHAP secret free-form (1-255 characters without white
+        # space) where FreeNAS wants 12-16: a configuration may hold both kinds.
+        secret = raw.get("secret")
+        if set(exc.errors) == {"secret"} and isinstance(secret, str) and 0 < len(secret) <= 255 \
+                and not any(ch.isspace() for ch in secret):
+            return obj
+        raise
+
+
 def _extent(model: ConfigModel, raw: Raw, obj: Any, roots: ExtentRoots) -> Any:
     return build_extent(model, roots, raw, obj, None)[0]
 
@@ -67,7 +80,7 @@ def _extent(model: ConfigModel, raw: Raw, obj: Any, roots: ExtentRoots) -> Any:
 # Reference order: credentials before the portal groups and target groups naming their tags,
 # targets and extents before the target groups and LUN maps joining them.
 BUILDERS: tuple[tuple[Kind[Any], Builder], ...] = (
-    (AUTH_CREDENTIALS, lambda model, raw, obj, roots: build_auth_credential(raw, obj)),
+    (AUTH_CREDENTIALS, _credential),
     (INITIATOR_GROUPS, lambda model, raw, obj, roots: build_initiator_group(raw, obj)),
     (PORTAL_GROUPS, lambda model, raw, obj, roots: build_portal_group(model, raw, obj)),
     (TARGETS, lambda model, raw, obj, roots: build_target(model, raw, obj)),
@@ -192,7 +205,7 @@ def _check_header(doc: object) -> Mapping[str, object]:
 def _restore_secrets(raw: dict[str, object], current: ConfigModel, where: str, errors: dict[str, list[str]]) -> None:
     """Fill redacted (null) secrets from the current credential with the same id and user."""
     for key in SECRET_FIELDS:
-        if raw.get(key, "") is not None:
+        if key not in raw or raw[key] is not None:
             continue
         obj_id = raw.get("id")
         old = current.auth_credentials.get(obj_id) if isinstance(obj_id, int) else None
@@ -210,6 +223,7 @@ def plan_import(
     roots: ExtentRoots,
     session_count: Callable[[int], int] = lambda target_id: 0,
     *,
+    current_api_keys: list[dict[str, Any]] | None = None,
     force: bool = False,
 ) -> ImportPlan:
     """Validate ``doc`` as a whole; raises ConfigError keyed by ``kind[index].field``."""
@@ -235,6 +249,9 @@ def plan_import(
         seen: set[int] = set()
         for index, item in enumerate(rows):
             where = f"{kind.attr}[{index}]"
+            if kind is AUTH_CREDENTIALS and isinstance(item, dict):
+                item = dict(item)
+                _restore_secrets(item, current, where, errors)
             raw = _shape(kind.cls, item, where, errors, with_id=True)
             obj_id = raw.get("id")
             if not isinstance(obj_id, int) or any(k.startswith(where + ".") for k in errors):
@@ -243,8 +260,6 @@ def plan_import(
                 errors.setdefault(f"{where}.id", []).append(f"Id {obj_id} appears twice.")
                 continue
             seen.add(obj_id)
-            if kind is AUTH_CREDENTIALS:
-                _restore_secrets(raw, current, where, errors)
             obj = kind.cls(**raw)
             if isinstance(obj, PortalGroup):
                 # Addresses the current portal group listens on are not checked again.
@@ -256,6 +271,8 @@ def plan_import(
                 for key, msgs in exc.errors.items():
                     errors.setdefault(where if key == "__all__" else f"{where}.{key}", []).extend(msgs)
     sequences, api_keys = _sequences_and_keys(body, errors)
+    if api_keys is not None and api_keys == current_api_keys:
+        api_keys = None  # the same keys: nothing to replace
     if errors:
         raise ValidationError(errors)
     plan = ImportPlan(
