@@ -263,6 +263,17 @@ def _query(name: str, schema: Schema, description: str = "") -> Schema:
     return out
 
 
+# The import's fields travel in the query, and a request line is at most 8190 bytes: the
+# document promises what fits (ASCII, shorter strings) even percent-encoded.
+_QUERY_MAX = {"name": 64, "path": 1024, "comment": 256}
+
+
+def _query_schema(name: str, schema: Schema) -> Schema:
+    if schema.get("type") != "string" or "enum" in schema:
+        return schema
+    return {"pattern": "^[ -~]*$", **schema, "maxLength": min(schema.get("maxLength", 256), _QUERY_MAX.get(name, 64))}
+
+
 _FLAG_SCHEMA: Schema = {"type": "boolean"}
 _REPORT: Schema = obj({
     "changes": {"type": "object", "additionalProperties": True},
@@ -290,7 +301,7 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
     job_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     extent_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
     accepted = Response("The job started", job, headers={"Location": {"schema": {"type": "string"}}})
-    import_query = [_query(c.api, c.field.type.input_schema())
+    import_query = [_query(c.api, _query_schema(c.api, c.field.type.input_schema()))
                     for c in tables.EXTENT_IMPORT.columns if c.field and c is not tables.IMPORT_SIZE]
     ops = (
         Operation("GET", f"{BASE}/sessions/", list_sessions, "native_list_sessions", TAG,

@@ -74,7 +74,7 @@ ALLOCATION = Field("allocation", Choice(Text(), ALLOCATIONS))
 # An extent's rules are the extent validator's; ``type`` is always File here.
 _EXTENT_FIELDS = (EX.name, EX.path, EX.filesize, EX.blocksize, EX.pblocksize, EX.rpm, EX.serial, EX.naa, EX.ro,
                   EX.insecure_tpc, EX.xen, EX.avail_threshold, EX.comment)
-_EXAMPLES: Mapping[str, object] = {"name": "big0", "path": "big0.img", "filesize": "4GB"}
+_EXAMPLES: Mapping[str, object] = {"name": "big0", "path": "big0.img", "filesize": "16MB"}
 
 
 
@@ -89,7 +89,7 @@ EXTENT_CREATE = Table(
 )
 EXTENT_RESIZE = Table(
     "ExtentResize",
-    (Column("filesize", EX.filesize, required=True, example="8GB"), Column("allocation", ALLOCATION, example=SPARSE)),
+    (Column("filesize", EX.filesize, required=True, example="32MB"), Column("allocation", ALLOCATION, example=SPARSE)),
 )
 # The import takes the extent's fields in the query (the body is the image); the file's size
 # is the image's, so size errors are reported under "size".
