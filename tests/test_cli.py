@@ -153,6 +153,27 @@ def test_exit_codes_and_the_apis_messages(daemon: Daemon, tmp_path: Path) -> Non
     assert out.returncode == 0 and json.loads(out.stdout)[0]["iscsi_target_name"] == "demo", out.stderr
 
 
+def test_local_and_remote_tls(daemon_factory: Any, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=pyscsi-target.invalid", "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    d = daemon_factory(extra_args=["--api-cert", str(cert), "--api-key-file", str(key)])
+    # On the daemon's host the CLI trusts exactly the daemon's certificate (found in the state dir).
+    assert d.iqn in ok(d, "ls")
+    url = d.api_url.replace("http:", "https:")
+    env = {**os.environ, "PYSCSI_TARGET_PASSWORD": ADMIN_PASSWORD}
+
+    def remote(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyscsi_target", "target", "list", "--url", url, *extra],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    out = remote()  # an unknown certificate is refused
+    assert out.returncode == 1 and "TLS with" in out.stderr, out.stderr
+    out = remote("--cacert", str(cert))  # trusted, but its name is not the URL's host
+    assert out.returncode == 1 and "TLS with" in out.stderr, out.stderr
+
+
 def test_zero_filled_extent_progress_and_resize(daemon: Daemon) -> None:
     out = cli(daemon, "extent", "create", "z", "--size", "512MB", "--allocation", "zero")
     assert out.returncode == 0, out.stderr

@@ -30,7 +30,8 @@ def _names(resource: str, key: str) -> Callable[..., Iterable[str]]:
         from .client import ApiClient, resolve
 
         try:
-            client = ApiClient(resolve(parsed_args.url, parsed_args.user, parsed_args.state_dir), timeout=2.0)
+            conn = resolve(parsed_args.url, parsed_args.user, parsed_args.state_dir, parsed_args.cacert)
+            client = ApiClient(conn, timeout=2.0)
             return [str(o[key]) for o in client.list_all(resource) if str(o[key]).startswith(prefix)]
         except Exception:  # noqa: BLE001 - completion offers nothing rather than a traceback
             return []
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     conn.add_argument("--url", help="REST API of a remote daemon, e.g. https://host:8080 "
                                     "(password from $PYSCSI_TARGET_PASSWORD or a prompt)")
     conn.add_argument("--user", help="API user (default: the local daemon's, or admin)")
+    conn.add_argument("--cacert", metavar="FILE", help="trust this certificate (PEM) for an https --url")
     conn.add_argument("--state-dir", type=Path, help="state dir of the local daemon")
     api.add_argument("--json", action="store_true", help="print the API's JSON instead of a table")
 
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from .client import ApiClient, CliError, resolve
 
     try:
-        client = ApiClient(resolve(args.url, args.user, args.state_dir))
+        client = ApiClient(resolve(args.url, args.user, args.state_dir, args.cacert))
         try:
             return int(args.handler(client, args))
         finally:

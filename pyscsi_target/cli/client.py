@@ -68,7 +68,7 @@ def _read_password(path: str) -> str:
         raise CliError(f"cannot read the admin password in {path}: {exc.strerror}") from None
 
 
-def resolve(url: str | None, user: str | None, state_dir: Path | None) -> Connection:
+def resolve(url: str | None, user: str | None, state_dir: Path | None, cacert: str | None = None) -> Connection:
     """Where the API is and how to log in, from the options or the local state dir."""
     if url is not None:
         user = user or os.environ.get("PYSCSI_TARGET_USER") or "admin"
@@ -79,7 +79,7 @@ def resolve(url: str | None, user: str | None, state_dir: Path | None) -> Connec
             import getpass
 
             password = getpass.getpass(f"password for {user} at {url}: ")
-        return Connection(url.rstrip("/"), user, password)
+        return Connection(url.rstrip("/"), user, password, cacert)
     state = (state_dir or default_state_dir()).resolve()
     endpoint = ApiEndpoint.read(state)
     if endpoint is None:
