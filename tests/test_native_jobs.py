@@ -218,3 +218,29 @@ def test_sanitize_progress_as_jobs() -> None:
         await registry.close()
 
     asyncio.run(run())
+
+
+@aio
+async def test_import_client_vanishing_mid_upload_leaves_nothing(tmp_path: Path) -> None:
+    async with harness(tmp_path) as h:
+        assert h.client is not None
+        url = h.client.make_url(f"{NATIVE}/extents/import?name=gone&path=gone.raw")
+        reader, writer = await asyncio.open_connection(url.host, url.port)
+        auth = basic()["Authorization"]
+        writer.write(f"POST {url.path_qs} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+                     f"Content-Length: {16 << 20}\r\nContent-Type: application/octet-stream\r\n\r\n".encode())
+        writer.write(b"z" * (1 << 20))
+        await writer.drain()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (await h.call("GET", f"{NATIVE}/jobs"))[1]:
+            await asyncio.sleep(0.05)
+        writer.close()  # the client goes away with 15 MiB unsent
+        jobs: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            jobs = (await h.call("GET", f"{NATIVE}/jobs"))[1]
+            if jobs and jobs[0]["state"] != RUNNING:
+                break
+            await asyncio.sleep(0.05)
+        assert [j["state"] for j in jobs] == [FAILED], jobs
+        assert list((tmp_path / "extents").iterdir()) == []
+        assert h.service.model.extents == {}

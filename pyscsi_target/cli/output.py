@@ -38,11 +38,14 @@ def print_json(data: Any) -> None:
 
 
 def print_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    cells = [["" if v is None else str(v) for v in row] for row in rows]
+    # A column empty in every row (no errors, no comments) only takes width from the others.
+    keep = [i for i in range(len(columns)) if any(row[i] for row in cells)] if cells else list(range(len(columns)))
     table = Table(title=title, title_justify="left", header_style="bold", box=None, pad_edge=False)
-    for name in columns:
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+    for i in keep:
+        table.add_column(columns[i], overflow="fold")
+    for row in cells:
+        table.add_row(*(row[i] for i in keep))
     out = console()
     if table.row_count:
         out.print(table)
