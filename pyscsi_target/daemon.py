@@ -43,9 +43,8 @@ class DaemonOptions:
 def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
     model = service.model
     portals = ", ".join(format_listen(h, p) for h, p in engine.listen_addresses()) or "no portal"
-    sessions = sum(1 for s in engine.sessions() if s.get("type") == "Normal")
-    return (
-        f"{len(model.targets)} target(s), {len(model.lun_maps)} LUN(s), {sessions} session(s); "
+    return (  # counts only: this runs every STATUS_INTERVAL, whatever the number of sessions
+        f"{len(model.targets)} target(s), {len(model.lun_maps)} LUN(s), {len(engine.connections)} connection(s); "
         f"portals {portals}; API {api_url}"
     )
 
@@ -102,8 +101,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
             ready.set()
         await stop.wait()
         log.info("shutting down")
-        count = sum(1 for s in engine.sessions() if s.get("type") == "Normal")
-        notifier.stopping(f"stopping: logging out {count} session(s)")
+        notifier.stopping(f"stopping: logging out {len(engine.connections)} connection(s)")
     finally:
         if status_task is not None:
             status_task.cancel()
