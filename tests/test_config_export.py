@@ -105,6 +105,30 @@ def test_export_then_import_into_a_fresh_state_dir_gives_identical_views(
     b.assert_clean_log()
 
 
+def test_offline_export_and_restore_before_first_start(
+    daemon_factory: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    a = daemon_factory()
+    populate(a)
+    before = every_get(a)
+    a.stop()
+    saved = tmp_path / "saved.json"
+    ok(None, "config", "export", "--offline", "-o", str(saved), state_dir=a.state_dir)
+    fresh = tmp_path / "fresh"
+    args = ("config", "import", str(saved), "--offline", "--extent-root", str(a.state_dir / "extents"))
+    assert "would change" in ok(None, *args, "--dry-run", state_dir=fresh)
+    ok(None, *args, state_dir=fresh)
+    refused = cli(None, "config", "export", "--offline", state_dir=tmp_path / "nothing-here")
+    assert refused.returncode == 1 and "holds no configuration" in refused.stderr
+    b = Daemon(fresh, demo=False, port=a.port, extra_args=["--extent-root", str(a.state_dir / "extents")])
+    with b:
+        after = every_get(b)
+        # The daemon was started after the restore: a running one refuses an offline import.
+        busy = cli(None, *args, state_dir=fresh)
+        assert busy.returncode == 1 and "a daemon is running" in busy.stderr
+    assert after == before
+
+
 def test_redacted_export_and_validation(daemon: Daemon, tmp_path: Path) -> None:
     daemon.add_auth(3, "u1", "secret-one-12")
     redacted = native(daemon, "GET", "config/?redact=true")

@@ -163,12 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     cf = group("config", "save and restore the whole configuration")
     c = command(cf, "export", cfg.export, "print the configuration as versioned JSON")
     c.add_argument("--redact", action="store_true", help="leave CHAP secrets and API key hashes out")
+    c.add_argument("--offline", action="store_true", help="read the state dir of a stopped daemon")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE (mode 0600) instead of standard output")
     c = command(cf, "import", cfg.import_, "make the running configuration equal to FILE (the difference "
                                            "is applied; untouched targets keep their sessions)")
     c.add_argument("file", metavar="FILE", help="an export ('-' for standard input)")
     c.add_argument("--dry-run", action="store_true", help="validate and show what would change")
     c.add_argument("--force", action="store_true", help="drop the sessions of targets the import removes")
+    c.add_argument("--offline", action="store_true", help="write into the state dir of a stopped daemon "
+                                                          "(e.g. a restore before the first start)")
+    c.add_argument("--extent-root", action="append", metavar="DIR",
+                   help="with --offline: the daemon's extent roots (default STATE_DIR/extents)")
 
     comp = sub.add_parser("completion", help="print the shell code enabling tab completion",
                           description="eval \"$(pyscsi-target completion bash)\" in ~/.bashrc")
@@ -216,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     from .client import ApiClient, CliError, resolve
 
     try:
+        if getattr(args, "offline", False):
+            return int(args.handler(None, args))
         client = ApiClient(resolve(args.url, args.user, args.state_dir, args.cacert))
         try:
             return int(args.handler(client, args))
