@@ -30,7 +30,8 @@ T = TypeVar("T")
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 STATES = (RUNNING, SUCCEEDED, FAILED, CANCELLED)
 HISTORY = 100
-WORKERS = 2  # long fills are disk-bound: more threads would only compete for the same disk
+# Fills are disk-bound, but a second job (an import, say) must not wait for a long fill to end.
+WORKERS = 4
 
 
 class JobCancelled(Exception):

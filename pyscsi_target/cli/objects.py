@@ -168,7 +168,10 @@ def extent_create(client: ApiClient, args: argparse.Namespace) -> int:
 
 def _follow(client: ApiClient, args: argparse.Namespace, job: dict[str, Any], done: str) -> int:
     if args.no_wait:
-        print_json(job) if args.json else _ok(f"job {job['id']} started: {job['description']}")
+        if args.json:
+            print_json(job)
+        else:
+            _ok(f"job {job['id']} started: {job['description']}")
         return 0
     job = wait(client, job)
     if args.json:
@@ -420,7 +423,10 @@ def job_show(client: ApiClient, args: argparse.Namespace) -> int:
 
 def job_wait(client: ApiClient, args: argparse.Namespace) -> int:
     job = wait(client, client.request("GET", f"{NATIVE}/jobs/{args.id}/"))
-    print_json(job) if args.json else _ok(f"job {job['id']} succeeded: {job['description']}")
+    if args.json:
+        print_json(job)
+    else:
+        _ok(f"job {job['id']} succeeded: {job['description']}")
     return 0
 
 
