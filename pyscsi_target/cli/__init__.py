@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--auth", default="None", choices=["None", "CHAP", "CHAP Mutual"], help="login authentication")
     c.add_argument("--auth-group", type=int, metavar="TAG", help="the CHAP auth group (see `chap create`)")
     c = command(t, "delete", o.target_delete, "delete a target (refused while it has sessions)", "target")
-    c.add_argument("name", metavar="NAME").completer = TARGETS  # type: ignore[attr-defined]
+    c.add_argument("name", metavar="NAME").completer = TARGETS
 
     e = group("extent", "list, create, grow, import and delete extents (backing files and devices)")
     command(e, "list", o.extent_list, "list extents with their size and allocation")
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-wait", action="store_true", help="print the job and return at once")
     c = command(e, "resize", o.extent_resize, "grow a File extent (live; initiators get a capacity change)",
                 "extent")
-    c.add_argument("name", metavar="NAME").completer = EXTENTS  # type: ignore[attr-defined]
+    c.add_argument("name", metavar="NAME").completer = EXTENTS
     c.add_argument("size", metavar="SIZE", help="the new size, e.g. 20GB")
     c.add_argument("--allocation", default="sparse", choices=ALLOCATIONS)
     c.add_argument("--no-wait", action="store_true", help="print the job and return at once")
@@ -111,17 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--path", help="file path inside an extent root (default NAME.img)")
     _extent_options(c)
     c = command(e, "delete", o.extent_delete, "delete an extent and its LUN maps", "extent")
-    c.add_argument("name", metavar="NAME").completer = EXTENTS  # type: ignore[attr-defined]
+    c.add_argument("name", metavar="NAME").completer = EXTENTS
     c.add_argument("--delete-file", action="store_true", help="also delete the extent's file")
 
     lun = group("lun", "map extents to LUNs of targets")
     command(lun, "list", o.lun_list, "list LUN maps")
     c = command(lun, "map", o.lun_map, "put an extent at a LUN of a target", "lun")
-    c.add_argument("target", metavar="TARGET").completer = TARGETS  # type: ignore[attr-defined]
-    c.add_argument("extent", metavar="EXTENT").completer = EXTENTS  # type: ignore[attr-defined]
+    c.add_argument("target", metavar="TARGET").completer = TARGETS
+    c.add_argument("extent", metavar="EXTENT").completer = EXTENTS
     c.add_argument("--lun", type=int, help="LUN number (default: the lowest free one)")
     c = command(lun, "unmap", o.lun_unmap, "remove a LUN from a target (the extent stays)", "lun")
-    c.add_argument("target", metavar="TARGET").completer = TARGETS  # type: ignore[attr-defined]
+    c.add_argument("target", metavar="TARGET").completer = TARGETS
     c.add_argument("lun", metavar="LUN", type=int)
 
     ig = group("initiator-group", "who may log in: initiator names and networks")
@@ -190,9 +190,9 @@ def _extent_options(c: argparse.ArgumentParser) -> None:
 
 
 def _completion(args: argparse.Namespace) -> int:
-    import argcomplete
+    from argcomplete.shell_integration import shellcode
 
-    sys.stdout.write(argcomplete.shellcode(["pyscsi-target"], shell=args.shell))
+    sys.stdout.write(shellcode(["pyscsi-target"], shell=args.shell))
     return 0
 
 

@@ -91,11 +91,8 @@ BUILDERS: tuple[tuple[Kind[Any], Builder], ...] = (
 KINDS = tuple(kind for kind, _build in BUILDERS)
 
 
-def _fields(obj: object) -> dict[str, object]:
-    data = dataclasses.asdict(obj)  # type: ignore[call-overload]
-    for key, value in data.items():
-        if isinstance(value, list):
-            data[key] = list(value)
+def _fields(obj: Any) -> dict[str, object]:
+    data: dict[str, object] = dataclasses.asdict(obj)  # a deep copy: lists included
     return data
 
 
