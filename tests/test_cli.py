@@ -133,8 +133,11 @@ def test_exit_codes_and_the_apis_messages(daemon: Daemon, tmp_path: Path) -> Non
     assert usage.returncode == 2 and "NAME" in usage.stderr
     assert cli(daemon, "extent", "create", "x", "--allocation", "thick").returncode == 2
     out = cli(daemon, "extent", "create", "x", "--size", "1000")
-    assert out.returncode == 1
-    assert out.stderr.strip() == "pyscsi-target: --size: The size must be a multiple of the block size (512)."
+    with pytest.raises(RestError) as api:  # the same request straight to the API
+        daemon.rest("POST", "extent/", {"iscsi_target_extent_name": "x", "iscsi_target_extent_path": "x.img",
+                                        "iscsi_target_extent_filesize": "1000"})
+    message = json.loads(api.value.body)["iscsi_target_extent_filesize"][0]
+    assert out.returncode == 1 and out.stderr.strip() == f"pyscsi-target: --size: {message}"
     out = cli(daemon, "target", "create", "demo")
     assert out.returncode == 1 and out.stderr.strip() == "pyscsi-target: NAME: Target name already exists"
     out = cli(daemon, "target", "create", "t2", "--auth", "CHAP", "--auth-group", "9")
