@@ -1,26 +1,33 @@
 """The daemon: one event loop (uvloop) running the iSCSI engine and the REST API.
 
 Start-up order: state database -> engine -> config service (seeds an empty state dir and
-applies the model, which starts the portals) -> REST API.  SIGTERM/SIGINT stop in the
-reverse order: the API first (no more changes), then the engine, which asks every
-session to log out, lets in-flight commands finish or aborts them, and flushes the LUs.
+applies the model, which starts the portals) -> REST API -> ``api-endpoint.json`` for a
+local CLI -> READY=1 to systemd.  SIGTERM/SIGINT stop in the reverse order: STOPPING=1,
+the API first (no more changes), then the engine, which asks every session to log out,
+lets in-flight commands finish or aborts them, and flushes the LUs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from .api_endpoint import ApiEndpoint, local_url
 from .config.service import ConfigService
-from .config.store import ConfigStore
+from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .isns import IsnsClient, default_entity_id, desired_state
 from .server.engine import Engine
+from .systemd import Notifier
 from .values import format_listen
 
 log = logging.getLogger("pyscsi_target")
+
+STATUS_INTERVAL = 10.0  # seconds between STATUS= refreshes (sent only when the text changes)
 
 
 @dataclass
@@ -34,9 +41,30 @@ class DaemonOptions:
     demo: bool = False
 
 
+def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
+    model = service.model
+    portals = ", ".join(format_listen(h, p) for h, p in engine.listen_addresses()) or "no portal"
+    return (  # counts only: this runs every STATUS_INTERVAL, whatever the number of sessions
+        f"{len(model.targets)} target(s), {len(model.lun_maps)} LUN(s), {len(engine.connections)} connection(s); "
+        f"portals {portals}; API {api_url}"
+    )
+
+
+async def _refresh_status(notifier: Notifier, engine: Engine, service: ConfigService, api_url: str) -> None:
+    last = ""
+    while True:
+        await asyncio.sleep(STATUS_INTERVAL)
+        text = _status_line(engine, service, api_url)
+        if text != last:
+            notifier.status(text)
+            last = text
+
+
 async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     from rest.app import make_app, ssl_context_from_files, start_api  # aiohttp only when serving
 
+    notifier = Notifier.from_env()
+    notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
     engine = Engine(opts.state_dir, pr_store=store.pr_store)
@@ -54,22 +82,47 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
 
     engine.on_applied.append(publish_isns)
     runner = None
+    status_task: asyncio.Task[None] | None = None
     try:
+        notifier.status("applying the configuration (portals, targets, LUNs)")
         await service.start(default_portals=[format_listen(h, p) for h, p in opts.portals], demo=opts.demo)
+        notifier.status("starting the REST API")
         ssl_ctx = ssl_context_from_files(opts.api_cert, opts.api_key_file) if opts.api_cert else None
         runner = await start_api(make_app(service, store), opts.api[0], opts.api[1], ssl_ctx)
+        api_port = runner.addresses[0][1] if runner.addresses else opts.api[1]
+        api_url = local_url("https" if ssl_ctx else "http", opts.api[0], api_port)
+        ApiEndpoint(
+            url=api_url,
+            user=os.environ.get("PYSCSI_TARGET_ADMIN_USER") or "admin",
+            pid=os.getpid(),
+            cafile=str(opts.api_cert.resolve()) if opts.api_cert else None,
+            password_file=None
+            if os.environ.get("PYSCSI_TARGET_ADMIN_PASSWORD")
+            else str(opts.state_dir / ADMIN_PASSWORD_FILE),
+        ).write(opts.state_dir)
         log.info("pyscsi-target ready (state dir %s)", opts.state_dir)
         isns.start()
+        # Every portal listens (engine.apply awaited the listeners) and so does the API.
+        notifier.ready(_status_line(engine, service, api_url))
+        notifier.start_watchdog()
+        status_task = loop.create_task(_refresh_status(notifier, engine, service, api_url))
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("shutting down")
+        notifier.stopping(f"stopping: logging out {len(engine.connections)} connection(s)")
     finally:
+        if status_task is not None:
+            status_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await status_task
+        ApiEndpoint.remove(opts.state_dir, os.getpid())
         if runner is not None:
             await runner.cleanup()
         await isns.close()  # deregisters (bounded) while the portals still exist
         await engine.shutdown()
         store.close()
+        await notifier.close()
     return 0
 
 
@@ -80,4 +133,5 @@ def run(opts: DaemonOptions) -> int:
         return uvloop.run(serve(opts))
     except OSError as exc:  # a portal or the API address cannot be bound
         log.error("cannot start: %s", exc)
+        Notifier.from_env().status(f"cannot start: {exc}")
         return 1

@@ -21,7 +21,7 @@ from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
-from . import freenas, hnas, openapi
+from . import freenas, hnas, native, openapi
 from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
@@ -180,6 +180,7 @@ def make_app(
     doc = app[DOC_KEY] = openapi.new_doc()
     freenas.setup_routes(app, doc)
     hnas.setup_routes(app, doc)
+    native.setup_routes(app, doc)
     return app
 
 

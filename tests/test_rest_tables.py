@@ -137,7 +137,7 @@ async def test_a_new_resource_is_a_table_a_handler_and_its_operations() -> None:
 @aio
 async def test_new_namespaces_under_api_need_credentials(tmp_path: Path) -> None:
     async with harness(tmp_path) as h:
-        status, body, headers = await h.call("GET", "/api/pyscsi/v1/sessions/", auth=False)
+        status, body, headers = await h.call("GET", "/api/pyscsi/v2/sessions/", auth=False)
         assert status == 401 and "WWW-Authenticate" in headers
-        assert (await h.call("GET", "/api/pyscsi/v1/sessions/"))[0] == 404
+        assert (await h.call("GET", "/api/pyscsi/v2/sessions/"))[0] == 404
         assert (await h.call("GET", "/api/openapi.json", auth=False))[0] == 200

@@ -227,6 +227,18 @@ class ConfigStore:
             cur = tx.conn.execute("DELETE FROM api_keys WHERE id = ?", (key_id,))
         return cur.rowcount > 0
 
+    def api_key_rows(self) -> list[dict[str, Any]]:
+        """Every key as stored (its hash, never the key) for a configuration export."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, hash, virtual_servers, created FROM api_keys ORDER BY id").fetchall()
+        return [{"id": r[0], "hash": r[1], "virtual_servers": json.loads(r[2]), "created": r[3]} for r in rows]
+
+    def id_sequences(self) -> dict[str, int]:
+        """The last id handed out per object kind (ids are never reused; an export keeps them)."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, seq FROM sqlite_sequence").fetchall()
+        return {name: int(seq) for name, seq in rows if name in KINDS}
+
 
 class StoreTransaction:
     """Write access inside ``ConfigStore.transaction()``."""
@@ -263,6 +275,23 @@ class StoreTransaction:
         # The singletons are tiny: always write them.
         self._set("global_config", _to_json(new.global_config))
         self._set("service_enabled", json.dumps(new.service_enabled))
+
+    def raise_id_sequence(self, kind: str, last: int) -> None:
+        """Never hand out an id of ``kind`` up to ``last`` again (an imported configuration's)."""
+        if kind not in KINDS:
+            raise KeyError(kind)
+        cur = self.conn.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", (last, kind))
+        if cur.rowcount == 0:
+            self.conn.execute("INSERT INTO sqlite_sequence(name, seq) VALUES (?, ?)", (kind, last))
+
+    def replace_api_keys(self, rows: list[dict[str, Any]]) -> None:
+        """Make the stored API keys exactly ``rows`` (as ``ConfigStore.api_key_rows`` gives them)."""
+        self.conn.execute("DELETE FROM api_keys")
+        for r in rows:
+            self.conn.execute(
+                "INSERT INTO api_keys(id, hash, virtual_servers, created) VALUES (?, ?, ?, ?)",
+                (r["id"], r["hash"], json.dumps(r["virtual_servers"]), r["created"]),
+            )
 
     def _set(self, key: str, value: str) -> None:
         self.conn.execute(

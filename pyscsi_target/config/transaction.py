@@ -109,6 +109,12 @@ class Draft:
         kind.of(self.model)[obj.id] = obj
         return obj
 
+    @property
+    def store(self) -> StoreTransaction:
+        """The store transaction the change is written in (for what the model does not hold:
+        id sequences, API keys)."""
+        return self._tx
+
     def on_undo(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the change does not take effect (a file created for it, say)."""
         self.undo.append(action)

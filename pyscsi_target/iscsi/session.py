@@ -18,6 +18,7 @@ at a time (connection reinstatement replaces it).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, TypedDict
 
@@ -63,6 +64,7 @@ class SessionInfo(TypedDict):
     peer: str | None
     header_digest: bool
     data_digest: bool
+    params: dict[str, object]
 
 
 class Session:
@@ -177,4 +179,5 @@ class Session:
             "peer": conn.peer if conn else None,
             "header_digest": self.params.header_digest,
             "data_digest": self.params.data_digest,
+            "params": dataclasses.asdict(self.params),  # everything negotiated, for `ls -l`
         }

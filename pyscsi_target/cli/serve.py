@@ -1,29 +1,20 @@
-"""Command line: ``pyscsi-target serve`` and ``pyscsi-target api-key create``."""
+"""``pyscsi-target serve`` (the daemon) and ``pyscsi-target api-key create``."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
-from .values import parse_listen
-
-
-def default_state_dir() -> Path:
-    env = os.environ.get("PYSCSI_TARGET_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/pyscsi-target")
-    return Path.home() / ".local" / "state" / "pyscsi-target"
+from ..log_format import FORMATS, configure_logging
+from .client import default_state_dir
 
 
 def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
     def parse(text: str) -> tuple[str, int]:
+        from ..values import parse_listen  # only when serving: the client commands start faster
+
         try:
             addr = parse_listen(text, default_port=default_port, allow_zero=True)
         except ValueError as exc:
@@ -33,12 +24,9 @@ def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyscsi-target", description="An iSCSI target server (RFC 7143, SPC-4/SBC-3).")
-    p.add_argument("--version", action="version", version=f"pyscsi-target {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run the target and its management API")
+    s.set_defaults(handler=serve)
     s.add_argument("--state-dir", type=Path, default=None,
                    help="configuration database and default extent root "
                         "(default $PYSCSI_TARGET_STATE_DIR, /var/lib/pyscsi-target as root, else ~/.local/state)")
@@ -54,34 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--demo", action="store_true",
                    help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", default="auto", choices=list(FORMATS),
+                   help="auto: journal when stderr is systemd's journal stream, else text; "
+                        "json: one object per line")
 
     k = sub.add_parser("api-key", help="manage REST API keys")
     ksub = k.add_subparsers(dest="key_command", required=True)
     kc = ksub.add_parser("create", help="create an API key and print it (it is stored hashed)")
+    kc.set_defaults(handler=api_key_create)
     kc.add_argument("--state-dir", type=Path, default=None)
     kc.add_argument("--virtual-server", type=int, action="append", default=None, metavar="N",
                     help="limit the key to this virtual server (repeatable; default: all)")
-    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def api_key_create(args: argparse.Namespace) -> int:
+    from ..config.store import api_key_create as create
+
+    print(create((args.state_dir or default_state_dir()).resolve(), args.virtual_server or []))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
     state_dir: Path = (args.state_dir or default_state_dir()).resolve()
-    if args.command == "api-key":
-        from .config.store import api_key_create
-
-        print(api_key_create(state_dir, args.virtual_server or []))
-        return 0
-
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     if bool(args.api_cert) != bool(args.api_key_file):
         print("pyscsi-target: --api-cert and --api-key-file go together", file=sys.stderr)
         return 2
-    from .daemon import DaemonOptions, run
+    from ..daemon import DaemonOptions, run
 
     opts = DaemonOptions(
         state_dir=state_dir,
@@ -93,7 +80,3 @@ def main(argv: list[str] | None = None) -> int:
         demo=args.demo,
     )
     return run(opts)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
