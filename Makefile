@@ -15,7 +15,7 @@ API ?= 127.0.0.1:8080
 # cpio check its shell and initramfs on the host.
 TEST_DEBS = libiscsi-bin qemu-utils qemu-block-extra tgt strace openssl gcc util-linux \
             ceph-mon ceph-osd ceph-common open-isns-server open-isns-utils fio \
-            qemu-system-x86 kmod e2fsprogs iproute2 busybox-static cpio
+            qemu-system-x86 kmod e2fsprogs iproute2 busybox-static cpio systemd
 
 .PHONY: run install test test-deps lint guest-image
 
