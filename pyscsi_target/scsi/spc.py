@@ -1,20 +1,18 @@
 """SPC-4 primary commands: INQUIRY and VPD pages, REQUEST SENSE, TEST UNIT READY,
-MODE SENSE/SELECT, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS and
-REPORT TARGET PORT GROUPS (ALUA: one target port group per portal group)."""
+MODE SENSE/SELECT, LOG SENSE, REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS and REPORT
+TARGET PORT GROUPS (ALUA: one target port group per portal group).  REPORT SUPPORTED
+OPERATION CODES reports the command table, so it lives there (command_table.py)."""
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
 from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.pr import set_data_in
-
-if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import LogicalUnit
-    from pyscsi_target.scsi.task import Nexus, ScsiTask
+from pyscsi_target.scsi.command import Command, F, set_data_in, usage
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.task import Nexus, ScsiTask
+from pyscsi_target.scsi.tpc import third_party_copy_vpd
 
 VENDOR = b"PYSCSI  "
 PRODUCT = b"iSCSI Disk      "
@@ -100,8 +98,6 @@ def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
         buf[7] = 0x01  # LUICLR: unit attentions are per I_T nexus
         return bytes(buf)
     if page == 0x8F:
-        from pyscsi_target.scsi.tpc import third_party_copy_vpd
-
         return third_party_copy_vpd()
     if page == 0xB0:
         bs = lu.block_size
@@ -169,11 +165,9 @@ def inquiry(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def request_sense(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     desc = bool(task.cdb[1] & 0x01)
     alloc = task.cdb[4]
-    key = it_key(task.nexus)
+    key = lu.registry.it_key(task.nexus)
     code = lu.pop_ua(key)
     if code is not None:
         data = S.build_sense(S.UNIT_ATTENTION, code, desc)
@@ -189,6 +183,14 @@ def request_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 
 def test_unit_ready(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
+
+
+REPORT_LUNS = 0xA0
+
+
+def report_luns(lu: LogicalUnit, task: ScsiTask) -> None:
+    """Never called: ScsiDevice answers REPORT LUNS itself (it knows the LUN map)."""
+    raise S.invalid_opcode()
 
 
 # --- MODE SENSE / MODE SELECT ----------------------------------------------------------
@@ -227,8 +229,6 @@ def mode_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     cdb = task.cdb
     ten = cdb[0] == 0x55
     sp = bool(cdb[1] & 0x01)
@@ -261,16 +261,21 @@ def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
             raise S.invalid_param(hlen + (12 if long_lba else 5))
     wce_before = lu.modes.wce
     changed = lu.modes.select(data[hlen + bdlen :], sp)
-    if sp:
-        lu.save_modes()
     if changed:
-        lu.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_key=it_key(task.nexus))
-    if wce_before and not lu.modes.wce:
-        # Write cache turned off: what it still holds must be durable before we answer,
-        # since from now on every acknowledged write is.
-        lu.flush(task)
-        return
-    lu.done(task)
+        lu.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_key=lu.registry.it_key(task.nexus))
+
+    def finish() -> None:
+        if wce_before and not lu.modes.wce:
+            # Write cache turned off: what it still holds must be durable before we answer,
+            # since from now on every acknowledged write is.
+            lu.flush(task)
+        else:
+            lu.done(task)
+
+    if sp:  # saved pages: GOOD once they are durable
+        lu.persist(lu.modes_key, lu.modes.serialize_saved(), task, finish)
+    else:
+        finish()
 
 
 # --- LOG SENSE ------------------------------------------------------------------------
@@ -330,52 +335,6 @@ def log_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 # --- REPORT SUPPORTED OPERATION CODES / TMFs, REPORT TARGET PORT GROUPS --------------
 
 
-def _timeouts(cmd: Command) -> bytes:
-    return struct.pack(">HBBII", 0x0A, 0, 0, cmd.timeout, cmd.timeout)
-
-
-def report_supported_opcodes(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.device import COMMANDS_BY_OPCODE, all_commands
-
-    cdb = task.cdb
-    rctd = bool(cdb[2] & 0x80)
-    opt = cdb[2] & 0x07
-    req_op = cdb[3]
-    req_sa = struct.unpack_from(">H", cdb, 4)[0]
-    alloc = struct.unpack_from(">I", cdb, 6)[0]
-    if opt == 0:
-        out = bytearray()
-        for c in all_commands():
-            flags = (0x02 if rctd else 0) | (0x01 if c.sa is not None else 0)
-            out += struct.pack(">BBHBBH", c.opcode, 0, c.sa or 0, 0, flags, c.cdb_len)
-            if rctd:
-                out += _timeouts(c)
-        data = struct.pack(">I", len(out)) + out
-    elif opt in (1, 2, 3):
-        entry = COMMANDS_BY_OPCODE.get(req_op)
-        has_sa = isinstance(entry, dict)
-        if opt == 1 and has_sa:
-            raise S.invalid_cdb(2, 0)
-        if opt == 2 and entry is not None and not has_sa:
-            raise S.invalid_cdb(2, 0)
-        if has_sa:
-            assert isinstance(entry, dict)
-            cmd = entry.get(req_sa) if opt != 1 else None
-        else:
-            cmd = entry if (opt != 3 or req_sa == 0) else None  # type: ignore[assignment]
-        if cmd is None:
-            data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
-        else:
-            body = cmd.usage
-            data = bytes((0, (0x80 if rctd else 0) | 0x03)) + struct.pack(">H", len(body)) + body
-            if rctd:
-                data += _timeouts(cmd)
-    else:
-        raise S.invalid_cdb(2, 2)
-    set_data_in(task, data, alloc)
-    lu.done(task)
-
-
 def report_supported_tmfs(lu: LogicalUnit, task: ScsiTask) -> None:
     repd = bool(task.cdb[2] & 0x80)
     alloc = struct.unpack_from(">I", task.cdb, 6)[0]
@@ -389,11 +348,9 @@ def report_supported_tmfs(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.device import device_of
-
     fmt = task.cdb[1] >> 5
     alloc = struct.unpack_from(">I", task.cdb, 6)[0]
-    dev = device_of(task)
+    dev = lu.registry.device_of(task)
     tags = dev.portal_group_tags() if dev is not None else [task.nexus.portal_group_tag]
     body = bytearray()
     for tag in tags:
@@ -411,11 +368,15 @@ def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
 
 
-_RO = F.PR_ALLOWED | F.UA_EXEMPT | F.RESV_ALLOWED | F.SANITIZE_OK
+#: INQUIRY-like commands: allowed whatever the reservations and state, UA-exempt.
+RO_FLAGS = F.PR_ALLOWED | F.UA_EXEMPT | F.RESV_ALLOWED | F.SANITIZE_OK
 
 COMMANDS = [
-    Command(0x12, None, "INQUIRY", inquiry, usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x07), _RO),
-    Command(0x03, None, "REQUEST SENSE", request_sense, usage(0x03, 0x01, 0, 0, 0xFF, 0x07), _RO),
+    Command(REPORT_LUNS, None, "REPORT LUNS", report_luns,
+            usage(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
+            F.UA_EXEMPT | F.PR_ALLOWED | F.RESV_ALLOWED | F.SANITIZE_OK),
+    Command(0x12, None, "INQUIRY", inquiry, usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x07), RO_FLAGS),
+    Command(0x03, None, "REQUEST SENSE", request_sense, usage(0x03, 0x01, 0, 0, 0xFF, 0x07), RO_FLAGS),
     Command(0x00, None, "TEST UNIT READY", test_unit_ready, usage(0x00, 0, 0, 0, 0, 0x07), F.MEDIUM),
     Command(0x1A, None, "MODE SENSE(6)", mode_sense, usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0x07), F.PR_READ),
     Command(0x5A, None, "MODE SENSE(10)", mode_sense,
@@ -426,9 +387,7 @@ COMMANDS = [
     Command(0x55, None, "MODE SELECT(10)", mode_select,
             usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_WRITE),
     Command(0xA3, 0x0A, "REPORT TARGET PORT GROUPS", report_target_port_groups,
-            usage(0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
-    Command(0xA3, 0x0C, "REPORT SUPPORTED OPERATION CODES", report_supported_opcodes,
-            usage(0xA3, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
+            usage(0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), RO_FLAGS & ~F.UA_EXEMPT),
     Command(0xA3, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", report_supported_tmfs,
-            usage(0xA3, 0x1F, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
+            usage(0xA3, 0x1F, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), RO_FLAGS & ~F.UA_EXEMPT),
 ]

@@ -23,8 +23,13 @@ from typing import TYPE_CHECKING, Any
 from ..config import model as M
 from ..iscsi.params import LoginReject, LoginResult, TargetInfo
 from ..iscsi.session import Session
+from ..scsi.device import ScsiDevice
+from ..scsi.lu import LogicalUnit
+from ..scsi.persistence import StateStore
+from ..scsi.registry import ScsiRegistry
 from ..scsi.task import Nexus
 from ..values import format_listen, parse_access_config, parse_initiator_names, parse_listen, parse_networks
+from .logical_units import LogicalUnits
 
 if TYPE_CHECKING:
     from .protocol import IscsiProtocol
@@ -71,8 +76,8 @@ class EngineError(OSError):
 class TargetRuntime:
     target_id: int
     iqn: str
-    device: Any  # ScsiDevice
-    luns: dict[int, Any] = field(default_factory=dict)  # lun -> LogicalUnit as last given to the device
+    device: ScsiDevice
+    luns: dict[int, LogicalUnit] = field(default_factory=dict)  # as last given to the device
 
 
 class Listener:
@@ -197,7 +202,7 @@ class Engine:
     def __init__(
         self,
         state_dir: Path,
-        pr_store: Any = None,
+        pr_store: StateStore | None = None,
         *,
         queue_depth: int = 128,
         nop_interval: float = 30.0,
@@ -217,7 +222,8 @@ class Engine:
         self._listeners: dict[tuple[str, int], Listener] = {}
         self._targets: dict[int, TargetRuntime] = {}
         self._by_iqn: dict[str, TargetRuntime] = {}
-        self._lus: dict[int, tuple[Any, M.Extent]] = {}
+        self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
+        self.logical_units = LogicalUnits(self.scsi, pr_store)
         self._sessions: dict[int, Session] = {}  # TSIH -> session
         self._by_isid: dict[tuple[str, int, str], Session] = {}
         self.connections: set[IscsiProtocol] = set()
@@ -231,51 +237,17 @@ class Engine:
     async def apply(self, model: M.ConfigModel) -> None:
         async with self._lock:
             self.model = model
-            self._apply_lus(model)
+            self.logical_units.apply(model, self._detach_lu)
             self._apply_targets(model)
             await self._apply_listeners(model)
 
-    def _apply_lus(self, model: M.ConfigModel) -> None:
-        from ..scsi.lu import open_logical_unit
-
-        wanted: dict[int, M.Extent] = {}
-        for m in model.lun_maps.values():
-            if m.target in model.targets and m.extent in model.extents:
-                wanted[m.extent] = model.extents[m.extent]
-        for eid in list(self._lus):
-            lu, old = self._lus[eid]
-            new = wanted.get(eid)
-            if new is None or new.path != old.path or new.type != old.type or new.blocksize != old.blocksize:
-                self._lus.pop(eid)
-                self._detach_lu(lu)
-                with contextlib.suppress(Exception):
-                    lu.close()
-        errors = []
-        for eid, ext in wanted.items():
-            cur = self._lus.get(eid)
-            if cur is None:
-                try:
-                    lu = open_logical_unit(ext, self.pr_store)
-                except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
-                    log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
-                    errors.append(f"{ext.name}: {e}")
-                    continue
-                self._lus[eid] = (lu, M.Extent(**vars(ext)))
-            elif vars(cur[1]) != vars(ext):
-                cur[0].update(ext)
-                self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
-        if errors:
-            log.error("extents not served: %s", "; ".join(errors))
-
-    def _detach_lu(self, lu: Any) -> None:
+    def _detach_lu(self, lu: LogicalUnit) -> None:
         for rt in self._targets.values():
             if any(v is lu for v in rt.luns.values()):
                 rt.luns = {k: v for k, v in rt.luns.items() if v is not lu}
                 rt.device.set_luns(rt.luns)
 
     def _apply_targets(self, model: M.ConfigModel) -> None:
-        from ..scsi.device import ScsiDevice
-
         for tid in list(self._targets):
             rt = self._targets[tid]
             t = model.targets.get(tid)
@@ -285,14 +257,14 @@ class Engine:
             iqn = model.target_iqn(t)
             rt = self._targets.get(tid)
             if rt is None:
-                rt = TargetRuntime(tid, iqn, ScsiDevice(iqn))
+                rt = TargetRuntime(tid, iqn, ScsiDevice(iqn, self.scsi))
                 self._targets[tid] = rt
                 self._by_iqn[iqn] = rt
             luns = {}
             for lun, ext in model.luns_of_target(tid).items():
-                ent = self._lus.get(ext.id)
-                if ent is not None:
-                    luns[lun] = ent[0]
+                lu = self.logical_units.get(ext.id)
+                if lu is not None:
+                    luns[lun] = lu
             tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
@@ -546,16 +518,6 @@ class Engine:
             proto.close(abort_tasks=True, announce=True)
         for s in list(self._sessions.values()):
             self.session_ended(s)
-        # I/O already in a worker thread cannot be recalled: let it land (briefly) before
-        # the logical units flush and close their backstores under it.
-        drain_until = loop.time() + 2.0
-        while loop.time() < drain_until and any(getattr(lu, "tasks", None) for lu, _e in self._lus.values()):
-            await asyncio.sleep(0.02)
-        for lu, _ext in self._lus.values():
-            try:
-                lu.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing logical unit failed")
-        self._lus.clear()
+        await self.logical_units.close()
         self._targets.clear()
         self._by_iqn.clear()
