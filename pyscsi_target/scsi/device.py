@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import set_data_in
 from pyscsi_target.scsi.command_table import COMMANDS_BY_OPCODE, lookup
+from pyscsi_target.scsi.inquiry import NO_LU, WELL_KNOWN_LU, standard_inquiry
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.registry import ScsiRegistry
-from pyscsi_target.scsi.spc import REPORT_LUNS, standard_inquiry
+from pyscsi_target.scsi.spc import REPORT_LUNS
 from pyscsi_target.scsi.task import (
     LUN_UNSUPPORTED,
     WLUN_REPORT_LUNS,
@@ -169,8 +170,7 @@ class ScsiDevice:
                     raise S.lu_not_supported()
                 raise S.invalid_cdb(1 if task.cdb[1] & 0x01 else 2)
             alloc = struct.unpack_from(">H", task.cdb, 3)[0]
-            # well-known LU: PDT 1Eh; no LU here: qualifier 011b, type 1Fh
-            data = standard_inquiry(None, 0x1E if wlun else 0x7F)
+            data = standard_inquiry(None, WELL_KNOWN_LU if wlun else NO_LU)
             set_data_in(task, data, alloc)
             task.status = S.GOOD
             self._complete(task)
