@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from pathlib import Path
+from typing import Any
 
 from test_scsi_support import Harness
 
@@ -13,7 +14,7 @@ from pyscsi_target.scsi import inquiry
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES
 
 
-def _pages(tmp_path: Path, **kw: object) -> dict[str, bytes]:
+def _pages(tmp_path: Path, **kw: Any) -> dict[str, bytes]:
     async def main() -> dict[str, bytes]:
         h = Harness(tmp_path, **kw)
         try:

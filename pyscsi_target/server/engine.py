@@ -213,7 +213,6 @@ class Engine:
         if tune_allocator:
             tune_malloc()
         self.state_dir = Path(state_dir)
-        self.pr_store = pr_store
         self.queue_depth = queue_depth
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
