@@ -72,6 +72,10 @@ def test_lu_on_a_thread_completed_backstore(tmp_path: Path) -> None:
             ws = struct.pack(">BBQIBB", 0x93, 0, 300, 4, 0, 0)
             assert (await h.cmd(ws, b"w" * 512)).status == GOOD
             assert (await h.cmd(rw10(0x28, 300, 4))).data == b"w" * 2048
+            # the block limits page advertises the unit the backstore really deallocates
+            bs.discard_granularity = 4 << 20  # an RBD object
+            r = await h.cmd(bytes((0x12, 1, 0xB0, 0, 64, 0)))
+            assert struct.unpack_from(">I", r.data, 28)[0] == (4 << 20) // 512
             # a live resize raises CAPACITY DATA HAS CHANGED
             lu.resize(16 << 20)
             r = await h.cmd(bytes(6))

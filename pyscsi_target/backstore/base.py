@@ -5,7 +5,9 @@ backstores all fit it):
 
 * **Units.** Offsets and lengths are bytes; the SCSI layer only passes multiples of its
   block size.  ``size`` is the capacity in bytes; ``thin`` says that ``discard`` really
-  deallocates and discarded ranges read back as zeroes (LBPRZ).  ``name`` is for logs.
+  deallocates and discarded ranges read back as zeroes (LBPRZ); ``discard_granularity`` is
+  the unit that a discard really frees (OPTIMAL UNMAP GRANULARITY: a filesystem block, an
+  RBD object).  ``name`` is for logs.
 
 * **Data path, on the event loop thread.**  ``read_nowait`` / ``write_nowait`` either do
   the whole transfer at once without blocking and return True, or do nothing and return
@@ -147,12 +149,16 @@ class Backstore(ABC):
     size: int
     #: True when discard() really deallocates (reads of discarded ranges return zeroes).
     thin: bool
+    #: Bytes: the smallest aligned range whose discard really frees space.
+    discard_granularity: int
     closed: bool
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name
         self.size = size
         self.thin = False
+        # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
+        self.discard_granularity = 4096
         self.closed = False
         self._writer: WriteQueue | None = None
 

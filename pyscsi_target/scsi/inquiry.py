@@ -182,8 +182,7 @@ def block_limits(lu: LogicalUnit) -> bytes:
         "maximum_prefetch_length": lumod.MAX_XFER_BYTES // bs,
         "maximum_unmap_lba_count": lumod.MAX_UNMAP_LBA_COUNT_BYTES // bs,
         "maximum_unmap_block_descriptor_count": lumod.MAX_UNMAP_DESCRIPTORS,
-        # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
-        "optimal_unmap_granularity": page4k,
+        "optimal_unmap_granularity": max(1, lu.backstore.discard_granularity // bs),
         "unmap_granularity_alignment": {"ugavalid": True, "alignment": 0},
         "maximum_write_same_length": lumod.MAX_WRITE_SAME_BYTES // bs,
         "maximum_atomic_transfer_length": lumod.MAX_ATOMIC_BYTES // bs,
