@@ -62,6 +62,16 @@ MAX_ATOMIC_BYTES = 1 << 20
 class LogicalUnit:
     """A direct-access block device (peripheral device type 0) on one backstore."""
 
+    # Slots: every command reads a dozen of these, and 36 attributes are past what
+    # CPython's shared-key instance dicts (and their fastest attribute loads) take.
+    __slots__ = (
+        "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
+        "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
+        "name", "nexuses", "num_blocks", "ordered_running", "pr", "read_only", "registry", "rpm",
+        "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
+        "stopped", "tasks", "threshold_armed", "ua", "writes_inflight", "xen",
+    )
+
     def __init__(
         self,
         settings: LuSettings,
