@@ -102,14 +102,13 @@ def test_pr_out_burst_acks_in_order_after_commit_without_blocking_the_loop(tmp_p
 
                 return done
 
-            t0 = time.monotonic()
             for i, n in enumerate(initiators):
                 cdb, data = pr_out(REGISTER, 0, 0x1000 + i, flags=0x01)  # APTPL
                 h.dev.submit(ScsiTask(n, 0, cdb.ljust(16, b"\0"), 900 + i, TaskAttr.SIMPLE, len(data), data,
                                       acked(i)))
-            submitted = time.monotonic() - t0
             assert not acks, "a durable PR OUT was acknowledged before its commit"
-            assert submitted < 0.02 * len(initiators) / 2, f"submitting took {submitted:.3f}s: commits on the loop?"
+            # commits on the loop would all be done by now (each takes 20 ms)
+            assert len(store.saves) < len(initiators)
             # the loop serves other commands while the commits run: READ KEYS sees every key
             r = await h.cmd(pr_in(0x00))
             assert r.status == GOOD and len(r.data) == 8 + 8 * len(initiators)
@@ -125,6 +124,7 @@ def test_pr_out_burst_acks_in_order_after_commit_without_blocking_the_loop(tmp_p
             assert final["generation"] == h.lu.pr.generation
             # fewer commits than PR OUTs: a batch writes only the newest record
             assert 1 <= sum(1 for k, _ in store.saves if k == h.lu.naa.hex()) <= len(initiators)
+            assert threading.get_ident() not in store.threads
         finally:
             h.close()
 
