@@ -17,7 +17,7 @@ from support.daemon import DEMO_IQN, Daemon
 from support.rawclient import RawClient, login_session
 
 from pyscsi_target.scsi.command import cdb_group_len
-from pyscsi_target.scsi.device import all_commands
+from pyscsi_target.scsi.command_table import all_commands
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 INVALID_OPCODE = (0x20, 0x00)

@@ -23,7 +23,7 @@ TUR = bytes(6)  # TEST UNIT READY
 WE, EA, WE_RO = 1, 3, 5  # PR types: write exclusive, exclusive access, WE registrants only
 REGISTER, RESERVE, RELEASE, CLEAR, PREEMPT = 0, 1, 2, 3, 4
 READ_KEYS, READ_RESERVATION, REPORT_CAPABILITIES = 0, 1, 2
-KEY_A, KEY_B = 0xA1A1A1A1A1A1A1A1, 0xB2B2B2B2B2B2B2B2
+KEY_A, KEY_B, KEY_C = 0xA1A1A1A1A1A1A1A1, 0xB2B2B2B2B2B2B2B2, 0xC3C3C3C3C3C3C300
 NAMES = {
     "A": ("iqn.2026-11.org.pyscsi-target.test:pr-a", bytes.fromhex("80000000aa01")),
     "B": ("iqn.2026-11.org.pyscsi-target.test:pr-b", bytes.fromhex("80000000bb02")),
@@ -136,7 +136,14 @@ def test_pr_two_initiators_and_aptpl_survives_sigkill(daemon_pr: Daemon) -> None
             r = cl.scsi(read10(100, 1), read_len=512)
             assert r.status == GOOD and r.data == BLOCK, f"{who} READ under WE: {r.status:#x}"
         conflict(b.scsi(bytes([0x16, 0, 0, 0, 0, 0])), "SPC-2 RESERVE(6) while a PR is held")
+        # A burst of key changes from C, each acknowledged: the kill right after the last
+        # GOOD must find exactly the last key (commits are durable and in order).
+        key_c = 0
+        for i in range(1, 21):
+            ok(prout(c, REGISTER, key=key_c, sakey=KEY_C + i, aptpl=True), f"C REGISTER #{i}")
+            key_c = KEY_C + i
         keys_before = read_keys(a)[1]
+        assert keys_before == sorted([KEY_A, KEY_B, key_c])
 
     # Crash: the PR state must already be on disk when PR OUT returned GOOD.
     assert d.proc is not None
@@ -148,6 +155,7 @@ def test_pr_two_initiators_and_aptpl_survives_sigkill(daemon_pr: Daemon) -> None
         with ExitStack() as stack:
             a, b, c = (session(stack, d2, w) for w in "ABC")
             assert read_keys(b)[1] == keys_before, "registrations lost across the restart"
+            ok(prout(c, REGISTER, key=key_c, sakey=0, aptpl=True), "C unregisters")
             assert read_reservation(b) == (KEY_A, WE), "reservation lost across the restart"
             assert ptpl_active(a), "PTPL_A must stay set after a restart"
             # Same initiator port names (name + ISID) => the same holder and registrants.

@@ -11,9 +11,12 @@ from pathlib import Path
 from pyscsi_target.backstore.file import create_sparse
 from pyscsi_target.config.model import Extent
 from pyscsi_target.scsi.device import ScsiDevice
-from pyscsi_target.scsi.lu import LogicalUnit, open_logical_unit
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.persistence import StateStore, StateWriter
+from pyscsi_target.scsi.registry import ScsiRegistry
 from pyscsi_target.scsi.sense import sense_key_asc
 from pyscsi_target.scsi.task import Nexus, ScsiTask, TaskAttr
+from pyscsi_target.server import logical_units
 
 _ids = itertools.count(1)
 _tags = itertools.count(1)
@@ -21,7 +24,7 @@ TARGET = "iqn.2026-11.org.pyscsi-target:unit"
 
 
 class MemoryPrStore:
-    """PrStore on a dict (the daemon's lives in SQLite)."""
+    """A StateStore on a dict (the daemon's lives in SQLite)."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
@@ -60,13 +63,33 @@ def nexus(initiator: str = "iqn.1994-05.com.example:a", isid: int = 0x23D0000000
     return Nexus(next(_ids), initiator, isid, target, tpg)
 
 
+class Scsi:
+    """What the engine owns for the SCSI layer: the registry and the state writer."""
+
+    def __init__(self, store: StateStore | None = None) -> None:
+        self.registry = ScsiRegistry()
+        self.state = StateWriter(store) if store is not None else None
+
+    def open(self, ext: Extent) -> LogicalUnit:
+        """Open an extent as the engine does (server/logical_units.py)."""
+        return logical_units.open_logical_unit(ext, self.registry, self.state)
+
+    def device(self, target: str = TARGET) -> ScsiDevice:
+        return ScsiDevice(target, self.registry)
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
+
+
 class Harness:
     def __init__(self, tmp: Path, store: MemoryPrStore | None = None, extent: Extent | None = None,
                  **ext_kw: object) -> None:
         self.store = store if store is not None else MemoryPrStore()
+        self.scsi = Scsi(self.store)
         self.ext = extent if extent is not None else make_extent(tmp, **ext_kw)  # type: ignore[arg-type]
-        self.lu: LogicalUnit = open_logical_unit(self.ext, self.store)
-        self.dev = ScsiDevice(TARGET)
+        self.lu: LogicalUnit = self.scsi.open(self.ext)
+        self.dev = self.scsi.device()
         self.dev.set_luns({0: self.lu})
         self.a = nexus()
         self.b = nexus("iqn.1994-05.com.example:b", 0x23D000000002)
@@ -76,6 +99,11 @@ class Harness:
     def close(self) -> None:
         self.dev.close()
         self.lu.close()
+        self.scsi.close()
+
+    def reconfigure(self, ext: Extent) -> None:
+        """Apply a changed extent as the engine does."""
+        logical_units.reconfigure(self.lu, ext)
 
     async def cmd(
         self,

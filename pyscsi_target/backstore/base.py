@@ -1,19 +1,59 @@
 """The backstore interface: byte-addressed storage under one logical unit.
 
-Every method here is synchronous and may block; the SCSI layer decides where to call
-it (inline on the event loop for page-cache hits, else in the default thread pool).
-Offsets and lengths are bytes; the SCSI layer only ever passes block-aligned values.
+The contract (the SCSI layer relies on nothing else; file, block device and RBD
+backstores all fit it):
+
+* **Units.** Offsets and lengths are bytes; the SCSI layer only passes multiples of its
+  block size.  ``size`` is the capacity in bytes; ``thin`` says that ``discard`` really
+  deallocates and discarded ranges read back as zeroes (LBPRZ); ``discard_granularity`` is
+  the unit that a discard really frees (OPTIMAL UNMAP GRANULARITY: a filesystem block, an
+  RBD object).  ``name`` is for logs.
+
+* **Data path, on the event loop thread.**  ``read_nowait`` / ``write_nowait`` either do
+  the whole transfer at once without blocking and return True, or do nothing and return
+  False (the default).  ``submit_read`` / ``submit_write`` / ``submit_flush`` start the
+  operation and return at once; the backstore later calls ``done(None)`` or
+  ``done(exception)`` exactly once, **on the loop thread**.  How it gets there is the
+  backstore's business: the default implementations below run the blocking methods in
+  the loop's executor (reads, flushes) or on the backstore's own writer thread (writes,
+  in batches with group commit: backstore/writer.py); an asynchronous backstore (librbd
+  aio) overrides them and hands its completions to the loop itself (one
+  ``call_soon_threadsafe`` per completion or per batch of them), with no worker thread in
+  between.  ``submit_write(..., sync=True)`` completes only once the data is durable.
+  The buffers passed stay untouched by the SCSI layer until ``done`` runs.
+
+* **Blocking operations, on worker threads.**  ``read_into``, ``write``, ``flush``,
+  ``discard``, ``write_zeroes``, ``compare_and_write``, ``block_status`` may block: the SCSI
+  layer calls them from its executor (COMPARE AND WRITE, UNMAP, WRITE SAME, EXTENDED COPY,
+  SANITIZE), never from the loop.  ``flush`` makes every completed write durable.
+  ``prefetch``, ``allocated_bytes`` and ``free_bytes`` are cheap and may be called on the
+  loop (advisory, and None where the backstore cannot tell).
+
+* **Life cycle.**  ``resize(size)`` changes the capacity (0: adopt the size the storage
+  reports now, e.g. after a device or image was grown underneath); ``close()`` lets queued
+  writes land, flushes, and releases the storage.  The SCSI layer never touches a file
+  descriptor: only FdBackstore and its subclasses have one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import threading
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
+
+from pyscsi_target.backstore.writer import WriteQueue
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+#: Completion of a submitted operation: None, or the exception it failed with.
+Done = Callable[[BaseException | None], None]
 
 # Buffered writes with RWF_NOWAIT: measured on this machine (kernel 6.18, ext4) they fail
 # with EOPNOTSUPP, so a backstore remembers that after the first try and the SCSI layer
@@ -103,27 +143,175 @@ class RangeSet:
 
 
 class Backstore(ABC):
-    """Storage of ``size`` bytes reached through a file descriptor."""
+    """Storage of ``size`` bytes under one logical unit (see the module docstring)."""
+
+    name: str
+    size: int
+    #: True when discard() really deallocates (reads of discarded ranges return zeroes).
+    thin: bool
+    #: Bytes: the smallest aligned range whose discard really frees space.
+    discard_granularity: int
+    closed: bool
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.thin = False
+        # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
+        self.discard_granularity = 4096
+        self.closed = False
+        self._writer: WriteQueue | None = None
+
+    # --- data path (loop thread) ---------------------------------------------------------
+
+    def read_nowait(self, buf: bytearray | memoryview, offset: int) -> bool:
+        """Fill ``buf`` at once without blocking, or return False and do nothing."""
+        return False
+
+    def write_nowait(self, data: Sequence[Buffer], offset: int) -> bool:
+        """Write at once without blocking (not durable), or return False and do nothing."""
+        return False
+
+    def submit_read(self, buf: bytearray | memoryview, offset: int, done: Done) -> None:
+        """Read exactly len(buf) bytes; ``done`` on the loop thread."""
+        _in_executor(done, self.read_into, buf, offset)
+
+    def submit_write(self, data: Sequence[Buffer], offset: int, sync: bool, done: Done) -> None:
+        """Write; with ``sync`` durable before ``done``, which runs on the loop thread."""
+        writer = self._writer
+        if writer is None:
+            writer = self._writer = WriteQueue(self, asyncio.get_running_loop())
+        writer.submit(offset, data, sync, done)
+
+    def submit_flush(self, done: Done) -> None:
+        """Make every completed write durable; ``done`` on the loop thread."""
+        _in_executor(done, self.flush)
+
+    # --- blocking operations (worker threads) ---------------------------------------------
+
+    @abstractmethod
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        """Read exactly len(buf) bytes (zeroes past the end of the stored data)."""
+
+    @abstractmethod
+    def write(self, data: Sequence[Buffer], offset: int, fua: bool = False) -> None:
+        """Write; with ``fua`` the data is on stable storage when this returns."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable (SYNCHRONIZE CACHE, FUA)."""
+
+    @abstractmethod
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; afterwards it reads as zeroes (LBPRZ)."""
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Write zeroes that stay allocated (WRITE SAME without UNMAP); by default by
+        writing a zero buffer."""
+        chunk = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            self.write([memoryview(chunk)[:n]], offset)
+            offset += n
+
+    def compare_and_write(self, expected: Buffer, data: Buffer, offset: int, fua: bool) -> int:
+        """Write ``data`` at ``offset`` if the stored bytes equal ``expected`` (same length);
+        return -1 when written, else the offset of the first differing byte.
+
+        The SCSI layer calls it with no other write to this LU in flight, which makes this
+        default atomic within one daemon; a backstore shared between daemons overrides it
+        with an operation atomic on the shared storage."""
+        current = bytearray(len(expected))
+        self.read_into(current, offset)
+        diff = first_difference(expected, current)
+        if diff < 0:
+            self.write([data], offset, fua)
+        return diff
+
+    def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
+        """Mapped/deallocated runs from ``offset``: all of [offset, offset+length) or the
+        first ``max_runs`` runs of it, whichever is shorter."""
+        return [Extent(offset, length, True)]
+
+    # --- advisory (any thread) ----------------------------------------------------------
+
+    def prefetch(self, offset: int, length: int) -> None:
+        """Start reading a range into a cache, without waiting (PRE-FETCH); by default
+        there is no cache to fill."""
+        return None
+
+    def allocated_bytes(self) -> int | None:
+        """Bytes of backing storage in use (thin-provisioning threshold, LOG SENSE), or None
+        where the backstore cannot measure it (a block device's allocation is its own)."""
+        return None
+
+    def free_bytes(self) -> int | None:
+        """Bytes the backing storage can still allocate, or None when unknown."""
+        return None
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def resize(self, size: int) -> None:
+        """Change the capacity to ``size`` bytes; 0 adopts the size the storage reports."""
+        raise OSError(errno.EOPNOTSUPP, "resize not supported")
+
+    def close(self) -> None:
+        """Let queued writes land, flush, and release the storage (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        try:
+            self.flush()
+        except OSError:
+            log.exception("flush on close of %s", self.name)
+        self.release()
+
+    @abstractmethod
+    def release(self) -> None:
+        """Give the storage back (close a descriptor, an image); called once by close()."""
+
+
+def first_difference(expected: Buffer, actual: Buffer) -> int:
+    """Offset of the first byte where ``actual`` differs from ``expected``, or -1."""
+    e, a = memoryview(expected).cast("B"), memoryview(actual).cast("B")
+    if e == a[: len(e)]:
+        return -1
+    eb, ab = bytes(e), bytes(a)
+    for i in range(len(eb)):
+        if eb[i] != ab[i]:
+            return i
+    return -1
+
+
+def _in_executor(done: Done, fn: Callable[..., object], *args: object) -> None:
+    def finished(fut: asyncio.Future[object]) -> None:
+        done(fut.exception() if not fut.cancelled() else asyncio.CancelledError())
+
+    asyncio.get_running_loop().run_in_executor(None, fn, *args).add_done_callback(finished)
+
+
+class FdBackstore(Backstore):
+    """Storage reached through a file descriptor: a regular file or a block device.
+
+    Reads that hit the page cache complete inline (preadv with RWF_NOWAIT), others in the
+    executor; writes go to the writer thread (or inline where RWF_NOWAIT writes work)."""
 
     fd: int
-    size: int
     path: str
     #: False once a RWF_NOWAIT write failed with EOPNOTSUPP: then writes go to a thread.
     nowait_write: bool
-    #: True when discard() really deallocates (reads of discarded ranges return zeroes).
-    thin: bool
 
     def __init__(self, path: str, fd: int, size: int) -> None:
+        super().__init__(path, size)
         self.path = path
         self.fd = fd
-        self.size = size
         self.nowait_write = bool(_NOWAIT)
-        self.thin = False
-
-    # --- data path -------------------------------------------------------------------
 
     def read_nowait(self, buf: bytearray | memoryview, offset: int) -> bool:
-        """Fill ``buf`` from the page cache without blocking; False if that would block."""
         if not _NOWAIT:
             return False
         try:
@@ -134,14 +322,9 @@ class Backstore(ABC):
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 return False
             raise
-        if n == len(buf):
-            return True
-        if n == 0 and offset >= self.size:
-            return False
-        return False  # short read: let the blocking path finish it
+        return n == len(buf)  # a short read (or EOF): the blocking path finishes it
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        """Blocking read of exactly len(buf) bytes (zero-filled past the end of a file)."""
         view = memoryview(buf)
         done = 0
         while done < len(view):
@@ -151,8 +334,7 @@ class Backstore(ABC):
                 return
             done += n
 
-    def write_nowait(self, data: Sequence[bytes | bytearray | memoryview], offset: int) -> bool:
-        """Write to the page cache without blocking; False if the caller must use write()."""
+    def write_nowait(self, data: Sequence[Buffer], offset: int) -> bool:
         if not self.nowait_write:
             return False
         total = sum(len(d) for d in data)
@@ -167,18 +349,17 @@ class Backstore(ABC):
             raise
         if n == total:
             return True
-        # A short non-blocking write: finish the tail inline would block, so report partial
-        # progress by writing the rest synchronously here (it is at most a few pages).
+        # A short non-blocking write: write the rest synchronously here (at most a few
+        # pages), so the call still did the whole transfer.
         self._write_all(data, offset, n)
         return True
 
-    def write(self, data: Sequence[bytes | bytearray | memoryview], offset: int, fua: bool = False) -> None:
-        """Blocking write; with ``fua`` the data is on stable storage when this returns."""
+    def write(self, data: Sequence[Buffer], offset: int, fua: bool = False) -> None:
         self._write_all(data, offset, 0)
         if fua:
             self.flush()
 
-    def _write_all(self, data: Sequence[bytes | bytearray | memoryview], offset: int, skip: int) -> None:
+    def _write_all(self, data: Sequence[Buffer], offset: int, skip: int) -> None:
         views = [memoryview(d).cast("B") for d in data]
         pos = 0
         pending: list[memoryview] = []
@@ -199,46 +380,12 @@ class Backstore(ABC):
                 pending[0] = pending[0][n:]
 
     def flush(self) -> None:
-        """Make every completed write durable (SYNCHRONIZE CACHE, FUA)."""
         os.fdatasync(self.fd)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Write zeroes without sending them (falls back to writing a zero buffer)."""
-        chunk = bytes(min(length, 1 << 20))
-        end = offset + length
-        while offset < end:
-            n = min(len(chunk), end - offset)
-            self._write_all([memoryview(chunk)[:n]], offset, 0)
-            offset += n
 
     def prefetch(self, offset: int, length: int) -> None:
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
 
-    # --- provisioning ----------------------------------------------------------------
-
-    @abstractmethod
-    def discard(self, offset: int, length: int) -> None:
-        """Deallocate a range; afterwards it reads as zeroes (LBPRZ)."""
-
-    def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
-        """Mapped/deallocated runs from ``offset``: all of [offset, offset+length) or the
-        first ``max_runs`` runs of it, whichever is shorter."""
-        return [Extent(offset, length, True)]
-
-    def allocated_bytes(self) -> int | None:
-        """Bytes of backing storage in use (thin-provisioning threshold, LOG SENSE), or None
-        where the backstore cannot measure it (a block device's allocation is its own)."""
-        return None
-
-    def free_bytes(self) -> int | None:
-        """Bytes the backing storage can still allocate, or None when unknown."""
-        return None
-
-    def resize(self, size: int) -> None:
-        """Change the LU's size (files only; devices report their own)."""
-        raise OSError(errno.EOPNOTSUPP, "resize not supported")
-
-    def close(self) -> None:
+    def release(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

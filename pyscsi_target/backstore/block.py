@@ -29,7 +29,7 @@ import stat
 import struct
 from collections.abc import Sequence
 
-from pyscsi_target.backstore.base import Backstore, Extent, RangeSet
+from pyscsi_target.backstore.base import Buffer, Extent, FdBackstore, RangeSet
 from pyscsi_target.backstore.file import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
 BLKGETSIZE64 = 0x80081272
@@ -41,7 +41,7 @@ BLKSSZGET = 0x1268
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
 
 
-class BlockBackstore(Backstore):
+class BlockBackstore(FdBackstore):
     def __init__(self, path: str, read_only: bool = False) -> None:
         # O_EXCL on a block device: fail if it is mounted or held by another exclusive user.
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_EXCL
@@ -64,20 +64,21 @@ class BlockBackstore(Backstore):
     def device_size(fd: int) -> int:
         try:
             buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
-            return struct.unpack("Q", buf)[0]
+            size: int = struct.unpack("Q", buf)[0]
+            return size
         except OSError:
             return os.lseek(fd, 0, os.SEEK_END)
 
     # --- writes clear the deallocated state (after the data landed: see discard) -----------
 
-    def write_nowait(self, data: Sequence[bytes | bytearray | memoryview], offset: int) -> bool:
+    def write_nowait(self, data: Sequence[Buffer], offset: int) -> bool:
         if not super().write_nowait(data, offset):
             return False
         if self.deallocated:
             self.deallocated.remove(offset, offset + sum(memoryview(d).nbytes for d in data))
         return True
 
-    def write(self, data: Sequence[bytes | bytearray | memoryview], offset: int, fua: bool = False) -> None:
+    def write(self, data: Sequence[Buffer], offset: int, fua: bool = False) -> None:
         super().write(data, offset, fua)
         if self.deallocated:
             self.deallocated.remove(offset, offset + sum(memoryview(d).nbytes for d in data))
@@ -132,5 +133,6 @@ class BlockBackstore(Backstore):
         return self.deallocated.runs(offset, end, max_runs)
 
     def resize(self, size: int) -> None:
-        """A device's size is its own: re-read it (after the zvol/LV was grown)."""
+        """A device's size is its own (``size`` is ignored): re-read it, after the zvol or
+        LV was grown."""
         self.size = self.device_size(self.fd)

@@ -10,8 +10,9 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import stat
 
-from pyscsi_target.backstore.base import Backstore, Extent
+from pyscsi_target.backstore.base import Extent, FdBackstore
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -21,7 +22,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
-
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -40,7 +40,7 @@ def create_sparse(path: str, size: int) -> None:
         os.close(fd)
 
 
-class FileBackstore(Backstore):
+class FileBackstore(FdBackstore):
     """A regular file; ``size`` 0 means "the file's current size"."""
 
     def __init__(self, path: str, size: int = 0, read_only: bool = False, create: bool = True) -> None:
@@ -50,7 +50,7 @@ class FileBackstore(Backstore):
         fd = os.open(path, flags, 0o600)
         try:
             st = os.fstat(fd)
-            if not os.path.stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, f"{path} is not a regular file")
             if size <= 0:
                 size = st.st_size
@@ -117,6 +117,13 @@ class FileBackstore(Backstore):
         return st.f_bavail * st.f_frsize
 
     def resize(self, size: int) -> None:
-        if size > os.fstat(self.fd).st_size:
+        """Grow the file (sparsely) to ``size``; 0: adopt the file's own size, e.g. after
+        it was grown underneath us."""
+        current = os.fstat(self.fd).st_size
+        if size <= 0:
+            if current > 0:
+                self.size = current
+            return
+        if size > current:
             os.ftruncate(self.fd, size)
         self.size = size

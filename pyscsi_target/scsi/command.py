@@ -1,4 +1,5 @@
-"""Command descriptors shared by the dispatch tables of spc, sbc, pr and tpc."""
+"""What every command handler shares: the command descriptor, its flags, and the
+Data-In helper.  The table of all commands is scsi/command_table.py."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import LogicalUnit
-    from pyscsi_target.scsi.task import ScsiTask
+from pyscsi_target.scsi.task import ScsiTask
 
-Handler = Callable[["LogicalUnit", "ScsiTask"], None]
+if TYPE_CHECKING:  # annotations only: lu.py imports this module
+    from pyscsi_target.scsi.lu import LogicalUnit
+
+Handler = Callable[["LogicalUnit", ScsiTask], None]
 
 
 class F:
@@ -51,3 +53,16 @@ def cdb_group_len(opcode: int) -> int:
     """CDB length implied by the opcode's group code (SPC-4 4.2.5.1)."""
     group = opcode >> 5
     return {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group, 16)
+
+
+def set_data_in(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
+    """Return ``data`` as the Data-In, cut to the CDB's ALLOCATION LENGTH (SPC-4 4.2.5.6)."""
+    n = min(len(data), alloc)
+    task.data_in = [memoryview(data)[:n]] if n else []
+    task.data_in_len = n
+
+
+def data_out_view(task: ScsiTask) -> memoryview:
+    """The Data-Out payload as bytes (empty when the initiator sent none)."""
+    d = task.data_out
+    return memoryview(d).cast("B") if d is not None else memoryview(b"")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
-from pyscsi_target.scsi import pr, sbc, spc, tpc
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.lu import LogicalUnit, forget_nexus, it_key
+from pyscsi_target.scsi.command import set_data_in
+from pyscsi_target.scsi.command_table import COMMANDS_BY_OPCODE, lookup
+from pyscsi_target.scsi.inquiry import NO_LU, WELL_KNOWN_LU, standard_inquiry
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.registry import ScsiRegistry
+from pyscsi_target.scsi.spc import REPORT_LUNS
 from pyscsi_target.scsi.task import (
     LUN_UNSUPPORTED,
     WLUN_REPORT_LUNS,
@@ -26,96 +29,19 @@ from pyscsi_target.scsi.task import (
     encode_lun,
 )
 
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
 log = logging.getLogger(__name__)
-
-REPORT_LUNS = 0xA0
-
-#: Every live ScsiDevice by target name (REPORT TARGET PORT GROUPS, third-party copy).
-DEVICES: dict[str, ScsiDevice] = {}
-
-
-def device_of(task: ScsiTask) -> ScsiDevice | None:
-    return DEVICES.get(task.nexus.target_name)
-
-
-def _report_luns_cmd(lu: LogicalUnit, task: ScsiTask) -> None:  # routed by ScsiDevice
-    raise S.invalid_opcode()
-
-
-_REPORT_LUNS = Command(REPORT_LUNS, None, "REPORT LUNS", _report_luns_cmd,
-                       usage(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
-                       F.UA_EXEMPT | F.PR_ALLOWED | F.RESV_ALLOWED | F.SANITIZE_OK)
-
-
-def _prevent_allow(lu: LogicalUnit, task: ScsiTask) -> None:
-    # The medium is not removable (RMB=0): PREVENT is accepted and has nothing to lock.
-    if task.cdb[4] & 0xFC:
-        raise S.invalid_cdb(4)
-    lu.done(task)
-
-
-_PREVENT = Command(0x1E, None, "PREVENT ALLOW MEDIUM REMOVAL", _prevent_allow,
-                   usage(0x1E, 0, 0, 0, 0x03, 0x07), F.PR_WRITE)
-
-COMMANDS_BY_OPCODE: dict[int, Command | dict[int, Command]] = {}
-
-
-def _build_table() -> None:
-    for c in [*spc.COMMANDS, *sbc.COMMANDS, *pr.COMMANDS, *tpc.COMMANDS, _REPORT_LUNS, _PREVENT]:
-        if c.sa is None:
-            COMMANDS_BY_OPCODE[c.opcode] = c
-        else:
-            entry = COMMANDS_BY_OPCODE.setdefault(c.opcode, {})
-            assert isinstance(entry, dict)
-            entry[c.sa] = c
-
-
-_build_table()
-
-
-def all_commands() -> list[Command]:
-    out: list[Command] = []
-    for op in sorted(COMMANDS_BY_OPCODE):
-        entry = COMMANDS_BY_OPCODE[op]
-        if isinstance(entry, dict):
-            out.extend(entry[sa] for sa in sorted(entry))
-        else:
-            out.append(entry)
-    return out
-
-
-def command_table_markdown() -> str:
-    """The "Supported SCSI commands" section for README.md, generated from the dispatch
-    table so the two cannot drift (tests/test_conformance_commands.py compares them)."""
-    std = {"spc": "SPC-4", "pr": "SPC-4", "tpc": "SPC-4 (third-party copy)", "sbc": "SBC-3", "device": ""}
-    rows = ["## Supported SCSI commands", "", "| Opcode | SA | Command | Standard |", "|---|---|---|---|"]
-    for c in all_commands():
-        sa = f"{c.sa:02X}h" if c.sa is not None else ""
-        mod = c.handler.__module__.rsplit(".", 1)[-1]
-        standard = std.get(mod) or ("SPC-4" if c.opcode == REPORT_LUNS else "SBC-3")
-        rows.append(f"| {c.opcode:02X}h | {sa} | {c.name} | {standard} |")
-    return "\n".join(rows) + "\n"
-
-
-def lookup(cdb: bytes) -> Command | None:
-    entry = COMMANDS_BY_OPCODE.get(cdb[0])
-    if entry is None or isinstance(entry, Command):
-        return entry
-    return entry.get(cdb[1] & 0x1F)
 
 
 class ScsiDevice:
     """The SCSI target device of one target node (its LUN map and I_T nexuses)."""
 
-    def __init__(self, target_iqn: str) -> None:
+    def __init__(self, target_iqn: str, registry: ScsiRegistry) -> None:
         self.target_iqn = target_iqn
+        self.registry = registry
         self.luns: dict[int, LogicalUnit] = {}
         self.nexuses: dict[int, Nexus] = {}
         self._portal_tags: list[int] | None = None
-        DEVICES[target_iqn] = self
+        registry.devices[target_iqn] = self
 
     # --- configuration -----------------------------------------------------------------
 
@@ -135,17 +61,15 @@ class ScsiDevice:
         """Replace the LUN map; a change raises REPORTED LUNS DATA HAS CHANGED everywhere."""
         new = dict(luns)
         changed = new.keys() != self.luns.keys() or any(new[k] is not self.luns[k] for k in new)
+        it_key = self.registry.it_key
         keys = {it_key(n) for n in self.nexuses.values()}
         for lun, lu in self.luns.items():
             if new.get(lun) is not lu:
                 for n in self.nexuses.values():
                     lu.nexus_lost(it_key(n), n.nexus_id)
                     lu.detach_nexus(it_key(n))
-                if lu not in new.values():
-                    lu.devices.discard(self)
         for lun, lu in new.items():
             if self.luns.get(lun) is not lu:
-                lu.devices.add(self)
                 for n in self.nexuses.values():
                     lu.attach_nexus(it_key(n), ua=None)
         self.luns = new
@@ -158,15 +82,15 @@ class ScsiDevice:
         for n in list(self.nexuses.values()):
             self.nexus_lost(n)
         self.set_luns({})
-        if DEVICES.get(self.target_iqn) is self:
-            del DEVICES[self.target_iqn]
+        if self.registry.devices.get(self.target_iqn) is self:
+            del self.registry.devices[self.target_iqn]
 
     # --- nexus lifecycle ------------------------------------------------------------
 
     def add_nexus(self, nexus: Nexus) -> None:
         """A new I_T nexus (session): every LU owes it POWER ON, RESET... once."""
         self.nexuses[nexus.nexus_id] = nexus
-        key = it_key(nexus)
+        key = self.registry.it_key(nexus)
         for lu in self.luns.values():
             lu.attach_nexus(key)
 
@@ -174,11 +98,11 @@ class ScsiDevice:
         """I_T nexus loss (session closed or dropped): abort its tasks, drop RESERVE."""
         if self.nexuses.pop(nexus.nexus_id, None) is None:
             return
-        key = it_key(nexus)
+        key = self.registry.it_key(nexus)
         for lu in self.luns.values():
             lu.nexus_lost(key, nexus.nexus_id)
             lu.detach_nexus(key)
-        forget_nexus(nexus)
+        self.registry.forget_nexus(nexus)
 
     # --- command submission -------------------------------------------------------
 
@@ -201,7 +125,7 @@ class ScsiDevice:
                 # No ACA condition can exist (NACA is refused), so an ACA task is invalid.
                 raise S.CheckCondition(S.ILLEGAL_REQUEST, S.INVALID_MESSAGE_ERROR)
             if cmd is None:
-                key = it_key(task.nexus)
+                key = self.registry.it_key(task.nexus)
                 if lu.ua.get(key):
                     code = lu.pop_ua(key)
                     assert code is not None
@@ -246,9 +170,8 @@ class ScsiDevice:
                     raise S.lu_not_supported()
                 raise S.invalid_cdb(1 if task.cdb[1] & 0x01 else 2)
             alloc = struct.unpack_from(">H", task.cdb, 3)[0]
-            # well-known LU: PDT 1Eh; no LU here: qualifier 011b, type 1Fh
-            data = spc.standard_inquiry(None, 0x1E if wlun else 0x7F)
-            pr.set_data_in(task, data, alloc)
+            data = standard_inquiry(None, WELL_KNOWN_LU if wlun else NO_LU)
+            set_data_in(task, data, alloc)
             task.status = S.GOOD
             self._complete(task)
             return
@@ -258,7 +181,7 @@ class ScsiDevice:
                 data = S.build_sense(S.NO_SENSE, S.NO_ADDITIONAL_SENSE, desc)
             else:
                 data = S.build_sense(S.ILLEGAL_REQUEST, S.LOGICAL_UNIT_NOT_SUPPORTED, desc)
-            pr.set_data_in(task, data, task.cdb[4])
+            set_data_in(task, data, task.cdb[4])
             task.status = S.GOOD
             self._complete(task)
             return
@@ -288,9 +211,9 @@ class ScsiDevice:
             raise S.invalid_cdb(2)
         body = b"".join(encode_lun(n) for n in luns)
         data = struct.pack(">I4x", len(body)) + body
-        pr.set_data_in(task, data, alloc)
+        set_data_in(task, data, alloc)
         # REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED for this I_T nexus (SPC-4 6.33).
-        key = it_key(task.nexus)
+        key = self.registry.it_key(task.nexus)
         for each in self.luns.values():
             pending = each.ua.get(key)
             if pending and S.REPORTED_LUNS_DATA_HAS_CHANGED in pending:
@@ -330,7 +253,7 @@ class ScsiDevice:
         lu = self._lu_for(lun)
         if lu is None:
             return TmfResult.NO_SUCH_LUN
-        others = {it_key(t.nexus) for t in lu.tasks.values() if t.nexus.nexus_id != nexus.nexus_id}
+        others = {self.registry.it_key(t.nexus) for t in lu.tasks.values() if t.nexus.nexus_id != nexus.nexus_id}
         lu.abort_tasks(lambda t: True)
         for k in others:  # TAS=0: their commands vanish, so tell them why (SAM-5 5.6)
             lu.add_ua(k, S.COMMANDS_CLEARED_BY_ANOTHER_INITIATOR)

@@ -1,4 +1,4 @@
-"""A logical unit: one extent, shared by every target (ScsiDevice) that maps it.
+"""A logical unit: one backstore, shared by every target (ScsiDevice) that maps it.
 
 It owns the SCSI state that SAM-5/SPC-4 put in the logical unit: the task set,
 unit attentions per I_T nexus, mode pages, RESERVE/RELEASE and persistent
@@ -6,49 +6,40 @@ reservations, the third-party-copy results, and the I/O machinery on the backsto
 
 Execution model: everything runs on the event loop thread.  A command completes
 synchronously inside submit when it can (page-cache hits, metadata commands), else
-its blocking part runs in the loop's default executor and completes from the
-future's done-callback (no asyncio Task per command).  Writes that leave the loop go to
-the LU's own writer thread instead (scsi/writer.py: batches, group commit).
+the backstore completes its I/O on the loop through a callback (backstore/base.py:
+executor, writer thread or the backstore's own asynchronous I/O; no asyncio Task per
+command).  Blocking backstore operations (COMPARE AND WRITE, UNMAP...) run in the loop's
+default executor and complete from the future's done-callback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
-from pyscsi_target.backstore.base import Backstore
-from pyscsi_target.backstore.block import BlockBackstore
-from pyscsi_target.backstore.file import FileBackstore
-from pyscsi_target.config import model
+from pyscsi_target.backstore.base import Backstore, Buffer
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
-from pyscsi_target.scsi.pr import PersistentReservations, PrStore
+from pyscsi_target.scsi.persistence import StateWriter
+from pyscsi_target.scsi.registry import ITKey, ScsiRegistry
+from pyscsi_target.scsi.reservations import PersistentReservations
+from pyscsi_target.scsi.settings import LuSettings
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES, Nexus, ScsiTask, TaskAttr
-from pyscsi_target.scsi.writer import WriteQueue
-from pyscsi_target.values import parse_size
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: these modules import this one
     from pyscsi_target.scsi.command import Command
-    from pyscsi_target.scsi.device import ScsiDevice
+    from pyscsi_target.scsi.tpc import CopyResult
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 # PYSCSI_TRACE_SCSI=1 logs every completed command's status and sense (debugging aid).
 _TRACE = bool(os.environ.get("PYSCSI_TRACE_SCSI"))
-
-ITKey = tuple[str, int]  # (SCSI initiator port name, relative target port id)
-
-#: Every open LU by its 8-byte NAA designator: the EXTENDED COPY copy manager finds the
-#: source and destination of a segment here (copies work between LUs of this daemon).
-LU_REGISTRY: dict[bytes, LogicalUnit] = {}
-
-RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "15000": 15000}
 
 # MAXIMUM TRANSFER LENGTH (block limits VPD), shared with the transport through the contract.
 MAX_XFER_BYTES = MAX_TRANSFER_BYTES
@@ -68,67 +59,46 @@ MAX_CAW_BLOCKS = 255  # COMPARE AND WRITE NUMBER OF LOGICAL BLOCKS is one byte
 MAX_ATOMIC_BYTES = 1 << 20
 
 
-_KEYS: dict[int, ITKey] = {}
-
-
-def it_key(nexus: Nexus) -> ITKey:
-    """The I_T nexus identity that UAs and reservations hang on (cached per nexus)."""
-    key = _KEYS.get(nexus.nexus_id)
-    if key is None:
-        key = _KEYS[nexus.nexus_id] = (nexus.initiator_port.lower(), nexus.portal_group_tag)
-    return key
-
-
-def forget_nexus(nexus: Nexus) -> None:
-    _KEYS.pop(nexus.nexus_id, None)
-
-
-def naa_bytes(extent: model.Extent) -> bytes:
-    """The LU's 8-byte NAA designator: the extent's, else a stable locally assigned one."""
-    text = extent.naa.lower().removeprefix("0x")
-    if re.fullmatch(r"[0-9a-f]{16}", text):
-        return bytes.fromhex(text)
-    digest = hashlib.sha256(f"{extent.id}:{extent.name}:{extent.path}".encode()).digest()
-    # NAA 3 (locally assigned): top nibble 3, 60 bits of our own.
-    return bytes(((0x30 | (digest[0] & 0x0F)),)) + digest[1:8]
-
-
-def open_backstore(extent: model.Extent) -> Backstore:
-    if extent.type == "Disk":
-        return BlockBackstore(extent.path, read_only=extent.ro)
-    return FileBackstore(extent.path, parse_size(extent.filesize or "0"), read_only=extent.ro)
-
-
-def open_logical_unit(extent: model.Extent, pr_store: PrStore | None = None) -> LogicalUnit:
-    return LogicalUnit(extent, open_backstore(extent), pr_store)
-
-
 class LogicalUnit:
     """A direct-access block device (peripheral device type 0) on one backstore."""
 
-    def __init__(self, extent: model.Extent, backstore: Backstore, pr_store: PrStore | None = None) -> None:
-        self.extent = extent
+    # Slots: every command reads a dozen of these, and 36 attributes are past what
+    # CPython's shared-key instance dicts (and their fastest attribute loads) take.
+    __slots__ = (
+        "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
+        "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
+        "name", "nexuses", "num_blocks", "ordered_running", "pr", "read_only", "registry", "rpm",
+        "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
+        "stopped", "tasks", "threshold_armed", "ua", "writes_inflight", "xen",
+    )
+
+    def __init__(
+        self,
+        settings: LuSettings,
+        backstore: Backstore,
+        registry: ScsiRegistry,
+        state: StateWriter | None = None,
+    ) -> None:
         self.backstore = backstore
-        self.pr_store = pr_store
-        self.naa = naa_bytes(extent)
-        self.block_size = extent.blocksize
-        self.block_shift = extent.blocksize.bit_length() - 1
+        self.registry = registry
+        self.it_key = registry.it_key  # bound once: every command's precheck calls it
+        self.state = state  # durable PR / mode page / sanitize records, if any
+        self.block_size = settings.block_size  # fixed for the LU's life (a change reopens it)
+        self.block_shift = settings.block_shift
+        self._apply_settings(settings)
         self.num_blocks = backstore.size // self.block_size
-        self._apply_attributes(extent)
-        saved_modes = pr_store.load(f"modepages:{self.naa.hex()}") if pr_store else None
+        saved_modes = state.load(self.modes_key) if state is not None else None
         self.modes = ModePages(saved_modes)
-        self.pr = PersistentReservations(self, pr_store)
+        self.pr = PersistentReservations(self)
         self.legacy_holder: ITKey | None = None  # RESERVE(6/10) holder
         self.ua: dict[ITKey, list[tuple[int, int]]] = {}
         self.nexuses: dict[ITKey, int] = {}  # I_T nexuses known to this LU (key -> refcount)
-        self.devices: set[ScsiDevice] = set()  # targets mapping this LU
         # task set
         self.tasks: dict[tuple[int, int], ScsiTask] = {}
         self.blocked: deque[tuple[ScsiTask, Command]] = deque()
         self.ordered_running: set[ScsiTask] = set()  # ORDERED tasks currently running
         # write serialisation for COMPARE AND WRITE & co.
         self.writes_inflight = 0
-        self.writer: WriteQueue | None = None  # started by the first write that leaves the loop
         self.excl_active = False
         self.excl_waiters: deque[tuple[bool, Callable[[], None]]] = deque()
         # device state
@@ -137,83 +107,88 @@ class LogicalUnit:
         self.sanitize_failed = False
         self.sanitize_progress = 0.0  # fraction done, for the progress indication
         self.sanitize_busy = False  # a sanitize step is in a worker thread (close waits for it)
-        self.copy_results: dict[tuple[ITKey, int], Any] = {}
+        self.copy_results: dict[tuple[ITKey, int], CopyResult] = {}
         self.threshold_armed = True
         self.closed = False
-        LU_REGISTRY[self.naa] = self
-        if pr_store is not None:
-            from pyscsi_target.scsi.sbc import resume_sanitize
+        registry.lus[self.naa] = self
 
-            resume_sanitize(self)  # a SANITIZE interrupted by a restart runs again
+    def _apply_settings(self, settings: LuSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.naa = settings.naa
+        self.serial = settings.serial
+        self.read_only = settings.read_only
+        self.rpm = settings.rpm
+        self.lbppbe = settings.lbppbe
+        self.xen = settings.xen
+        self.insecure_tpc = settings.insecure_tpc
+        self.avail_threshold = settings.avail_threshold
 
-    def _apply_attributes(self, extent: model.Extent) -> None:
-        """Extent attributes that shape the device model.
-
-        xen: FreeNAS's "Xen initiator compat mode".  FreeNAS pads the serial in the T10
-        vendor ID designator (VPD 83h) to 31 characters with spaces; Xen's initiator
-        mishandles those trailing spaces, so with xen set the designator carries the bare
-        serial.  Nothing else changes.
-        """
-        self.read_only = extent.ro
-        self.rpm = RPM.get(str(extent.rpm), 0)
-        self.serial = (extent.serial or self.naa.hex())[:32]
-        # pblocksize=True means "disable physical block size reporting" (FreeNAS): then the
-        # exponent is 0; else 4 KiB physical blocks are reported for 512-byte LUs.
-        self.lbppbe = 0 if extent.pblocksize else max(0, 12 - self.block_shift)
-        self.xen = extent.xen
-        self.insecure_tpc = extent.insecure_tpc
-        self.avail_threshold = extent.avail_threshold
+    @property
+    def modes_key(self) -> str:
+        """The StateWriter key of the saved mode pages."""
+        return f"modepages:{self.naa.hex()}"
 
     # --- configuration -----------------------------------------------------------------
 
-    def update(self, extent: model.Extent) -> None:
-        """Apply a changed extent (resize, ro, rpm...) with the unit attentions it implies."""
-        old_blocks = self.num_blocks
+    def update(self, settings: LuSettings) -> None:
+        """Apply changed settings, with INQUIRY DATA HAS CHANGED when the identity changed.
+        The block size is the LU's for life: a new one needs a new LU."""
+        if settings.block_size != self.block_size:
+            raise ValueError("the block size of an open logical unit cannot change")
         old_ident = (self.naa, self.serial, self.rpm, self.xen)
-        self.extent = extent
-        new_naa = naa_bytes(extent)
-        if new_naa != self.naa:
-            if LU_REGISTRY.get(self.naa) is self:
-                del LU_REGISTRY[self.naa]
-            self.naa = new_naa
-            LU_REGISTRY[new_naa] = self
-        self._apply_attributes(extent)
+        if settings.naa != self.naa:
+            if self.registry.lus.get(self.naa) is self:
+                del self.registry.lus[self.naa]
+            self.registry.lus[settings.naa] = self
+        self._apply_settings(settings)
         if (self.naa, self.serial, self.rpm, self.xen) != old_ident:
             self.add_ua_all(S.INQUIRY_DATA_HAS_CHANGED)
-        if extent.type != "Disk":
-            # filesize "0" means "the file's own size": pick up a file grown underneath us
-            size = parse_size(extent.filesize or "0") or os.fstat(self.backstore.fd).st_size
-            if size > 0 and size != self.backstore.size:
-                self.backstore.resize(size)
-        else:
-            self.backstore.resize(0)
-        self.num_blocks = self.backstore.size // self.block_size
-        if self.num_blocks != old_blocks:
+
+    def resize(self, size: int = 0) -> None:
+        """Resize the backstore to ``size`` bytes (0: adopt the size it reports now, e.g. a
+        device or image grown underneath), with CAPACITY DATA HAS CHANGED when it changed."""
+        if size != self.backstore.size:
+            self.backstore.resize(size)
+        blocks = self.backstore.size // self.block_size
+        if blocks != self.num_blocks:
+            self.num_blocks = blocks
             self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if LU_REGISTRY.get(self.naa) is self:
-            del LU_REGISTRY[self.naa]
+        if self.registry.lus.get(self.naa) is self:
+            del self.registry.lus[self.naa]
         for task in list(self.tasks.values()):
             task.aborted = True
         if self.sanitize_busy:
-            return  # the sanitize step in a worker thread still uses the fd: it closes it
+            return  # the sanitize step in a worker thread still uses the backstore: it closes it
         self.close_backstore()
 
     def close_backstore(self) -> None:
-        if self.writer is not None:
-            self.writer.stop()  # queued writes land before the flush and close below
-            self.writer = None
-        if self.backstore.fd < 0:
-            return
-        try:
-            self.backstore.flush()
-        except OSError:
-            log.exception("flush on close of %s", self.backstore.path)
-        self.backstore.close()
+        self.backstore.close()  # queued writes land before its flush and release
+
+    def persist(self, key: str, data: bytes | None, task: ScsiTask | None,
+                then: Callable[[], None] | None = None) -> None:
+        """Save LU state durably; ``then`` (default: complete ``task`` GOOD) runs once it is
+        on stable storage, and a failed commit fails ``task``."""
+
+        def committed(exc: BaseException | None) -> None:
+            if exc is not None:
+                if task is not None:
+                    self.fail(task, exc)
+                return
+            if then is not None:
+                then()
+            elif task is not None:
+                self.done(task)
+
+        if self.state is None:
+            committed(None)
+        else:
+            self.state.save(key, data, committed)
 
     # --- nexus bookkeeping and unit attentions --------------------------------------------
 
@@ -270,7 +245,7 @@ class LogicalUnit:
             task.data_in = []
             task.data_in_len = 0
         else:
-            log.error("LU %s: command %02x failed: %r", self.extent.name, task.cdb[0], exc)
+            log.error("LU %s: command %02x failed: %r", self.name, task.cdb[0], exc)
             code = S.WRITE_ERROR if isinstance(exc, OSError) else S.INTERNAL_TARGET_FAILURE
             key = S.MEDIUM_ERROR if isinstance(exc, OSError) else S.HARDWARE_ERROR
             task.status = S.CHECK_CONDITION
@@ -359,12 +334,12 @@ class LogicalUnit:
             log.debug("malformed %s: %r", cmd.name, e)
             self.fail(task, S.invalid_cdb(0))
         except Exception as e:  # noqa: BLE001 - never let a command take the daemon down
-            log.exception("LU %s: %s crashed", self.extent.name, cmd.name)
+            log.exception("LU %s: %s crashed", self.name, cmd.name)
             self.fail(task, e)
 
     def precheck(self, task: ScsiTask, cmd: Command) -> None:
         """UA, reservation and readiness checks that precede a command's own (SAM-5 5.14)."""
-        key = it_key(task.nexus)
+        key = self.it_key(task.nexus)
         if not cmd.flags & F.UA_EXEMPT and self.ua.get(key):
             code = self.pop_ua(key)
             assert code is not None
@@ -439,28 +414,29 @@ class LogicalUnit:
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
-    def in_thread(
-        self, task: ScsiTask, fn: Callable[..., Any], *args: Any, then: Callable[[Any], None] | None = None
-    ) -> None:
+    def in_thread(self, task: ScsiTask, fn: Callable[[], R], then: Callable[[R], None] | None = None) -> None:
         """Run blocking ``fn`` in the executor; complete ``task`` (or call ``then``) after."""
 
-        def _cb(fut: asyncio.Future[Any]) -> None:
-            exc = fut.exception()
-            if exc is not None:
-                self.fail(task, exc)
-                return
-            if then is None:
-                self.done(task)
-                return
+        def _cb(fut: asyncio.Future[R]) -> None:
+            self._conclude(task, fut.exception(), None if then is None else lambda: then(fut.result()))
+
+        self.loop.run_in_executor(None, fn).add_done_callback(_cb)
+
+    def _conclude(self, task: ScsiTask, exc: BaseException | None, then: Callable[[], None] | None) -> None:
+        """End an operation: fail ``task`` on error, else run ``then`` (default: GOOD)."""
+        if exc is not None:
+            self.fail(task, exc)
+        elif then is None:
+            self.done(task)
+        else:
             try:
-                then(fut.result())
-            except (S.CheckCondition, S.ReservationConflict) as e:
-                self.fail(task, e)
-            except Exception as e:  # noqa: BLE001
-                log.exception("completion of %02x", task.cdb[0])
+                then()
+            except Exception as e:  # noqa: BLE001 - SCSI errors and bugs alike end the task
                 self.fail(task, e)
 
-        self.loop.run_in_executor(None, fn, *args).add_done_callback(_cb)
+    def _after(self, task: ScsiTask, then: Callable[[], None] | None) -> Callable[[BaseException | None], None]:
+        """A backstore completion that concludes ``task``."""
+        return lambda exc: self._conclude(task, exc, then)
 
     def read(self, task: ScsiTask, lba: int, nblocks: int, then: Callable[[bytearray], None] | None = None) -> None:
         """READ data into task.data_in (zero copy), inline on a page-cache hit."""
@@ -477,18 +453,15 @@ class LogicalUnit:
             else:
                 then(buf)
             return
-        if then is None:
-            self.in_thread(task, self.backstore.read_into, buf, off)
-        else:
-            self.in_thread(task, self.backstore.read_into, buf, off, then=lambda _r: then(buf))
+        self.backstore.submit_read(buf, off, self._after(task, None if then is None else lambda: then(buf)))
 
     def write(
         self,
         task: ScsiTask,
         lba: int,
-        data: Sequence[bytes | bytearray | memoryview],
+        data: Sequence[Buffer],
         fua: bool,
-        then: Callable[[Any], None] | None = None,
+        then: Callable[[], None] | None = None,
     ) -> None:
         """WRITE through the page cache; durable before completion with FUA or WCE=0."""
         sync = fua or not self.modes.wce
@@ -500,60 +473,37 @@ class LogicalUnit:
         self._start_write(task, off, data, sync, then)
 
     def _start_write(
-        self,
-        task: ScsiTask,
-        off: int,
-        data: Sequence[bytes | bytearray | memoryview],
-        sync: bool,
-        then: Callable[[Any], None] | None,
+        self, task: ScsiTask, off: int, data: Sequence[Buffer], sync: bool, then: Callable[[], None] | None
     ) -> None:
         if not sync and self.backstore.write_nowait(data, off):
             if then is None:
                 self.done(task)
             else:
-                then(None)
+                then()
             return
         self.writes_inflight += 1
+        after = self._after(task, then)
 
         def _written(exc: BaseException | None) -> None:
             self.writes_inflight -= 1
             try:
-                if exc is not None:
-                    self.fail(task, exc)
-                elif then is None:
-                    self.done(task)
-                else:
-                    try:
-                        then(None)
-                    except Exception as e:  # noqa: BLE001 - SCSI errors and bugs alike end the task
-                        self.fail(task, e)
+                after(exc)
             finally:
                 if self.writes_inflight == 0 and self.excl_waiters and not self.excl_active:
                     self._drain_excl()
 
-        if self.writer is None:
-            self.writer = WriteQueue(self.backstore, self.loop)
-        self.writer.submit(off, data, sync, _written)
+        self.backstore.submit_write(data, off, sync, _written)
 
-    def exclusive(self, task: ScsiTask, fn: Callable[[], Any], then: Callable[[Any], None] | None = None) -> None:
+    def exclusive(self, task: ScsiTask, fn: Callable[[], R], then: Callable[[R], None] | None = None) -> None:
         """Run blocking ``fn`` with no other write in flight (COMPARE AND WRITE, ORWRITE...)."""
 
         def start() -> None:
             self.excl_active = True
 
-            def _cb(fut: asyncio.Future[Any]) -> None:
+            def _cb(fut: asyncio.Future[R]) -> None:
                 self.excl_active = False
-                exc = fut.exception()
                 try:
-                    if exc is not None:
-                        self.fail(task, exc)
-                    elif then is None:
-                        self.done(task)
-                    else:
-                        try:
-                            then(fut.result())
-                        except Exception as e:  # noqa: BLE001 - SCSI errors and bugs alike end the task
-                            self.fail(task, e)
+                    self._conclude(task, fut.exception(), None if then is None else lambda: then(fut.result()))
                 finally:
                     if self.excl_waiters and not self.excl_active:
                         self._drain_excl()
@@ -581,7 +531,7 @@ class LogicalUnit:
             fn()
 
     def flush(self, task: ScsiTask) -> None:
-        self.in_thread(task, self.backstore.flush)
+        self.backstore.submit_flush(self._after(task, None))
 
     # --- thin provisioning threshold ------------------------------------------------------
 
@@ -607,8 +557,5 @@ class LogicalUnit:
         elif used < limit:
             self.threshold_armed = True
 
-    def save_modes(self) -> None:
-        if self.pr_store is not None:
-            self.pr_store.save(f"modepages:{self.naa.hex()}", self.modes.serialize_saved())
 
 

@@ -1,158 +1,30 @@
-"""Reservations: PERSISTENT RESERVE IN/OUT (SPC-4 5.12, 6.15, 6.16) and RESERVE/RELEASE.
-
-Registrations are per I_T nexus, i.e. (SCSI initiator port name, relative target port),
-so two sessions of one initiator with different ISIDs are different registrants and a
-reinstated session (same ISID) keeps its registration.  With APTPL the whole state is
-saved through a :class:`PrStore` (the state database) and restored when the LU opens.
-"""
+"""Reservation commands: PERSISTENT RESERVE IN/OUT (SPC-4 5.12, 6.15, 6.16) and
+RESERVE/RELEASE(6/10).  The state they act on is scsi/reservations.py; a PR OUT
+completes once the state it leaves is durable (APTPL)."""
 
 from __future__ import annotations
 
-import json
-import logging
 import struct
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
+from pyscsi_target.scsi.command import Command, F, set_data_in, usage
+from pyscsi_target.scsi.registry import ITKey
+from pyscsi_target.scsi.reservations import ALL_REGISTRANTS, TYPES, Reservation
 
 if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import ITKey, LogicalUnit
+    from pyscsi_target.scsi.lu import LogicalUnit
     from pyscsi_target.scsi.task import ScsiTask
 
-log = logging.getLogger(__name__)
-
-# Reservation types
-WE = 1  # write exclusive
-EA = 3  # exclusive access
-WE_RO = 5  # write exclusive, registrants only
-EA_RO = 6
-WE_AR = 7  # write exclusive, all registrants
-EA_AR = 8
-TYPES = (WE, EA, WE_RO, EA_RO, WE_AR, EA_AR)
-ALL_REGISTRANTS = (WE_AR, EA_AR)
-
 INVALID_RELEASE_OF_PR = (0x26, 0x04)
-
-
-class PrStore(Protocol):
-    """Durable storage for APTPL state, keyed by the LU's NAA (hex)."""
-
-    def load(self, key: str) -> bytes | None: ...
-
-    def save(self, key: str, data: bytes | None) -> None: ...
-
-
-@dataclass(slots=True)
-class Reservation:
-    holder: ITKey  # the I_T nexus that reserved (for all-registrants types: any registrant)
-    type: int
-
-
-class PersistentReservations:
-    def __init__(self, lu: LogicalUnit, store: PrStore | None) -> None:
-        self.lu = lu
-        self.store = store
-        self.regs: dict[ITKey, int] = {}
-        self.reservation: Reservation | None = None
-        self.generation = 0
-        self.aptpl = False
-        self._load()
-
-    # --- persistence -----------------------------------------------------------------
-
-    @property
-    def _key(self) -> str:
-        return self.lu.naa.hex()
-
-    def _load(self) -> None:
-        if self.store is None:
-            return
-        try:
-            raw = self.store.load(self._key)
-        except Exception:  # noqa: BLE001 - a broken store must not keep the LU offline
-            log.exception("loading PR state of %s", self._key)
-            return
-        if not raw:
-            return
-        try:
-            doc = json.loads(raw)
-            self.regs = {(r["port"], int(r["tpg"])): int(r["key"]) for r in doc["registrations"]}
-            res = doc.get("reservation")
-            if res:
-                self.reservation = Reservation((res["port"], int(res["tpg"])), int(res["type"]))
-            self.generation = int(doc.get("generation", 0))
-            self.aptpl = True
-        except (ValueError, KeyError, TypeError):
-            log.error("corrupt PR state for %s ignored", self._key)
-
-    def _persist(self) -> None:
-        if self.store is None:
-            return
-        if not self.aptpl:
-            self.store.save(self._key, None)
-            return
-        res = self.reservation
-        doc = {
-            "registrations": [{"port": p, "tpg": t, "key": k} for (p, t), k in self.regs.items()],
-            "reservation": {"port": res.holder[0], "tpg": res.holder[1], "type": res.type} if res else None,
-            "generation": self.generation,
-        }
-        self.store.save(self._key, json.dumps(doc).encode())
-
-    # --- queries ---------------------------------------------------------------------
-
-    def is_holder(self, key: ITKey) -> bool:
-        r = self.reservation
-        if r is None:
-            return False
-        if r.type in ALL_REGISTRANTS:
-            return key in self.regs
-        return r.holder == key
-
-    def conflicts(self, key: ITKey, flags: int) -> bool:
-        """Whether a command with ``flags`` from ``key`` conflicts (SPC-4 5.12.1 tables)."""
-        r = self.reservation
-        if r is None or flags & F.PR_ALLOWED or self.is_holder(key):
-            return False
-        write = bool(flags & F.PR_WRITE)
-        read = bool(flags & F.PR_READ)
-        if r.type in (WE_RO, WE_AR):
-            return write and key not in self.regs
-        if r.type in (EA_RO, EA_AR):
-            return (read or write) and key not in self.regs
-        if r.type == WE:
-            return write
-        return read or write  # EA
-
-    def _release(self, notify: bool, except_key: ITKey | None) -> None:
-        r = self.reservation
-        self.reservation = None
-        if notify and r is not None and r.type not in (WE, EA):
-            for k in self.regs:
-                if k != except_key:
-                    self.lu.add_ua(k, S.RESERVATIONS_RELEASED)
-
-    def _unregister(self, key: ITKey) -> None:
-        self.regs.pop(key, None)
-        r = self.reservation
-        if r is None:
-            return
-        if r.type in ALL_REGISTRANTS:
-            if not self.regs:
-                self.reservation = None
-            elif r.holder == key:
-                r.holder = next(iter(self.regs))
-        elif r.holder == key:
-            self._release(True, key)
 
 
 # --- PERSISTENT RESERVE IN ----------------------------------------------------------
 
 
 def _alloc16(task: ScsiTask) -> int:
-    return struct.unpack_from(">H", task.cdb, 7)[0]
+    alloc: int = struct.unpack_from(">H", task.cdb, 7)[0]
+    return alloc
 
 
 def transport_id(port: str) -> bytes:
@@ -230,18 +102,10 @@ def prin(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
 
 
-def set_data_in(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
-    n = min(len(data), alloc)
-    task.data_in = [memoryview(data)[:n]] if n else []
-    task.data_in_len = n
-
-
 # --- PERSISTENT RESERVE OUT --------------------------------------------------------
 
 
 def prout(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     cdb = task.cdb
     sa = cdb[1] & 0x1F
     scope = cdb[2] >> 4
@@ -259,7 +123,7 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
     if len(data) < plen:
         raise S.param_list_length_error()
     pr = lu.pr
-    me = it_key(task.nexus)
+    me = lu.registry.it_key(task.nexus)
     res_key, sark = struct.unpack_from(">QQ", data, 0)
     mine = pr.regs.get(me)
 
@@ -282,13 +146,12 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
             if sark != 0:
                 pr.regs[me] = sark
         elif sark == 0:
-            pr._unregister(me)
+            pr.unregister(me)
         else:
             pr.regs[me] = sark
         pr.aptpl = bool(aptpl)
-        pr.generation = (pr.generation + 1) & 0xFFFFFFFF
-        pr._persist()
-        lu.done(task)
+        pr.bump()
+        pr.commit(task)
         return
 
     # Every other service action needs a registered nexus with the matching key.
@@ -303,10 +166,11 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
         r = pr.reservation
         if r is None:
             pr.reservation = Reservation(me, rtype)
-            pr._persist()
+            pr.commit(task)
         elif not pr.is_holder(me) or r.type != rtype:
             raise S.ReservationConflict()
-        lu.done(task)
+        else:
+            lu.done(task)
         return
     if sa == 0x02:  # RELEASE
         r = pr.reservation
@@ -315,9 +179,8 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
             return
         if scope != 0 or rtype != r.type:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, INVALID_RELEASE_OF_PR)
-        pr._release(True, me)
-        pr._persist()
-        lu.done(task)
+        pr.release(True, me)
+        pr.commit(task)
         return
     if sa == 0x03:  # CLEAR
         for k in list(pr.regs):
@@ -325,9 +188,8 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
                 lu.add_ua(k, S.RESERVATIONS_PREEMPTED)
         pr.regs.clear()
         pr.reservation = None
-        pr.generation = (pr.generation + 1) & 0xFFFFFFFF
-        pr._persist()
-        lu.done(task)
+        pr.bump()
+        pr.commit(task)
         return
     if sa in (0x04, 0x05):  # PREEMPT / PREEMPT AND ABORT
         _preempt(lu, task, me, sark, scope, rtype, abort=sa == 0x05)
@@ -385,12 +247,10 @@ def _preempt(lu: LogicalUnit, task: ScsiTask, me: ITKey, sark: int, scope: int, 
                 raise S.ReservationConflict()
     if abort and gone:
         gone_set = set(gone)
-        from pyscsi_target.scsi.lu import it_key
-
+        it_key = lu.registry.it_key
         lu.abort_tasks(lambda t: it_key(t.nexus) in gone_set and t is not task)
-    pr.generation = (pr.generation + 1) & 0xFFFFFFFF
-    pr._persist()
-    lu.done(task)
+    pr.bump()
+    pr.commit(task)
 
 
 def _register_and_move(
@@ -425,22 +285,19 @@ def _register_and_move(
     if unreg:
         pr.regs.pop(me, None)
     pr.aptpl = bool(aptpl)
-    pr.generation = (pr.generation + 1) & 0xFFFFFFFF
-    pr._persist()
-    lu.done(task)
+    pr.bump()
+    pr.commit(task)
 
 
 # --- RESERVE / RELEASE (6) and (10) ---------------------------------------------------
 
 
 def reserve(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     if task.cdb[0] == 0x56 and task.cdb[1] & 0x12:  # 3RDPTY / LONGID: third-party unsupported
         raise S.invalid_cdb(1, 4 if task.cdb[1] & 0x10 else 1)
     if task.cdb[0] == 0x16 and task.cdb[1] & 0x01:  # obsolete extent reservation
         raise S.invalid_cdb(1, 0)
-    me = it_key(task.nexus)
+    me = lu.registry.it_key(task.nexus)
     if lu.pr.regs or lu.pr.reservation is not None:
         raise S.ReservationConflict()
     if lu.legacy_holder is not None and lu.legacy_holder != me:
@@ -450,11 +307,9 @@ def reserve(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def release(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     if task.cdb[0] == 0x57 and task.cdb[1] & 0x12:
         raise S.invalid_cdb(1, 4 if task.cdb[1] & 0x10 else 1)
-    me = it_key(task.nexus)
+    me = lu.registry.it_key(task.nexus)
     if lu.pr.reservation is not None:
         raise S.ReservationConflict()
     if lu.legacy_holder == me:

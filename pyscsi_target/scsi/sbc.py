@@ -1,4 +1,4 @@
-"""SBC-3 block commands on a LogicalUnit's backstore.
+"""SBC-3 block commands on a LogicalUnit's backstore (SANITIZE: scsi/sanitize.py).
 
 Every medium-access handler validates in SBC order (protection fields, transfer length
 limits, LBA range, write protection) before it touches the backstore, so a failed
@@ -7,27 +7,19 @@ command never has side effects.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import struct
-from collections.abc import Callable
-from functools import partial
-from typing import TYPE_CHECKING
 
+from pyscsi_target.backstore.base import first_difference
 from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.pr import set_data_in
-
-if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import LogicalUnit
-    from pyscsi_target.scsi.task import ScsiTask
-
-log = logging.getLogger(__name__)
+from pyscsi_target.scsi.command import Command, F, data_out_view, set_data_in, usage
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.task import ScsiTask
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+
 
 def lba_len(cdb: bytes) -> tuple[int, int]:
     """(LBA, number of blocks) of a READ/WRITE/VERIFY-shaped CDB."""
@@ -46,11 +38,6 @@ def lba_len(cdb: bytes) -> tuple[int, int]:
 def _check_xfer(lu: LogicalUnit, n: int, byte: int) -> None:
     if n << lu.block_shift > lumod.MAX_XFER_BYTES:
         raise S.invalid_cdb(byte)
-
-
-def _data_view(task: ScsiTask) -> memoryview:
-    d = task.data_out
-    return memoryview(d).cast("B") if d is not None else memoryview(b"")
 
 
 # --- READ / WRITE ---------------------------------------------------------------------
@@ -91,7 +78,7 @@ def _write_payload(lu: LogicalUnit, task: ScsiTask, lba: int, n: int, len_byte: 
     lu.check_range(lba, n)
     lu.writable(task)
     task.xfer_len = n << lu.block_shift
-    data = _data_view(task)
+    data = data_out_view(task)
     blocks = min(n, len(data) >> lu.block_shift)
     if blocks == 0:
         lu.done(task)
@@ -100,18 +87,6 @@ def _write_payload(lu: LogicalUnit, task: ScsiTask, lba: int, n: int, len_byte: 
 
 
 # --- VERIFY / WRITE AND VERIFY ----------------------------------------------------------
-
-
-def _compare(expected: memoryview, actual: bytes | bytearray | memoryview) -> int:
-    """Offset of the first differing byte, or -1."""
-    if expected == actual:
-        return -1
-    a = bytes(actual)
-    e = bytes(expected)
-    for i in range(len(e)):
-        if e[i] != a[i]:
-            return i
-    return -1
 
 
 def verify(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -136,19 +111,19 @@ def verify(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    data = _data_view(task)
+    data = data_out_view(task)
     if len(data) < task.xfer_len:
         raise S.param_list_length_error()
     expected = data[: n * bs] if bytchk == 1 else None
 
     def check(buf: bytearray) -> None:
         if expected is not None:
-            off = _compare(expected, buf)
+            off = first_difference(expected, buf)
         else:
             one = data[:bs]
             off = -1
             for i in range(n):
-                o = _compare(one, memoryview(buf)[i * bs : (i + 1) * bs])
+                o = first_difference(one, memoryview(buf)[i * bs : (i + 1) * bs])
                 if o >= 0:
                     off = i * bs + o
                     break
@@ -169,9 +144,9 @@ def write_and_verify(lu: LogicalUnit, task: ScsiTask) -> None:
         return
     blocks = len(written) >> lu.block_shift
 
-    def verify_back(_r: object) -> None:
+    def verify_back() -> None:
         def check(buf: bytearray) -> None:
-            off = _compare(written, buf)
+            off = first_difference(written, buf)
             if off >= 0:
                 raise S.miscompare(off)
             lu.done(task)
@@ -248,7 +223,7 @@ def unmap(lu: LogicalUnit, task: ScsiTask) -> None:
         return
     if plen < 8:
         raise S.param_list_length_error()
-    data = _data_view(task)[:plen]
+    data = data_out_view(task)[:plen]
     if len(data) < plen:
         raise S.param_list_length_error()
     bddl = _U16.unpack_from(data, 2)[0]
@@ -276,7 +251,12 @@ def unmap(lu: LogicalUnit, task: ScsiTask) -> None:
         for lba, n in ranges:
             bs.discard(lba << shift, n << shift)
 
-    lu.exclusive(task, work, then=lambda _r: (lu.check_threshold(), lu.done(task)))
+    lu.exclusive(task, work, then=lambda _r: _threshold_then_done(lu, task))
+
+
+def _threshold_then_done(lu: LogicalUnit, task: ScsiTask) -> None:
+    lu.check_threshold()
+    lu.done(task)
 
 
 def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -310,7 +290,7 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    pattern = bytes(bsz) if ndob else bytes(_data_view(task)[:bsz])
+    pattern = bytes(bsz) if ndob else bytes(data_out_view(task)[:bsz])
     if len(pattern) < bsz:
         raise S.param_list_length_error()
     zero = not any(pattern)
@@ -337,7 +317,7 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
         if sync:
             bs.flush()
 
-    lu.exclusive(task, work, then=lambda _r: (lu.check_threshold(), lu.done(task)))
+    lu.exclusive(task, work, then=lambda _r: _threshold_then_done(lu, task))
 
 
 def get_lba_status(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -398,7 +378,7 @@ def compare_and_write(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    data = _data_view(task)
+    data = data_out_view(task)
     if len(data) < 2 * n * bsz:
         raise S.param_list_length_error()
     verify_part = bytes(data[: n * bsz])
@@ -410,13 +390,7 @@ def compare_and_write(lu: LogicalUnit, task: ScsiTask) -> None:
     def work() -> int:
         # Runs with no other write in flight and new ones queued: read-compare-write is
         # atomic against every other write to this LU.
-        cur = bytearray(n * bsz)
-        bs.read_into(cur, off)
-        diff = _compare(memoryview(verify_part), cur)
-        if diff >= 0:
-            return diff
-        bs.write([write_part], off, sync)
-        return -1
+        return bs.compare_and_write(verify_part, write_part, off, sync)
 
     def after(diff: int) -> None:
         if diff >= 0:
@@ -471,7 +445,7 @@ def write_atomic16(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    data = _data_view(task)
+    data = data_out_view(task)
     if len(data) < task.xfer_len:
         raise S.invalid_cdb(12)  # an atomic write is all or nothing
     payload = bytes(data[: task.xfer_len])
@@ -483,7 +457,7 @@ def write_atomic16(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.exclusive(task, lambda: bs.write([payload], off, sync))
 
 
-# --- READ DEFECT DATA, START STOP UNIT, SANITIZE -----------------------------------
+# --- READ DEFECT DATA, START STOP UNIT, PREVENT ALLOW MEDIUM REMOVAL ------------------
 
 
 def read_defect_data(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -524,158 +498,11 @@ def start_stop_unit(lu: LogicalUnit, task: ScsiTask) -> None:
         lu.flush(task)
 
 
-#: One step of a sanitize operation: one executor job, so a long sanitize never holds a
-#: worker thread for long and other LUs' I/O queued meanwhile runs between its steps.
-SANITIZE_CHUNK = 4 << 20
-SANITIZE_ERASE_CHUNK = 256 << 20  # deallocation is cheap per byte: bigger steps
-
-
-def _sanitize_key(lu: LogicalUnit) -> str:
-    return f"sanitize:{lu.naa.hex()}"
-
-
-def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
-    cdb = task.cdb
-    sa = cdb[1] & 0x1F
-    plen = _U16.unpack_from(cdb, 7)[0]
-    task.xfer_len = plen
-    if cdb[1] & 0x40:
-        raise S.invalid_cdb(1, 6)
-    for i in range(2, 7):  # reserved bytes
-        if cdb[i]:
-            raise S.invalid_cdb(i)
-    if sa == 0x1F:  # EXIT FAILURE MODE
-        if plen:
-            raise S.invalid_cdb(7)
-        lu.sanitize_failed = False
-        if lu.pr_store is not None:
-            lu.pr_store.save(_sanitize_key(lu), None)  # the initiator gave the sanitize up
-        lu.done(task)
-        return
-    if sa not in (0x01, 0x02):  # crypto erase: no encryption key to destroy
-        raise S.invalid_cdb(1, 4)
-    lu.writable(task)
-    if sa == 0x02:
-        if plen:
-            raise S.invalid_cdb(7)
-        start_sanitize(lu, sa, 0, False, b"", task, bool(cdb[1] & 0x80))
-        return
-    if plen < 5 or plen > lu.block_size + 4:
-        raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
-    data = _data_view(task)[:plen]
-    if len(data) < plen:
-        raise S.param_list_length_error()
-    invert = bool(data[0] & 0x80)
-    count = data[0] & 0x1F
-    patlen = _U16.unpack_from(data, 2)[0]
-    if count == 0:
-        raise S.invalid_param(0, 4)
-    if patlen == 0 or patlen > lu.block_size:
-        raise S.invalid_param(2)
-    if plen != 4 + patlen:
-        raise S.param_list_length_error()
-    start_sanitize(lu, sa, count, invert, bytes(data[4 : 4 + patlen]), task, bool(cdb[1] & 0x80))
-
-
-def resume_sanitize(lu: LogicalUnit) -> None:
-    """Run again a SANITIZE that a restart (or the LU's close) interrupted, or that failed.
-
-    SBC-3 keeps a sanitize going until it completes, whatever resets happen; partially
-    overwritten data must not be served as if the sanitize never started.  Overwrite and
-    block erase are idempotent, so the whole operation simply starts over.
-    """
-    rec = lu.pr_store.load(_sanitize_key(lu)) if lu.pr_store is not None else None
-    if not rec or len(rec) < 3:
-        return
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # opened outside the event loop: cannot run it, so fail safe
-        lu.sanitize_failed = True
-        return
-    log.warning("LU %s: resuming an interrupted SANITIZE", lu.extent.name)
-    start_sanitize(lu, rec[0], rec[1], bool(rec[2]), bytes(rec[3:]), None, True)
-
-
-def start_sanitize(
-    lu: LogicalUnit, sa: int, count: int, invert: bool, pattern: bytes, task: ScsiTask | None, immed: bool
-) -> None:
-    bs = lu.backstore
-    size = lu.num_blocks << lu.block_shift
-    if sa == 0x02:
-        unit, passes = SANITIZE_ERASE_CHUNK, 1
-        plain = inverted = memoryview(b"")
-    else:
-        block = (pattern * (lu.block_size // len(pattern) + 1))[: lu.block_size]
-        chunk_blocks = max(1, SANITIZE_CHUNK >> lu.block_shift)
-        plain = memoryview(block * chunk_blocks)
-        inverted = memoryview(bytes(b ^ 0xFF for b in block) * chunk_blocks) if invert and count > 1 else plain
-        unit, passes = len(plain), count
-    per_pass = -(-size // unit)
-    # The last step flushes: nothing is acknowledged (GOOD without IMMED, or SANITIZE IN
-    # PROGRESS ending) before everything written or deallocated is on stable storage.
-    total = passes * per_pass + 1
-
-    def job(i: int) -> Callable[[], None]:
-        """Step ``i``, built when it runs (a multi-TiB LU has millions of steps)."""
-        if i == total - 1:
-            return bs.flush
-        p, k = divmod(i, per_pass)
-        pos = k * unit
-        m = min(unit, size - pos)
-        if sa == 0x02:
-            return partial(bs.discard, pos, m)
-        # INVERT: the pattern is inverted between consecutive passes; the last pass writes
-        # it as given (SBC-3 5.30.2).  Each chunk is written through (fdatasync): the pattern
-        # must reach the medium, not just the page cache, and dirty memory stays bounded.
-        buf = inverted if invert and (count - 1 - p) % 2 else plain
-        return partial(bs.write, [buf[:m]], pos, True)
-
-    key = _sanitize_key(lu)
-    if lu.pr_store is not None:  # so a restart resumes it (resume_sanitize)
-        lu.pr_store.save(key, bytes((sa, count, int(invert))) + pattern)
-    lu.sanitizing = True  # from now on medium access gets NOT READY, SANITIZE IN PROGRESS
-    lu.sanitize_progress = 0.0
-
-    def end(exc: BaseException | None) -> None:
-        if lu.closed:  # interrupted: the record stays for resume_sanitize
-            lu.close_backstore()
-            if task is not None and not immed:
-                lu.fail(task, S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED))
-            return
-        lu.sanitizing = False
-        lu.sanitize_failed = exc is not None  # until EXIT FAILURE MODE (SBC-3 4.11)
-        if exc is not None:
-            log.error("LU %s: sanitize failed: %r", lu.extent.name, exc)
-        elif lu.pr_store is not None:
-            lu.pr_store.save(key, None)
-        if task is None or immed:
-            return
-        if exc is not None:
-            lu.fail(task, S.CheckCondition(S.MEDIUM_ERROR, S.SANITIZE_COMMAND_FAILED))
-        else:
-            lu.done(task)
-
-    def step(i: int) -> None:
-        if i == total or lu.closed:
-            end(None)
-            return
-
-        def after(fut: asyncio.Future[None]) -> None:
-            lu.sanitize_busy = False
-            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
-            if exc is not None:
-                end(exc)
-                return
-            lu.sanitize_progress = (i + 1) / total
-            step(i + 1)
-
-        lu.sanitize_busy = True
-        lu.loop.run_in_executor(None, job(i)).add_done_callback(after)
-
-    if task is not None and immed:
-        lu.done(task)  # GOOD at once; the sanitize runs on (through resets, as SBC-3 requires)
-    # Writes accepted before the SANITIZE land first; later ones are refused by precheck.
-    lu.after_writes(lambda: step(0))
+def prevent_allow(lu: LogicalUnit, task: ScsiTask) -> None:
+    # The medium is not removable (RMB=0): PREVENT is accepted and has nothing to lock.
+    if task.cdb[4] & 0xFC:
+        raise S.invalid_cdb(4)
+    lu.done(task)
 
 
 _RW = F.MEDIUM | F.WRITE | F.PR_WRITE
@@ -730,9 +557,6 @@ COMMANDS = [
             usage(0xB7, 0x1F, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RD),
     Command(0x1B, None, "START STOP UNIT", start_stop_unit,
             usage(0x1B, 0x01, 0, 0x0F, 0xF7, 0x07), F.PR_WRITE),
-    *[
-        Command(0x48, sa, f"SANITIZE / {name}", sanitize,
-                usage(0x48, 0xBF, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), _RW, timeout=3600)
-        for sa, name in ((0x01, "OVERWRITE"), (0x02, "BLOCK ERASE"), (0x1F, "EXIT FAILURE MODE"))
-    ],
+    Command(0x1E, None, "PREVENT ALLOW MEDIUM REMOVAL", prevent_allow,
+            usage(0x1E, 0, 0, 0, 0x03, 0x07), F.PR_WRITE),
 ]

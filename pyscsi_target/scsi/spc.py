@@ -1,154 +1,17 @@
-"""SPC-4 primary commands: INQUIRY and VPD pages, REQUEST SENSE, TEST UNIT READY,
-MODE SENSE/SELECT, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS and
-REPORT TARGET PORT GROUPS (ALUA: one target port group per portal group)."""
+"""SPC-4 primary commands: INQUIRY (its data: inquiry.py), REQUEST SENSE, TEST UNIT READY,
+MODE SENSE/SELECT, LOG SENSE, REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS and REPORT
+TARGET PORT GROUPS (ALUA: one target port group per portal group).  REPORT SUPPORTED
+OPERATION CODES reports the command table, so it lives there (command_table.py)."""
 
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING
 
-from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.pr import set_data_in
-
-if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import LogicalUnit
-    from pyscsi_target.scsi.task import Nexus, ScsiTask
-
-VENDOR = b"PYSCSI  "
-PRODUCT = b"iSCSI Disk      "
-REVISION = b"0001"
-
-# Version descriptors (SPC-4 table 29): SAM-5, iSCSI (RFC 7143 has none; RFC 3720 0x0960),
-# SPC-4, SBC-3.
-VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0460, 0x04C0)
-
-VPD_PAGES = (0x00, 0x80, 0x83, 0x86, 0x8F, 0xB0, 0xB1, 0xB2)
-
-PROTO_ISCSI = 0x5
-
-
-def standard_inquiry(lu: LogicalUnit | None, pq_pdt: int = 0x00) -> bytes:
-    buf = bytearray(96)
-    buf[0] = pq_pdt
-    buf[2] = 0x06  # SPC-4
-    buf[3] = 0x12  # HISUP, response data format 2
-    buf[4] = len(buf) - 5
-    # TPGS=01 (implicit ALUA), 3PC (EXTENDED COPY) on real LUs
-    buf[5] = 0x10 | (0x08 if lu is not None else 0)
-    buf[6] = 0x10  # MULTIP: reachable through several target ports (portal groups)
-    buf[7] = 0x02  # CMDQUE
-    buf[8:16] = VENDOR
-    buf[16:32] = PRODUCT
-    buf[32:36] = REVISION
-    if lu is not None:
-        serial = lu.serial.encode()[:20]
-        buf[36 : 36 + len(serial)] = serial
-    for i, v in enumerate(VERSION_DESCRIPTORS):
-        struct.pack_into(">H", buf, 58 + 2 * i, v)
-    return bytes(buf)
-
-
-def _designator(proto_codeset: int, piv_assoc_type: int, value: bytes) -> bytes:
-    return bytes((proto_codeset, piv_assoc_type, 0, len(value))) + value
-
-
-def _name_string(text: str) -> bytes:
-    b = text.encode() + b"\0"
-    return b + bytes(-len(b) % 4)
-
-
-def device_identification(lu: LogicalUnit, nexus: Nexus) -> bytes:
-    tpg = nexus.portal_group_tag
-    serial = lu.serial
-    if not lu.xen:
-        # FreeNAS pads the T10 vendor designator's serial to 31 characters with spaces;
-        # Xen's blkback rejects trailing spaces in it, so xen compat mode leaves them off.
-        serial = serial.ljust(31)
-    t10 = VENDOR + PRODUCT + serial.encode()
-    descs = [
-        _designator(0x01, 0x03, lu.naa),  # binary, LU, NAA
-        _designator(0x02, 0x01, t10),  # ASCII, LU, T10 vendor ID
-        # iSCSI, binary, PIV, target port, relative target port
-        _designator((PROTO_ISCSI << 4) | 0x01, 0x94, struct.pack(">HH", 0, tpg & 0xFFFF)),
-        # target port group (PIV, target port association)
-        _designator((PROTO_ISCSI << 4) | 0x01, 0x95, struct.pack(">HH", 0, tpg & 0xFFFF)),
-        # SCSI name string of the target port (UTF-8, PIV, target port)
-        _designator((PROTO_ISCSI << 4) | 0x03, 0x98, _name_string(nexus.target_port)),
-        # SCSI name string of the target device
-        _designator((PROTO_ISCSI << 4) | 0x03, 0xA8, _name_string(nexus.target_name)),
-    ]
-    body = b"".join(descs)
-    return bytes((0, 0x83)) + struct.pack(">H", len(body)) + body
-
-
-def vpd_page(lu: LogicalUnit, nexus: Nexus, page: int) -> bytes:
-    if page == 0x00:
-        return bytes((0, 0x00, 0, len(VPD_PAGES))) + bytes(VPD_PAGES)
-    if page == 0x80:
-        s = lu.serial.encode()
-        return bytes((0, 0x80, 0, len(s))) + s
-    if page == 0x83:
-        return device_identification(lu, nexus)
-    if page == 0x86:
-        buf = bytearray(64)
-        buf[1] = 0x86
-        buf[3] = 0x3C
-        buf[5] = 0x07  # HEADSUP, ORDSUP, SIMPSUP
-        buf[6] = 0x01  # V_SUP: volatile cache (flushed by SYNCHRONIZE CACHE)
-        buf[7] = 0x01  # LUICLR: unit attentions are per I_T nexus
-        return bytes(buf)
-    if page == 0x8F:
-        from pyscsi_target.scsi.tpc import third_party_copy_vpd
-
-        return third_party_copy_vpd()
-    if page == 0xB0:
-        bs = lu.block_size
-        buf = bytearray(64)
-        buf[1] = 0xB0
-        buf[3] = 0x3C
-        buf[4] = 0x00  # WSNZ=0: WRITE SAME with zero blocks means "to the end"
-        buf[5] = lumod.MAX_CAW_BLOCKS
-        gran = 1 << lu.lbppbe
-        struct.pack_into(">H", buf, 6, gran)
-        struct.pack_into(">I", buf, 8, lumod.MAX_XFER_BYTES // bs)
-        struct.pack_into(">I", buf, 12, max(gran, (128 << 10) // bs))
-        struct.pack_into(">I", buf, 16, lumod.MAX_XFER_BYTES // bs)  # max prefetch
-        struct.pack_into(">I", buf, 20, lumod.MAX_UNMAP_LBA_COUNT_BYTES // bs)
-        struct.pack_into(">I", buf, 24, lumod.MAX_UNMAP_DESCRIPTORS)
-        # Holes are punched in filesystem blocks: 4 KiB is the unit that really frees space.
-        struct.pack_into(">I", buf, 28, max(1, 4096 // bs))
-        struct.pack_into(">I", buf, 32, 0x80000000)  # UGAVALID, alignment 0
-        struct.pack_into(">Q", buf, 36, lumod.MAX_WRITE_SAME_BYTES // bs)  # MAXIMUM WRITE SAME LENGTH
-        struct.pack_into(">I", buf, 44, lumod.MAX_ATOMIC_BYTES // bs)
-        # Atomic writes are whole 4 KiB pages: aligned to and a multiple of them.
-        struct.pack_into(">I", buf, 48, max(1, 4096 // bs))  # atomic alignment
-        struct.pack_into(">I", buf, 52, max(1, 4096 // bs))  # atomic transfer length granularity
-        return bytes(buf)
-    if page == 0xB1:
-        buf = bytearray(64)
-        buf[1] = 0xB1
-        buf[3] = 0x3C
-        struct.pack_into(">H", buf, 4, lu.rpm)
-        # WABEREQ=01b: after SANITIZE BLOCK ERASE reads succeed (they return zeroes)
-        buf[7] = 0x40
-        return bytes(buf)
-    if page == 0xB2:
-        buf = bytearray(8)
-        buf[1] = 0xB2
-        buf[3] = 4
-        buf[4] = threshold_exponent(lu)  # scales the LOG SENSE resource counts
-        # LBPU, LBPWS, LBPWS10, LBPRZ; ANC_SUP=0 (no anchored state)
-        buf[5] = 0x80 | 0x40 | 0x20 | 0x04
-        buf[6] = 0x02  # provisioning type: thin
-        return bytes(buf)
-    raise S.invalid_cdb(2)
-
-
-def threshold_exponent(lu: LogicalUnit) -> int:
-    """Smallest exponent making the LU's block count fit the 32-bit resource counts."""
-    return max(0, lu.num_blocks.bit_length() - 32)
+from pyscsi_target.scsi.command import Command, F, set_data_in, usage
+from pyscsi_target.scsi.inquiry import standard_inquiry, threshold_exponent, vpd_page
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.task import ScsiTask
 
 
 def inquiry(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -163,17 +26,18 @@ def inquiry(lu: LogicalUnit, task: ScsiTask) -> None:
             raise S.invalid_cdb(2)
         data = standard_inquiry(lu)
     else:
-        data = vpd_page(lu, task.nexus, page)
+        vpd = vpd_page(lu, task.nexus, page)
+        if vpd is None:
+            raise S.invalid_cdb(2)
+        data = vpd
     set_data_in(task, data, alloc)
     lu.done(task)
 
 
 def request_sense(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     desc = bool(task.cdb[1] & 0x01)
     alloc = task.cdb[4]
-    key = it_key(task.nexus)
+    key = lu.registry.it_key(task.nexus)
     code = lu.pop_ua(key)
     if code is not None:
         data = S.build_sense(S.UNIT_ATTENTION, code, desc)
@@ -189,6 +53,14 @@ def request_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 
 def test_unit_ready(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
+
+
+REPORT_LUNS = 0xA0
+
+
+def report_luns(lu: LogicalUnit, task: ScsiTask) -> None:
+    """Never called: ScsiDevice answers REPORT LUNS itself (it knows the LUN map)."""
+    raise S.invalid_opcode()
 
 
 # --- MODE SENSE / MODE SELECT ----------------------------------------------------------
@@ -227,8 +99,6 @@ def mode_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     cdb = task.cdb
     ten = cdb[0] == 0x55
     sp = bool(cdb[1] & 0x01)
@@ -261,16 +131,21 @@ def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
             raise S.invalid_param(hlen + (12 if long_lba else 5))
     wce_before = lu.modes.wce
     changed = lu.modes.select(data[hlen + bdlen :], sp)
-    if sp:
-        lu.save_modes()
     if changed:
-        lu.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_key=it_key(task.nexus))
-    if wce_before and not lu.modes.wce:
-        # Write cache turned off: what it still holds must be durable before we answer,
-        # since from now on every acknowledged write is.
-        lu.flush(task)
-        return
-    lu.done(task)
+        lu.add_ua_all(S.MODE_PARAMETERS_CHANGED, except_key=lu.registry.it_key(task.nexus))
+
+    def finish() -> None:
+        if wce_before and not lu.modes.wce:
+            # Write cache turned off: what it still holds must be durable before we answer,
+            # since from now on every acknowledged write is.
+            lu.flush(task)
+        else:
+            lu.done(task)
+
+    if sp:  # saved pages: GOOD once they are durable
+        lu.persist(lu.modes_key, lu.modes.serialize_saved(), task, finish)
+    else:
+        finish()
 
 
 # --- LOG SENSE ------------------------------------------------------------------------
@@ -330,52 +205,6 @@ def log_sense(lu: LogicalUnit, task: ScsiTask) -> None:
 # --- REPORT SUPPORTED OPERATION CODES / TMFs, REPORT TARGET PORT GROUPS --------------
 
 
-def _timeouts(cmd: Command) -> bytes:
-    return struct.pack(">HBBII", 0x0A, 0, 0, cmd.timeout, cmd.timeout)
-
-
-def report_supported_opcodes(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.device import COMMANDS_BY_OPCODE, all_commands
-
-    cdb = task.cdb
-    rctd = bool(cdb[2] & 0x80)
-    opt = cdb[2] & 0x07
-    req_op = cdb[3]
-    req_sa = struct.unpack_from(">H", cdb, 4)[0]
-    alloc = struct.unpack_from(">I", cdb, 6)[0]
-    if opt == 0:
-        out = bytearray()
-        for c in all_commands():
-            flags = (0x02 if rctd else 0) | (0x01 if c.sa is not None else 0)
-            out += struct.pack(">BBHBBH", c.opcode, 0, c.sa or 0, 0, flags, c.cdb_len)
-            if rctd:
-                out += _timeouts(c)
-        data = struct.pack(">I", len(out)) + out
-    elif opt in (1, 2, 3):
-        entry = COMMANDS_BY_OPCODE.get(req_op)
-        has_sa = isinstance(entry, dict)
-        if opt == 1 and has_sa:
-            raise S.invalid_cdb(2, 0)
-        if opt == 2 and entry is not None and not has_sa:
-            raise S.invalid_cdb(2, 0)
-        if has_sa:
-            assert isinstance(entry, dict)
-            cmd = entry.get(req_sa) if opt != 1 else None
-        else:
-            cmd = entry if (opt != 3 or req_sa == 0) else None  # type: ignore[assignment]
-        if cmd is None:
-            data = bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
-        else:
-            body = cmd.usage
-            data = bytes((0, (0x80 if rctd else 0) | 0x03)) + struct.pack(">H", len(body)) + body
-            if rctd:
-                data += _timeouts(cmd)
-    else:
-        raise S.invalid_cdb(2, 2)
-    set_data_in(task, data, alloc)
-    lu.done(task)
-
-
 def report_supported_tmfs(lu: LogicalUnit, task: ScsiTask) -> None:
     repd = bool(task.cdb[2] & 0x80)
     alloc = struct.unpack_from(">I", task.cdb, 6)[0]
@@ -389,11 +218,9 @@ def report_supported_tmfs(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.device import device_of
-
     fmt = task.cdb[1] >> 5
     alloc = struct.unpack_from(">I", task.cdb, 6)[0]
-    dev = device_of(task)
+    dev = lu.registry.device_of(task)
     tags = dev.portal_group_tags() if dev is not None else [task.nexus.portal_group_tag]
     body = bytearray()
     for tag in tags:
@@ -411,11 +238,15 @@ def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
     lu.done(task)
 
 
-_RO = F.PR_ALLOWED | F.UA_EXEMPT | F.RESV_ALLOWED | F.SANITIZE_OK
+#: INQUIRY-like commands: allowed whatever the reservations and state, UA-exempt.
+RO_FLAGS = F.PR_ALLOWED | F.UA_EXEMPT | F.RESV_ALLOWED | F.SANITIZE_OK
 
 COMMANDS = [
-    Command(0x12, None, "INQUIRY", inquiry, usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x07), _RO),
-    Command(0x03, None, "REQUEST SENSE", request_sense, usage(0x03, 0x01, 0, 0, 0xFF, 0x07), _RO),
+    Command(REPORT_LUNS, None, "REPORT LUNS", report_luns,
+            usage(0xA0, 0, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07),
+            F.UA_EXEMPT | F.PR_ALLOWED | F.RESV_ALLOWED | F.SANITIZE_OK),
+    Command(0x12, None, "INQUIRY", inquiry, usage(0x12, 0x01, 0xFF, 0xFF, 0xFF, 0x07), RO_FLAGS),
+    Command(0x03, None, "REQUEST SENSE", request_sense, usage(0x03, 0x01, 0, 0, 0xFF, 0x07), RO_FLAGS),
     Command(0x00, None, "TEST UNIT READY", test_unit_ready, usage(0x00, 0, 0, 0, 0, 0x07), F.MEDIUM),
     Command(0x1A, None, "MODE SENSE(6)", mode_sense, usage(0x1A, 0x08, 0xFF, 0xFF, 0xFF, 0x07), F.PR_READ),
     Command(0x5A, None, "MODE SENSE(10)", mode_sense,
@@ -426,9 +257,7 @@ COMMANDS = [
     Command(0x55, None, "MODE SELECT(10)", mode_select,
             usage(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0x07), F.PR_WRITE),
     Command(0xA3, 0x0A, "REPORT TARGET PORT GROUPS", report_target_port_groups,
-            usage(0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
-    Command(0xA3, 0x0C, "REPORT SUPPORTED OPERATION CODES", report_supported_opcodes,
-            usage(0xA3, 0x1F, 0x87, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
+            usage(0xA3, 0xFF, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), RO_FLAGS & ~F.UA_EXEMPT),
     Command(0xA3, 0x0D, "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS", report_supported_tmfs,
-            usage(0xA3, 0x1F, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), _RO & ~F.UA_EXEMPT),
+            usage(0xA3, 0x1F, 0x80, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07), RO_FLAGS & ~F.UA_EXEMPT),
 ]

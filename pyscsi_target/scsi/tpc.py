@@ -1,7 +1,7 @@
 """Third-party copy (SPC-4 6.4 EXTENDED COPY LID1, 6.18 RECEIVE COPY RESULTS).
 
 The copy manager copies between logical units of this daemon: a CSCD identification
-descriptor (0xE4) names an LU by its NAA designator, found in ``lu.LU_REGISTRY``.
+descriptor (0xE4) names an LU by its NAA designator, found in the ScsiRegistry.
 Segments are block-to-block (0x02), what VMware VAAI XCOPY and Linux sg_xcopy send.
 
 Access rule: an LU is a usable copy target if the issuing I_T nexus's target maps it,
@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, usage
-from pyscsi_target.scsi.pr import set_data_in
-
-if TYPE_CHECKING:
-    from pyscsi_target.scsi.lu import LogicalUnit
-    from pyscsi_target.scsi.task import ScsiTask
+from pyscsi_target.scsi.command import Command, F, data_out_view, set_data_in, usage
+from pyscsi_target.scsi.lu import LogicalUnit
+from pyscsi_target.scsi.task import ScsiTask
 
 MAX_CSCD = 4
 MAX_SEGMENTS = 16
@@ -49,27 +44,24 @@ def _aborted(code: tuple[int, int] = S.COPY_TARGET_DEVICE_NOT_REACHABLE) -> S.Ch
 
 
 def _reachable(issuer: LogicalUnit, task: ScsiTask, target: LogicalUnit) -> bool:
-    from pyscsi_target.scsi.device import device_of
-
     if target is issuer or target.insecure_tpc:
         return True
-    dev = device_of(task)
+    registry = issuer.registry
+    dev = registry.device_of(task)
     if dev is not None and target in dev.luns.values():
         return True
     name = task.nexus.initiator_name.lower()
-    return any(d.has_initiator(name) for d in target.devices)
+    return any(d.has_initiator(name) for d in registry.devices_mapping(target))
 
 
 def extended_copy(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     cdb = task.cdb
     plen = struct.unpack_from(">I", cdb, 10)[0]
     task.xfer_len = plen
     if plen == 0:
         lu.done(task)
         return
-    data = memoryview(task.data_out or b"").cast("B")[:plen]
+    data = data_out_view(task)[:plen]
     if plen < 16 or len(data) < plen:
         raise S.param_list_length_error()
     list_id = data[0]
@@ -113,14 +105,14 @@ def extended_copy(lu: LogicalUnit, task: ScsiTask) -> None:
         codeset, dtype, dlen = d[4] & 0x0F, d[5] & 0x0F, d[7]
         target = None
         if codeset == 0x01 and dtype == 0x03 and dlen in (8, 16):
-            target = lumod.LU_REGISTRY.get(bytes(d[8:16]))
+            target = lu.registry.lus.get(bytes(d[8:16]))
         targets.append(target)
     for s in segs:
         if s[0] != SEG_B2B:
             raise S.CheckCondition(S.ILLEGAL_REQUEST, S.UNSUPPORTED_SEGMENT_DESCRIPTOR_TYPE)
         if len(s) != 28:
             raise S.invalid_param(16 + tdl)
-    key = it_key(task.nexus)
+    key = lu.registry.it_key(task.nexus)
     if list_id_usage != 0x03:
         prev = lu.copy_results.get((key, list_id))
         if prev is not None and prev.status == 0x00:
@@ -183,8 +175,6 @@ def extended_copy(lu: LogicalUnit, task: ScsiTask) -> None:
 
 
 def receive_copy_results(lu: LogicalUnit, task: ScsiTask) -> None:
-    from pyscsi_target.scsi.lu import it_key
-
     cdb = task.cdb
     sa = cdb[1] & 0x1F
     list_id = cdb[2]
@@ -209,7 +199,7 @@ def receive_copy_results(lu: LogicalUnit, task: ScsiTask) -> None:
         ) + bytes((SEG_B2B, CSCD_IDENT))
         data = struct.pack(">I", len(body)) + body
     elif sa == 0x00:  # COPY STATUS
-        res = lu.copy_results.get((it_key(task.nexus), list_id))
+        res = lu.copy_results.get((lu.registry.it_key(task.nexus), list_id))
         if res is None:
             raise S.invalid_cdb(2)
         units, count = 0x00, res.bytes
@@ -217,7 +207,7 @@ def receive_copy_results(lu: LogicalUnit, task: ScsiTask) -> None:
             units, count = 0x02, res.bytes >> 20  # MiB
         data = struct.pack(">IBHBI", 8, res.status & 0x7F, res.segments & 0xFFFF, units, count)
     elif sa == 0x04:  # FAILED SEGMENT DETAILS: we keep no sense of failed copies beyond status
-        res = lu.copy_results.get((it_key(task.nexus), list_id))
+        res = lu.copy_results.get((lu.registry.it_key(task.nexus), list_id))
         if res is None:
             raise S.invalid_cdb(2)
         data = struct.pack(">I52xBBH", 56, 0, 0 if res.status != COPY_ERR else 0x02, 0)

@@ -11,26 +11,24 @@ decided from it at login time.  Sessions live in the session registry (sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..config import model as M
 from ..iscsi.connection import Connection
 from ..iscsi.session import SessionInfo
+from ..scsi.device import ScsiDevice
+from ..scsi.lu import LogicalUnit
+from ..scsi.persistence import StateStore
+from ..scsi.registry import ScsiRegistry
 from .initiator_access import PortalPolicy
+from .logical_units import LogicalUnits
 from .portal_groups import EngineError, Listener, Portals
 from .protocol import IscsiProtocol
 from .send_targets import send_targets
 from .sessions import SessionRegistry
-
-if TYPE_CHECKING:
-    from ..scsi.device import ScsiDevice
-    from ..scsi.lu import LogicalUnit
-    from ..scsi.pr import PrStore
 
 __all__ = ["Engine", "EngineError", "TargetRuntime", "tune_malloc"]
 
@@ -81,7 +79,7 @@ class Engine:
     def __init__(
         self,
         state_dir: Path,
-        pr_store: PrStore | None = None,
+        pr_store: StateStore | None = None,
         *,
         queue_depth: int = 128,
         nop_interval: float = 30.0,
@@ -92,7 +90,6 @@ class Engine:
         if tune_allocator:
             tune_malloc()
         self.state_dir = Path(state_dir)
-        self.pr_store = pr_store
         self.queue_depth = queue_depth
         self.nop_interval = nop_interval
         self.nop_timeout = nop_timeout
@@ -102,7 +99,8 @@ class Engine:
         self._targets: dict[int, TargetRuntime] = {}
         self._by_iqn: dict[str, TargetRuntime] = {}
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
-        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
+        self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
+        self.logical_units = LogicalUnits(self.scsi, pr_store)
         self.session_registry = SessionRegistry(queue_depth, self._close_connection)
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()
@@ -115,45 +113,13 @@ class Engine:
     async def apply(self, model: M.ConfigModel) -> None:
         async with self._lock:
             self.model = model
-            self._apply_lus(model)
+            self.logical_units.apply(model, self._detach_lu)
             self._apply_targets(model)
             try:
                 await self.portals.apply(model, model.service_enabled and not self.shutting_down)
             finally:
                 for observer in self.on_applied:
                     observer()
-
-    def _apply_lus(self, model: M.ConfigModel) -> None:
-        from ..scsi.lu import open_logical_unit
-
-        wanted: dict[int, M.Extent] = {}
-        for m in model.lun_maps.values():
-            if m.target in model.targets and m.extent in model.extents:
-                wanted[m.extent] = model.extents[m.extent]
-        for eid in list(self._lus):
-            lu, old = self._lus[eid]
-            new = wanted.get(eid)
-            if new is None or new.path != old.path or new.type != old.type or new.blocksize != old.blocksize:
-                self._lus.pop(eid)
-                self._detach_lu(lu)
-                with contextlib.suppress(Exception):
-                    lu.close()
-        errors = []
-        for eid, ext in wanted.items():
-            cur = self._lus.get(eid)
-            if cur is None:
-                try:
-                    lu = open_logical_unit(ext, self.pr_store)
-                except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
-                    log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
-                    errors.append(f"{ext.name}: {e}")
-                    continue
-                self._lus[eid] = (lu, M.Extent(**vars(ext)))
-            elif vars(cur[1]) != vars(ext):
-                cur[0].update(ext)
-                self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
-        if errors:
-            log.error("extents not served: %s", "; ".join(errors))
 
     def _detach_lu(self, lu: LogicalUnit) -> None:
         for rt in self._targets.values():
@@ -162,8 +128,6 @@ class Engine:
                 rt.device.set_luns(rt.luns)
 
     def _apply_targets(self, model: M.ConfigModel) -> None:
-        from ..scsi.device import ScsiDevice
-
         for tid in list(self._targets):
             old = self._targets[tid]
             t = model.targets.get(tid)
@@ -173,14 +137,14 @@ class Engine:
             iqn = model.target_iqn(t)
             rt = self._targets.get(tid)
             if rt is None:
-                rt = TargetRuntime(tid, iqn, ScsiDevice(iqn))
+                rt = TargetRuntime(tid, iqn, ScsiDevice(iqn, self.scsi))
                 self._targets[tid] = rt
                 self._by_iqn[iqn] = rt
             luns = {}
             for lun, ext in model.luns_of_target(tid).items():
-                ent = self._lus.get(ext.id)
-                if ent is not None:
-                    luns[lun] = ent[0]
+                lu = self.logical_units.get(ext.id)
+                if lu is not None:
+                    luns[lun] = lu
             tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
@@ -287,16 +251,6 @@ class Engine:
         for proto in list(self.connections):
             proto.close(abort_tasks=True, announce=True)
         self.session_registry.end_all()
-        # I/O already in a worker thread cannot be recalled: let it land (briefly) before
-        # the logical units flush and close their backstores under it.
-        drain_until = loop.time() + 2.0
-        while loop.time() < drain_until and any(getattr(lu, "tasks", None) for lu, _e in self._lus.values()):
-            await asyncio.sleep(0.02)
-        for lu, _ext in self._lus.values():
-            try:
-                lu.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing logical unit failed")
-        self._lus.clear()
+        await self.logical_units.close()
         self._targets.clear()
         self._by_iqn.clear()

@@ -1,4 +1,4 @@
-"""The per-LU writer thread: FIFO order, batching, group commit, errors reach their own task."""
+"""The backstore writer thread: FIFO order, batching, group commit, errors reach their own task."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import asyncio
 import threading
 from typing import Any
 
-from pyscsi_target.scsi.writer import WriteQueue
+from pyscsi_target.backstore.writer import WriteQueue
 
 
 class FakeBackstore:
-    path = "fake"
+    name = "fake"
 
     def __init__(self) -> None:
         self.events: list[Any] = []

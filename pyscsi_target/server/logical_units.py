@@ -1,0 +1,166 @@
+"""The engine's logical units: one per mapped extent, opened, reconfigured and closed as
+the configuration changes.
+
+This is where a configuration ``Extent`` becomes what the SCSI layer understands: a
+backstore and an ``LuSettings`` value.  The SCSI layer itself never sees the config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable
+
+from ..backstore.base import Backstore
+from ..backstore.block import BlockBackstore
+from ..backstore.file import FileBackstore
+from ..config import model as M
+from ..scsi.lu import LogicalUnit
+from ..scsi.persistence import StateStore, StateWriter
+from ..scsi.registry import ScsiRegistry
+from ..scsi.sanitize import resume_sanitize
+from ..scsi.settings import LuSettings
+from ..values import parse_size
+
+log = logging.getLogger(__name__)
+
+#: Extent rpm (FreeNAS's choices) -> MEDIUM ROTATION RATE.
+RPM = {"Unknown": 0, "SSD": 1, "5400": 5400, "7200": 7200, "10000": 10000, "15000": 15000}
+
+
+def naa_of(extent: M.Extent) -> bytes:
+    """The LU's 8-byte NAA designator: the extent's, else a stable locally assigned one."""
+    text = extent.naa.lower().removeprefix("0x")
+    if len(text) == 16 and all(c in "0123456789abcdef" for c in text):
+        return bytes.fromhex(text)
+    digest = hashlib.sha256(f"{extent.id}:{extent.name}:{extent.path}".encode()).digest()
+    # NAA 3 (locally assigned): top nibble 3, 60 bits of our own.
+    return bytes(((0x30 | (digest[0] & 0x0F)),)) + digest[1:8]
+
+
+def lu_settings(extent: M.Extent) -> LuSettings:
+    naa = naa_of(extent)
+    return LuSettings(
+        name=extent.name,
+        naa=naa,
+        serial=(extent.serial or naa.hex())[:32],
+        block_size=extent.blocksize,
+        read_only=extent.ro,
+        rpm=RPM.get(str(extent.rpm), 0),
+        # pblocksize=True means "disable physical block size reporting" (FreeNAS); else
+        # 4 KiB physical blocks are reported for smaller logical blocks.
+        physical_block_size=extent.blocksize if extent.pblocksize else max(4096, extent.blocksize),
+        # xen: FreeNAS's "Xen initiator compat mode" (unpadded serial in VPD 83h).
+        xen=extent.xen,
+        insecure_tpc=extent.insecure_tpc,
+        avail_threshold=extent.avail_threshold or 0,
+    )
+
+
+def requested_size(extent: M.Extent) -> int:
+    """The LU size the extent asks for in bytes; 0 = the storage's own size (a device, or
+    filesize "0": the existing file's)."""
+    if extent.type == "Disk":
+        return 0
+    return parse_size(extent.filesize or "0")
+
+
+def open_backstore(extent: M.Extent) -> Backstore:
+    if extent.type == "Disk":
+        return BlockBackstore(extent.path, read_only=extent.ro)
+    return FileBackstore(extent.path, requested_size(extent), read_only=extent.ro)
+
+
+def open_logical_unit(extent: M.Extent, registry: ScsiRegistry, state: StateWriter | None) -> LogicalUnit:
+    """Open the extent's backstore and its LU; an interrupted SANITIZE resumes (which needs
+    the running event loop)."""
+    backstore = open_backstore(extent)
+    try:
+        lu = LogicalUnit(lu_settings(extent), backstore, registry, state)
+    except BaseException:
+        backstore.close()
+        raise
+    resume_sanitize(lu)
+    return lu
+
+
+def reconfigure(lu: LogicalUnit, extent: M.Extent) -> None:
+    """Apply a changed extent to its open LU, with the unit attentions that implies
+    (INQUIRY DATA HAS CHANGED, CAPACITY DATA HAS CHANGED)."""
+    lu.update(lu_settings(extent))
+    lu.resize(requested_size(extent))
+
+
+def _needs_reopen(old: M.Extent, new: M.Extent) -> bool:
+    return new.path != old.path or new.type != old.type or new.blocksize != old.blocksize
+
+
+class LogicalUnits:
+    """The open LUs by extent id, reconciled against each configuration the engine applies."""
+
+    def __init__(self, registry: ScsiRegistry, store: StateStore | None = None) -> None:
+        self.registry = registry
+        self.state = StateWriter(store) if store is not None else None
+        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
+
+    def get(self, extent_id: int) -> LogicalUnit | None:
+        ent = self._lus.get(extent_id)
+        return ent[0] if ent is not None else None
+
+    def all(self) -> list[LogicalUnit]:
+        return [lu for lu, _ext in self._lus.values()]
+
+    def apply(self, model: M.ConfigModel, detach: Callable[[LogicalUnit], None]) -> list[str]:
+        """Open, update and close LUs so that every mapped extent has one.  ``detach`` takes
+        an LU out of every target before it is closed.  Returns the extents that could not
+        be opened (logged; the others are served)."""
+        wanted: dict[int, M.Extent] = {}
+        for m in model.lun_maps.values():
+            if m.target in model.targets and m.extent in model.extents:
+                wanted[m.extent] = model.extents[m.extent]
+        for eid in list(self._lus):
+            lu, old = self._lus[eid]
+            new = wanted.get(eid)
+            if new is None or _needs_reopen(old, new):
+                del self._lus[eid]
+                detach(lu)
+                try:
+                    lu.close()
+                except Exception:  # noqa: BLE001 - the others must still be reconciled
+                    log.exception("closing LU %s", lu.name)
+        errors = []
+        for eid, ext in wanted.items():
+            cur = self._lus.get(eid)
+            if cur is None:
+                try:
+                    lu = open_logical_unit(ext, self.registry, self.state)
+                except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
+                    log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
+                    errors.append(f"{ext.name}: {e}")
+                    continue
+                self._lus[eid] = (lu, M.Extent(**vars(ext)))
+            elif vars(cur[1]) != vars(ext):
+                reconfigure(cur[0], ext)
+                self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
+        if errors:
+            log.error("extents not served: %s", "; ".join(errors))
+        return errors
+
+    async def close(self, drain: float = 2.0) -> None:
+        """Close every LU (after up to ``drain`` seconds for running commands), then let
+        the state writer commit what is queued."""
+        loop = asyncio.get_running_loop()
+        # I/O already in a worker thread cannot be recalled: let it land (briefly) before
+        # the logical units flush and close their backstores under it.
+        until = loop.time() + drain
+        while loop.time() < until and any(lu.tasks for lu in self.all()):
+            await asyncio.sleep(0.02)
+        for lu in self.all():
+            try:
+                lu.close()
+            except Exception:  # noqa: BLE001 - close the others
+                log.exception("closing logical unit %s failed", lu.name)
+        self._lus.clear()
+        if self.state is not None:
+            await loop.run_in_executor(None, self.state.close)
