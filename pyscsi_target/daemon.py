@@ -21,6 +21,7 @@ from .api_endpoint import ApiEndpoint, local_url
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .isns import IsnsClient, default_entity_id, desired_state
+from .jobs import SanitizeJobs
 from .server.engine import Engine
 from .systemd import Notifier
 from .values import format_listen
@@ -62,6 +63,7 @@ async def _refresh_status(notifier: Notifier, engine: Engine, service: ConfigSer
 
 async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     from rest.app import make_app, ssl_context_from_files, start_api  # aiohttp only when serving
+    from rest.native import JOBS_KEY
 
     notifier = Notifier.from_env()
     notifier.status("opening the state database")
@@ -88,7 +90,9 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
         await service.start(default_portals=[format_listen(h, p) for h, p in opts.portals], demo=opts.demo)
         notifier.status("starting the REST API")
         ssl_ctx = ssl_context_from_files(opts.api_cert, opts.api_key_file) if opts.api_cert else None
-        runner = await start_api(make_app(service, store), opts.api[0], opts.api[1], ssl_ctx)
+        app = make_app(service, store)
+        app[JOBS_KEY].add_source(SanitizeJobs(lambda: ((lu.settings.name, lu) for lu in engine.logical_units.all())))
+        runner = await start_api(app, opts.api[0], opts.api[1], ssl_ctx)
         api_port = runner.addresses[0][1] if runner.addresses else opts.api[1]
         api_url = local_url("https" if ssl_ctx else "http", opts.api[0], api_port)
         ApiEndpoint(

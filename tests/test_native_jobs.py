@@ -244,3 +244,34 @@ async def test_import_client_vanishing_mid_upload_leaves_nothing(tmp_path: Path)
         assert [j["state"] for j in jobs] == [FAILED], jobs
         assert list((tmp_path / "extents").iterdir()) == []
         assert h.service.model.extents == {}
+
+
+def test_sanitize_in_the_daemon_is_a_job_with_progress(tmp_path: Path) -> None:
+    """The daemon wires the SCSI layer's SANITIZE progress into the job list: an initiator's
+    SANITIZE OVERWRITE (IMMED) of the demo LU shows as a running job, then ends."""
+    import struct
+
+    from support.daemon import Daemon, wait_for
+    from support.rawclient import login_session
+
+    with Daemon(tmp_path / "state") as d:
+        c = login_session("127.0.0.1", d.port, d.iqn)
+        try:
+            while c.scsi(bytes(6)).status:  # clear the power-on unit attention
+                pass
+            param = struct.pack(">BBH", 0x01, 0, 512) + bytes(512)  # one pass, a zero pattern
+            r = c.scsi(struct.pack(">BBBBBBBHB", 0x48, 0x81, 0, 0, 0, 0, 0, len(param), 0), data=param)
+            assert r.status == 0, r.sense.hex()
+            seen: list[dict[str, Any]] = []
+
+            def sanitize_job() -> bool:
+                jobs = d.rest("GET", "jobs", prefix="/api/pyscsi/v1")
+                seen.extend(j for j in jobs if j["kind"] == "sanitize")
+                return bool(seen)
+
+            assert wait_for(sanitize_job, timeout=30), "no sanitize job listed"
+            assert seen[0]["id"] == "sanitize-demo" and seen[0]["state"] == RUNNING
+            assert wait_for(lambda: c.scsi(bytes(6)).status == 0, timeout=120), "SANITIZE did not end"
+            assert not [j for j in d.rest("GET", "jobs", prefix="/api/pyscsi/v1") if j["kind"] == "sanitize"]
+        finally:
+            c.close()
