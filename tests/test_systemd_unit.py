@@ -19,7 +19,7 @@ def _unit_here(tmp_path: Path) -> Path:
     assert f"ExecStart={SHIPPED_BINARY} serve" in text
     binary = shutil.which("pyscsi-target") or sys.executable
     out = tmp_path / "pyscsi-target.service"
-    out.write_text(text.replace(SHIPPED_BINARY, binary))
+    out.write_text(text.replace(f"ExecStart={SHIPPED_BINARY} ", f"ExecStart={binary} "))
     return out
 
 
