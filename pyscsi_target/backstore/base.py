@@ -31,8 +31,10 @@ backstores all fit it):
 
 * **Life cycle.**  ``resize(size)`` changes the capacity (0: adopt the size the storage
   reports now, e.g. after a device or image was grown underneath); ``close()`` lets queued
-  writes land, flushes, and releases the storage.  The SCSI layer never touches a file
-  descriptor: only FdBackstore and its subclasses have one.
+  writes land, flushes, and releases the storage.  A backstore that learns by itself that
+  its size changed (an RBD image resized by another client) sets ``size`` and calls
+  ``on_size_change(size)`` on the loop thread, when the LU's owner has set that hook.  The
+  SCSI layer never touches a file descriptor: only FdBackstore and its subclasses have one.
 """
 
 from __future__ import annotations
@@ -161,6 +163,8 @@ class Backstore(ABC):
         self.discard_granularity = 4096
         self.closed = False
         self._writer: WriteQueue | None = None
+        #: Set by the LU's owner; called on the loop when the storage was resized underneath.
+        self.on_size_change: Callable[[int], None] | None = None
 
     # --- data path (loop thread) ---------------------------------------------------------
 
