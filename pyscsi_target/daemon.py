@@ -14,10 +14,11 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api_endpoint import ApiEndpoint, local_url
+from .cluster.rados import ClusterSettings
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .isns import IsnsClient, default_entity_id, desired_state
@@ -40,6 +41,7 @@ class DaemonOptions:
     api_cert: Path | None = None
     api_key_file: Path | None = None
     demo: bool = False
+    ceph: ClusterSettings = field(default_factory=ClusterSettings)  # RBD extents' defaults
 
 
 def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
@@ -69,8 +71,9 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
-    engine = Engine(opts.state_dir, pr_store=store.pr_store)
+    engine = Engine(opts.state_dir, pr_store=store.pr_store, ceph=opts.ceph)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
+    service.ceph = opts.ceph
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

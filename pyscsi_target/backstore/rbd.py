@@ -46,6 +46,7 @@ from pyscsi_target.backstore.librbd import (
     Image,
 )
 from pyscsi_target.cluster.rados import ClusterSettings, IoCtx, Rados, RadosError
+from pyscsi_target.values import parse_rbd_image
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,8 @@ class RbdSpec:
     @classmethod
     def parse(cls, text: str, cluster: ClusterSettings | None = None) -> RbdSpec:
         """``pool/image`` or ``pool/namespace/image`` (what ``rbd`` accepts)."""
-        parts = text.split("/")
-        if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"RBD image {text!r}: expected pool/image or pool/namespace/image")
-        if len(parts) == 2:
-            return cls(parts[0], parts[1], "", cluster or ClusterSettings())
-        return cls(parts[0], parts[2], parts[1], cluster or ClusterSettings())
+        name = parse_rbd_image(text)
+        return cls(name.pool, name.image, name.namespace, cluster or ClusterSettings())
 
 
 class _Connections:

@@ -41,6 +41,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="directory file extents may live under (repeatable; default STATE_DIR/extents)")
     s.add_argument("--demo", action="store_true",
                    help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
+    ceph = s.add_argument_group("Ceph", "how RBD extents that leave these settings empty reach their cluster")
+    ceph.add_argument("--ceph-conf", type=Path, default=None, metavar="FILE",
+                      help="ceph.conf (default: librados' search, $CEPH_CONF then /etc/ceph/ceph.conf)")
+    ceph.add_argument("--ceph-id", default="admin", metavar="ID", help="client id (default admin: client.admin)")
+    ceph.add_argument("--ceph-keyring", type=Path, default=None, metavar="FILE",
+                      help="keyring of that client (default: ceph.conf's)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=list(FORMATS),
                    help="auto: journal when stderr is systemd's journal stream, else text; "
@@ -68,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
     if bool(args.api_cert) != bool(args.api_key_file):
         print("pyscsi-target: --api-cert and --api-key-file go together", file=sys.stderr)
         return 2
+    from ..cluster.rados import ClusterSettings
     from ..daemon import DaemonOptions, run
 
     opts = DaemonOptions(
@@ -78,5 +85,10 @@ def serve(args: argparse.Namespace) -> int:
         api_key_file=args.api_key_file,
         extent_roots=[r.resolve() for r in args.extent_root] if args.extent_root else [state_dir / "extents"],
         demo=args.demo,
+        ceph=ClusterSettings(
+            conf=str(args.ceph_conf.resolve()) if args.ceph_conf else None,
+            client_id=args.ceph_id,
+            keyring=str(args.ceph_keyring.resolve()) if args.ceph_keyring else None,
+        ),
     )
     return run(opts)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cluster.rados import ClusterSettings
 from ..config import model as M
 from ..iscsi.connection import Connection
 from ..iscsi.session import SessionInfo
@@ -86,6 +87,7 @@ class Engine:
         nop_timeout: float = 30.0,
         login_timeout: float = 30.0,
         tune_allocator: bool = True,
+        ceph: ClusterSettings | None = None,
     ) -> None:
         if tune_allocator:
             tune_malloc()
@@ -100,7 +102,7 @@ class Engine:
         self._by_iqn: dict[str, TargetRuntime] = {}
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
         self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
-        self.logical_units = LogicalUnits(self.scsi, pr_store)
+        self.logical_units = LogicalUnits(self.scsi, pr_store, ceph)
         self.session_registry = SessionRegistry(queue_depth, self._close_connection)
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()
@@ -112,6 +114,7 @@ class Engine:
 
     async def apply(self, model: M.ConfigModel) -> None:
         async with self._lock:
+            await self.logical_units.open_remote(model)  # RBD images: in threads
             self.model = model
             self.logical_units.apply(model, self._detach_lu)
             self._apply_targets(model)
