@@ -15,7 +15,7 @@ import errno
 from dataclasses import dataclass
 
 from pyscsi_target.backstore.librbd import Image, create_image, remove_image
-from pyscsi_target.backstore.rbd import CONNECTIONS, RbdSpec
+from pyscsi_target.backstore.rbd import CONNECTIONS, RbdBackstore, RbdSpec
 from pyscsi_target.cluster.rados import ClusterSettings, IoCtx, RadosError
 from pyscsi_target.config.errors import ValidationError
 from pyscsi_target.config.model import Extent
@@ -114,3 +114,12 @@ def discard_image(prepared: PreparedImage) -> None:
             remove_image(io, prepared.spec.image)
     finally:
         CONNECTIONS.put(prepared.spec.cluster, rados)
+
+
+def image_usage(e: Extent, defaults: ClusterSettings) -> tuple[int, int]:
+    """The extent's image size and the bytes backed by RADOS objects (blocking)."""
+    backstore = RbdBackstore(spec_of(e, defaults), read_only=True)
+    try:
+        return backstore.size, backstore.allocated_bytes()
+    finally:
+        backstore.close()
