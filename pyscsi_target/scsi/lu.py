@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from pyscsi_target.backstore.base import Backstore, Buffer
 from pyscsi_target.scsi import sense as S
+from pyscsi_target.scsi.alua import Alua
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.persistence import StateWriter
@@ -65,7 +66,7 @@ class LogicalUnit:
     # Slots: every command reads a dozen of these, and 36 attributes are past what
     # CPython's shared-key instance dicts (and their fastest attribute loads) take.
     __slots__ = (
-        "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
+        "alua", "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
         "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
         "name", "nexuses", "num_blocks", "ordered_running", "pr", "read_only", "registry", "rpm",
         "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
@@ -90,6 +91,7 @@ class LogicalUnit:
         saved_modes = state.load(self.modes_key) if state is not None else None
         self.modes = ModePages(saved_modes)
         self.pr = PersistentReservations(self)
+        self.alua = Alua()  # target port group states (all active/optimized unless a cluster sets them)
         self.legacy_holder: ITKey | None = None  # RESERVE(6/10) holder
         self.ua: dict[ITKey, list[tuple[int, int]]] = {}
         self.nexuses: dict[ITKey, int] = {}  # I_T nexuses known to this LU (key -> refcount)
@@ -344,6 +346,10 @@ class LogicalUnit:
             code = self.pop_ua(key)
             assert code is not None
             raise S.unit_attention(code)
+        if self.alua.states and cmd.flags & F.MEDIUM:  # a gateway in transition or fenced
+            refused = self.alua.refusal(task.nexus.portal_group_tag)
+            if refused is not None:
+                raise S.CheckCondition(S.NOT_READY, refused)
         # RESERVE(6/10) reservation held by another nexus
         if self.legacy_holder is not None and self.legacy_holder != key and not cmd.flags & F.RESV_ALLOWED:
             raise S.ReservationConflict()
