@@ -64,6 +64,13 @@ Done = Callable[[BaseException | None], None]
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
+class PathUnavailable(OSError):
+    """The storage refuses this node (a gateway fenced by another that took its RBD image
+    over): nothing was written, and the command may succeed through another target port.
+    The SCSI layer reports it as such (NOT READY, TARGET PORT IN UNAVAILABLE STATE) instead
+    of a medium error, so a multipath initiator retries it on another path."""
+
+
 class Extent(NamedTuple):
     """A run of bytes with one provisioning state (GET LBA STATUS)."""
 

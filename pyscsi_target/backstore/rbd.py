@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyscsi_target.backstore.base import Backstore, Buffer, Done, Extent, first_difference
+from pyscsi_target.backstore.base import Backstore, Buffer, Done, Extent, PathUnavailable, first_difference
 from pyscsi_target.backstore.librbd import (
     FEATURE_FAST_DIFF,
     FEATURE_OBJECT_MAP,
@@ -62,6 +62,8 @@ EBLOCKLISTED = errno.ESHUTDOWN
 
 
 def _error(r: int, what: str) -> OSError:
+    if -r == EBLOCKLISTED:  # fenced: nothing landed, another gateway can do it
+        return PathUnavailable(-r, f"{what}: this gateway was fenced ({os.strerror(-r)})")
     return RadosError(-r, f"{what}: {os.strerror(-r)}")
 
 
@@ -317,6 +319,8 @@ class RbdBackstore(Backstore):
     # --- blocking calls (worker threads) ------------------------------------------------------
 
     def _retry_erofs(self, fn: Callable[[], None]) -> None:
+        """Run a blocking librbd call; EROFS (a peer holds the lock explicitly) is retried for up
+        to LOCK_WAIT, and a fenced client's failure becomes PathUnavailable."""
         deadline = time.monotonic() + LOCK_WAIT
         delay = _RETRY_FIRST
         while True:
@@ -332,7 +336,8 @@ class RbdBackstore(Backstore):
             delay = min(delay * 2, _RETRY_MAX)
 
     def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
-        self._img().read_into(buf, offset)
+        img = self._img()
+        self._retry_erofs(lambda: img.read_into(buf, offset))
 
     def write(self, data: Sequence[Buffer], offset: int, fua: bool = False) -> None:
         if self.read_only:
@@ -345,7 +350,7 @@ class RbdBackstore(Backstore):
             img.flush()
 
     def flush(self) -> None:
-        self._img().flush()
+        self._retry_erofs(self._img().flush)
 
     def discard(self, offset: int, length: int) -> None:
         """Zeroes that free every whole object inside the range (a plain rbd discard would

@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from pyscsi_target.backstore.base import Backstore, Buffer
+from pyscsi_target.backstore.base import Backstore, Buffer, PathUnavailable
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.alua import Alua
+from pyscsi_target.scsi.alua import TARGET_PORT_UNAVAILABLE, Alua
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.persistence import StateWriter
@@ -239,6 +239,11 @@ class LogicalUnit:
         if isinstance(exc, S.CheckCondition):
             task.status = S.CHECK_CONDITION
             task.sense = self.sense_of(exc)
+            task.data_in = []
+            task.data_in_len = 0
+        elif isinstance(exc, PathUnavailable):
+            task.status = S.CHECK_CONDITION
+            task.sense = self.sense_of(S.CheckCondition(S.NOT_READY, TARGET_PORT_UNAVAILABLE))
             task.data_in = []
             task.data_in_len = 0
         elif isinstance(exc, S.ReservationConflict):

@@ -109,6 +109,8 @@ class Engine:
         self.shutting_down = False
         # Called after every apply, even one where a portal could not bind (iSNS registration).
         self.on_applied: list[Callable[[], None]] = []
+        # A gateway of a cluster listens on its own portal groups only (None: on every one).
+        self.portal_tags: frozenset[int] | None = None
 
     # --- reconcile ----------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class Engine:
             self.logical_units.apply(model, self._detach_lu)
             self._apply_targets(model)
             try:
-                await self.portals.apply(model, model.service_enabled and not self.shutting_down)
+                await self.portals.apply(model, model.service_enabled and not self.shutting_down, self.portal_tags)
             finally:
                 for observer in self.on_applied:
                     observer()
