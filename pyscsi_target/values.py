@@ -356,6 +356,14 @@ def parse_rbd_image(text: str) -> RbdImageName:
     return RbdImageName(parts[0], parts[2], parts[1])
 
 
+def parse_rados_location(text: str) -> tuple[str, str]:
+    """Where a gateway cluster keeps its shared state: ``pool`` or ``pool/namespace``."""
+    parts = text.split("/")
+    if len(parts) not in (1, 2) or not all(_RBD_PART_RE.match(p) for p in parts):
+        raise ValueError(f"{text!r} is not a RADOS location: use pool or pool/namespace.")
+    return parts[0], parts[1] if len(parts) == 2 else ""
+
+
 # --- login status (RFC 7143 11.13.5) -------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from pyscsi_target.values import (
     parse_naa,
     parse_networks,
     parse_peer_ip,
+    parse_rados_location,
     parse_rbd_image,
     parse_size,
 )
@@ -167,6 +168,14 @@ def test_rbd_image_name() -> None:
             parse_rbd_image(bad)
 
 
+def test_rados_location() -> None:
+    assert parse_rados_location("rbd") == ("rbd", "")
+    assert parse_rados_location("rbd/gateways") == ("rbd", "gateways")
+    for bad in ("", "rbd/", "/ns", "a/b/c", "my pool"):
+        with pytest.raises(ValueError):
+            parse_rados_location(bad)
+
+
 def test_login_status() -> None:
     assert LoginStatus.TARGET_REMOVED.status_class == 2 and LoginStatus.TARGET_REMOVED.status_detail == 4
     assert LoginStatus.of(3, 2) is LoginStatus.OUT_OF_RESOURCES
@@ -179,7 +188,7 @@ def test_login_status() -> None:
 def test_parsers_only_raise_value_error(text: str) -> None:
     """Any text: a value or a ValueError whose message goes back to the client, never a crash."""
     for fn in (parse_size, parse_listen, parse_access_config, parse_initiator_names, parse_networks,
-               check_iscsi_name, parse_naa, parse_rbd_image):
+               check_iscsi_name, parse_naa, parse_rbd_image, parse_rados_location):
         try:
             fn(text)  # type: ignore[operator]
         except ValueError:

@@ -27,7 +27,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pyscsi_target.cluster.rados import IoCtx, RadosError, Watch
+from pyscsi_target.cluster.follower import Follower
+from pyscsi_target.cluster.rados import IoCtx, RadosError
 from pyscsi_target.config.model import (
     AuthCredential,
     ConfigModel,
@@ -48,7 +49,6 @@ CONFIG_OID = "pyscsi-target.config"
 FORMAT = 1
 #: Seconds between checks of the shared version without a notify (a missed one, a lost watch).
 RECHECK = 5.0
-NOTIFY_TIMEOUT_MS = 2000
 
 _KINDS: dict[str, type] = {
     "portal_groups": PortalGroup,
@@ -93,20 +93,15 @@ def decode(data: bytes) -> SharedModel:
     return SharedModel(model, {k: int(v) for k, v in doc["id_sequences"].items()})
 
 
-class SharedConfig:
+class SharedConfig(Follower):
     """This gateway's side of the shared configuration: publisher of its changes (installed
     as ``Changes.publisher``) and installer of the others'."""
 
     def __init__(self, io: IoCtx, changes: Changes, store: ConfigStore) -> None:
-        self.io = io
+        super().__init__(io, CONFIG_OID, RECHECK)
         self.changes = changes
         self.store = store
         self.version = 0  # the shared version this gateway holds (0: none yet)
-        self._watch: Watch | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wakeup = asyncio.Event()
-        self._rewatch = False
-        self._notifies: set[asyncio.Task[Any]] = set()
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -135,9 +130,9 @@ class SharedConfig:
                 log.info("joined the cluster configuration at version %d", version)
             self.changes.publisher = self
 
-    async def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def start(self) -> None:
         """Publish the local configuration if the cluster has none yet (the first gateway),
-        then watch for the others' changes."""
+        then follow the others' changes."""
         async with self.changes.lock:
             if self.version == 0:
                 newer = await self.publish(ConfigModel(), self.changes.model)
@@ -145,22 +140,7 @@ class SharedConfig:
                     await self.changes.install(newer)
                 else:
                     log.info("published this gateway's configuration as the cluster's first")
-        self._watch = await asyncio.to_thread(self.io.watch, CONFIG_OID, self._notified, self._watch_failed, loop)
-        self._task = loop.create_task(self._follow())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        for task in list(self._notifies):
-            task.cancel()
-        if self._watch is not None:
-            watch, self._watch = self._watch, None
-            await asyncio.to_thread(watch.close)
+        await self.follow()
 
     # --- publishing (Changes.publisher) --------------------------------------------------------
 
@@ -171,7 +151,7 @@ class SharedConfig:
                                        {"version": str(self.version + 1).encode(), "model": data}, (), True)
         if done:
             self.version += 1
-            self._announce()
+            self.announce(str(self.version).encode())
             return None
         version, shared = await asyncio.to_thread(self.read)
         if shared is None:
@@ -179,49 +159,10 @@ class SharedConfig:
         self.version = version
         return shared
 
-    def _announce(self) -> None:
-        """Notify the other gateways (in the background: nobody waits for their acks)."""
-        payload = str(self.version).encode()
-        task = asyncio.get_running_loop().create_task(
-            asyncio.to_thread(self.io.notify, CONFIG_OID, payload, NOTIFY_TIMEOUT_MS))
-        self._notifies.add(task)
-        task.add_done_callback(self._notified_all)
-
-    def _notified_all(self, task: asyncio.Task[Any]) -> None:
-        self._notifies.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("notifying the other gateways failed: %s", task.exception())
-
     # --- following the others ---------------------------------------------------------------------
 
-    def _notified(self, n: Any) -> bytes:
-        self._wakeup.set()
-        return b""
-
-    def _watch_failed(self, err: int) -> None:
-        log.warning("the watch on the shared configuration was lost (%d): re-reading it", err)
-        self._wakeup.set()
-        self._rewatch = True
-
-    async def _follow(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), RECHECK)
-            except TimeoutError:
-                pass
-            self._wakeup.clear()
-            try:
-                if self._rewatch and self._watch is not None:
-                    self._rewatch = False
-                    old, loop = self._watch, asyncio.get_running_loop()
-                    self._watch = await asyncio.to_thread(self.io.watch, CONFIG_OID, self._notified,
-                                                          self._watch_failed, loop)
-                    await asyncio.to_thread(old.close)
-                await self.refresh()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("following the shared configuration failed")
+    async def round(self) -> None:
+        await self.refresh()
 
     async def refresh(self) -> bool:
         """Install the shared configuration if it is newer than this gateway's; True if it was."""

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from pyscsi_target.cluster.rados import ClusterSettings
 from pyscsi_target.config.auth_credentials import DEFAULT_TAG, build_auth_credential
-from pyscsi_target.config.errors import ConflictError
+from pyscsi_target.config.errors import ConflictError, ValidationError
 from pyscsi_target.config.extent_files import ExtentRoots
 from pyscsi_target.config.extents import build_extent
 from pyscsi_target.config.global_settings import build_global
@@ -86,6 +86,8 @@ class ConfigService:
         self.roots = self._roots(extent_roots)
         #: How RBD extents reach their cluster when they leave a setting empty (daemon options).
         self.ceph = ClusterSettings()
+        #: A gateway of a cluster serves RBD images only (a file or disk differs per gateway).
+        self.rbd_only = False
 
     def _roots(self, roots: Iterable[Path | str] | None) -> ExtentRoots:
         return ExtentRoots(list(roots or []) or [self.store.state_dir / "extents"])
@@ -96,6 +98,11 @@ class ConfigService:
     @property
     def extent_roots(self) -> list[Path]:
         return self.roots.roots
+
+    @property
+    def changes(self) -> Changes:
+        """The commit-and-apply path (the cluster's shared configuration hooks into it)."""
+        return self._changes
 
     @property
     def model(self) -> ConfigModel:
@@ -309,6 +316,9 @@ class ConfigService:
     async def _with_rbd_image(self, e: Extent, old: Extent | None, change: Callable[[], Awaitable[T]]) -> T:
         """Run ``change`` once an RBD extent's image exists with its size (created or grown in a
         thread: that waits for the cluster); an image made for a change that fails is removed."""
+        if self.rbd_only and e.type != "RBD":
+            raise ValidationError({"type": ["Gateways of a cluster serve RBD extents only: a File or Disk extent "
+                                            "would hold different data on each gateway."]})
         if e.type != "RBD" or (old is not None and (old.type, old.path, old.filesize, old.ceph_conf)
                                 == (e.type, e.path, e.filesize, e.ceph_conf)):
             return await change()

@@ -210,6 +210,23 @@ class LogicalUnits:
             log.error("extents not served: %s", "; ".join(errors))
         return errors
 
+    async def reopen_rbd(self, lu: LogicalUnit, close_wait: float = 10.0) -> None:
+        """Give ``lu`` a new handle on its RBD image, through a new client instance: its client
+        was blocklisted (fenced by another gateway), and a fenced client can do nothing more.
+        The LU keeps its state (reservations, unit attentions, sessions)."""
+        old = lu.backstore
+        assert isinstance(old, RbdBackstore)
+        new = await asyncio.to_thread(RbdBackstore, old.spec, old.read_only)
+        new.on_size_change = lu.resize
+        new.attach(asyncio.get_running_loop())
+        lu.backstore = new
+        lu.resize(new.size)
+        try:  # a fenced image may not close cleanly: never wait for it for long
+            await asyncio.wait_for(asyncio.to_thread(old.close), close_wait)
+        except (TimeoutError, OSError) as exc:
+            log.warning("LU %s: closing the fenced image handle: %r", lu.name, exc)
+        log.info("LU %s: image reopened with a new client (%s)", lu.name, new.client_address)
+
     async def close(self, drain: float = 2.0) -> None:
         """Close every LU (after up to ``drain`` seconds for running commands), then let
         the state writer commit what is queued."""

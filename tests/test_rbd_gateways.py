@@ -1,0 +1,149 @@
+"""Several gateways exporting one RBD image (a real loopback cluster, real daemons): the
+shared configuration, one LU identity, implicit ALUA with one active/optimized gateway, and
+failover when the optimized gateway dies."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import ceph as ceph_support
+from support import rawclient as R
+from support.ceph import CephCluster, Image
+from support.gateways import IQN, Gateways, gateways, wait_for
+
+ceph_cluster = ceph_support.ceph_cluster
+rbd_image = ceph_support.rbd_image
+
+AO, ANO, UNAVAILABLE = 0x0, 0x1, 0x3
+MiB = 1 << 20
+
+
+@pytest.fixture
+def gws(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[Gateways]:
+    with gateways(ceph_cluster, tmp_path) as g:
+        yield g
+
+
+def rtpg(c: R.RawClient) -> dict[int, tuple[int, bool]]:
+    """REPORT TARGET PORT GROUPS: {group id: (state, preferred)}; unit attentions (the state
+    change announced) are consumed first."""
+    for _ in range(8):
+        r = c.scsi(struct.pack(">BBxxxxIxB", 0xA3, 0x0A, 1024, 0), read_len=1024)
+        if r.status != 2 or r.sense_key != 0x6:
+            break
+    assert r.status == 0, r
+    n = struct.unpack_from(">I", r.data)[0]
+    out = {}
+    pos = 4
+    while pos < 4 + n:
+        b0, _sup, tpg, _r, _st, _vs, count = struct.unpack_from(">BBHBBBB", r.data, pos)
+        out[tpg] = (b0 & 0x0F, bool(b0 & 0x80))
+        pos += 8 + 4 * count
+    return out
+
+
+def naa_of(c: R.RawClient) -> bytes:
+    r = c.scsi(R.inquiry(255, evpd=1, page=0x83), read_len=255)
+    assert r.status == 0
+    return r.data[8:16]  # the first designator: the LU's NAA
+
+
+def session(gws: Gateways, k: int, initiator: str = "iqn.2026-11.org.pyscsi-target.test:gwtest") -> R.RawClient:
+    d = gws[k]
+    c = R.RawClient(d.host, d.port, initiator=initiator)
+    out = c.login(IQN)
+    assert out.ok, f"login to gateway {k + 1}: {out.status:#06x}"
+    c.clear_unit_attentions()
+    return c
+
+
+def test_a_rest_change_on_one_gateway_is_served_by_the_other_within_a_second(gws: Gateways) -> None:
+    a, b = gws[0], gws[1]
+    # both gateways' portal groups are in the one configuration
+    assert sorted(pg["iscsi_target_portal_tag"] for pg in b.rest("GET", "portal/")) == [1, 2]
+    t0 = time.monotonic()
+    created = a.rest("POST", "target/", {"iscsi_target_name": "shared-change", "iscsi_target_alias": "made on A"})
+    took = wait_for(lambda: any(t["iscsi_target_name"] == "shared-change" for t in b.rest("GET", "target/")), 5,
+                    "gateway B to show the target")
+    assert took < 1.0, f"B showed A's change after {took:.3f}s"
+    # and the change is live in B's engine: B's portal discovers it once it has a target group
+    pgs = {pg["iscsi_target_portal_tag"]: pg["id"] for pg in b.rest("GET", "portal/")}
+    a.rest("POST", "targetgroup/", {"iscsi_target": created["id"], "iscsi_target_portalgroup": pgs[2],
+                                    "iscsi_target_authtype": "None"})
+
+    def discovered() -> bool:
+        with R.RawClient(b.host, b.port) as c:
+            assert c.login(None, discovery=True).ok
+            names = c.text([("SendTargets", "All")]).get("TargetName", [])
+            return any(name.endswith(":shared-change") for name in names)
+
+    took = wait_for(discovered, 5, "B to list the target in SendTargets")
+    print(f"change on A served by B: REST {time.monotonic() - t0:.3f}s after the create")
+    # a change on B is seen on A the same way; concurrent creates of one name: one wins
+    b.rest("PUT", f"target/{created['id']}/", {"iscsi_target_alias": "changed on B"})
+    wait_for(lambda: next(t for t in a.rest("GET", "target/") if t["id"] == created["id"])["iscsi_target_alias"]
+             == "changed on B", 1.0, "A to show B's change")
+    # File extents have no place in a cluster: each gateway would have its own file
+    with pytest.raises(Exception) as e:
+        a.rest("POST", "extent/", {"iscsi_target_extent_type": "File", "iscsi_target_extent_name": "f",
+                                   "iscsi_target_extent_path": "f.img", "iscsi_target_extent_filesize": "1MB"})
+    assert "RBD extents only" in str(e.value)
+
+
+def test_one_lu_two_paths_alua(rbd_image: Image, gws: Gateways) -> None:  # the image outlives the gateways
+    gws.export(rbd_image)
+    with session(gws, 0) as ca, session(gws, 1) as cb:
+        assert naa_of(ca) == naa_of(cb)  # one LU for multipath
+        states_a, states_b = rtpg(ca), rtpg(cb)
+        assert states_a == states_b, (states_a, states_b)
+        assert sorted(states_a) == [1, 2]
+        assert sorted(s for s, _pref in states_a.values()) == [AO, ANO]  # one optimized gateway
+        owner = next(tpg for tpg, (s, _p) in states_a.items() if s == AO)
+        assert states_a[owner][1]  # PREF on the owner's group
+        # both paths serve I/O, and see each other's writes
+        data = os.urandom(64 * 1024)
+        assert ca.scsi(R.write10(100, 128), data=data).status == 0
+        r = cb.scsi(R.read10(100, 128), read_len=len(data))
+        assert r.status == 0 and r.data == data
+        data2 = os.urandom(4096)
+        assert cb.scsi(R.write10(2000, 8), data=data2).status == 0
+        assert ca.scsi(R.read10(2000, 8), read_len=4096).data == data2
+
+
+def test_failover_when_the_optimized_gateway_dies(ceph_cluster: CephCluster, rbd_image: Image, tmp_path: Path) -> None:
+    with gateways(ceph_cluster, tmp_path, timeout=2.0) as gws:
+        gws.export(rbd_image)
+        with session(gws, 0) as c0, session(gws, 1) as c1:
+            owner = next(tpg for tpg, (s, _p) in rtpg(c0).items() if s == AO)
+            survivor_k = 2 - owner  # index of the other gateway
+            survivor = c1 if survivor_k == 1 else c0
+            dead = c0 if survivor is c1 else c1
+            data = os.urandom(4096)
+            assert dead.scsi(R.write10(10, 8), data=data).status == 0  # the owner holds the lock now
+            t_kill = time.monotonic()
+            gws.kill(owner - 1)
+            dead.close()
+            # a write through the survivor waits for the dead owner's lock until it is broken
+            data2 = os.urandom(4096)
+            r = survivor.scsi(R.write10(20, 8), data=data2, timeout=30)
+            t_written = time.monotonic()
+            # the ALUA change is announced, then the survivor is active/optimized
+            while r.status == 2 and r.sense_key == 0x6:
+                r = survivor.scsi(R.write10(20, 8), data=data2, timeout=30)
+            assert r.status == 0, r
+            wait_for(lambda: rtpg(survivor)[survivor_k + 1][0] == AO, 5, "the survivor to be optimized")
+            t_optimized = time.monotonic()
+            states = rtpg(survivor)
+            assert states[survivor_k + 1] == (AO, True) and states[owner][0] == UNAVAILABLE, states
+            assert survivor.scsi(R.read10(10, 8), read_len=4096).data == data
+            assert survivor.scsi(R.read10(20, 8), read_len=4096).data == data2
+            print(f"failover: kill -> write completed on the other gateway {t_written - t_kill:.2f}s, "
+                  f"-> reported optimized {t_optimized - t_kill:.2f}s")
+            assert t_written - t_kill < 15
+        log = gws[survivor_k].log_text()
+        assert "took LU" in log and "dead" in log, gws[survivor_k].log_tail()
