@@ -147,3 +147,53 @@ def test_failover_when_the_optimized_gateway_dies(ceph_cluster: CephCluster, rbd
             assert t_written - t_kill < 15
         log = gws[survivor_k].log_text()
         assert "took LU" in log and "dead" in log, gws[survivor_k].log_tail()
+
+
+def pr_session(gws: Gateways, k: int, who: str) -> R.RawClient:
+    from test_conformance_pr import NAMES
+
+    name, isid = NAMES[who]
+    d = gws[k]
+    c = R.RawClient(d.host, d.port, initiator=name, isid=isid)
+    assert c.login(IQN).ok
+    c.clear_unit_attentions()
+    return c
+
+
+def test_reservations_hold_across_gateways(rbd_image: Image, gws: Gateways) -> None:
+    """Registrations, the reservation and the unit attentions a PR OUT raises hold for I_T
+    nexuses on the other gateway: kept in RADOS, updated by compare-and-swap."""
+    from test_conformance_pr import (
+        KEY_A,
+        KEY_B,
+        PREEMPT,
+        REGISTER,
+        REGISTRATIONS_PREEMPTED,
+        RESERVATION_CONFLICT,
+        RESERVE,
+        WE,
+        prout,
+        read_keys,
+        read_reservation,
+    )
+
+    gws.export(rbd_image)
+    with pr_session(gws, 0, "A") as a, pr_session(gws, 1, "B") as b:
+        assert prout(a, REGISTER, sakey=KEY_A).status == 0
+        gen, keys = read_keys(b)  # through the other gateway, at once
+        assert keys == [KEY_A], keys
+        assert prout(a, RESERVE, key=KEY_A, rtype=WE).status == 0
+        assert read_reservation(b) == (KEY_A, WE)
+        # B is not registered: its writes conflict on its own gateway
+        r = b.scsi(R.write10(0, 1), data=bytes(512))
+        assert r.status == RESERVATION_CONFLICT, r
+        assert b.scsi(R.read10(0, 1), read_len=512).status == 0  # WE: reads pass
+        assert a.scsi(R.write10(0, 1), data=b"a" * 512).status == 0
+        # B registers and preempts A: A's nexus (on gateway 1) gets REGISTRATIONS PREEMPTED
+        assert prout(b, REGISTER, sakey=KEY_B).status == 0
+        assert prout(b, PREEMPT, key=KEY_B, sakey=KEY_A, rtype=WE).status == 0
+        r = a.scsi(R.tur())
+        assert r.status == 2 and r.sense_key == 0x6 and r.asc_ascq == REGISTRATIONS_PREEMPTED, r
+        assert read_keys(a)[1] == [KEY_B] and read_reservation(a) == (KEY_B, WE)
+        assert a.scsi(R.write10(0, 1), data=bytes(512)).status == RESERVATION_CONFLICT
+        assert read_keys(a)[0] > gen

@@ -45,6 +45,7 @@ from typing import Any
 from pyscsi_target.backstore.rbd import RbdBackstore
 from pyscsi_target.cluster.follower import Follower
 from pyscsi_target.cluster.rados import IoCtx, RadosError
+from pyscsi_target.cluster.reservations import ClusterReservations
 from pyscsi_target.scsi.alua import (
     ANO,
     AO,
@@ -69,7 +70,8 @@ class Peer:
     luns: frozenset[str]
     clients: frozenset[str]
     beat: int
-    moved: float  # observer's monotonic time when ``beat`` last changed
+    moved: float  # observer's monotonic time when ``beat`` last changed (or it was first seen)
+    confirmed: bool = False  # ``beat`` was seen moving: alive for sure, not just a record
 
     def alive(self, now: float, timeout: float) -> bool:
         return now - self.moved <= timeout
@@ -105,6 +107,7 @@ class GatewayCluster(Follower):
         self.failovers: list[Failover] = []
         self.fenced: set[str] = set()  # naa hex of LUs whose client was blocklisted, until reopened
         self._started = time.monotonic()
+        self._known: dict[str, LogicalUnit] = {}  # the LUs of the last round
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -147,10 +150,29 @@ class GatewayCluster(Follower):
         changed = False
         for naa in lus:
             changed |= await self._settle_owner(naa, lus[naa], now)
-        for naa, lu in lus.items():
+        ready = {naa: lu for naa, lu in lus.items() if await self._load_reservations(naa, lu, now)}
+        for naa, lu in ready.items():
             self._apply_alua(naa, lu, now)
+        for naa in set(self._known) - set(lus):
+            pr = self._known.pop(naa).pr
+            if isinstance(pr, ClusterReservations):
+                await pr.close()
+        self._known.update(lus)
         if changed:
             self.announce(b"owner")
+
+    async def _load_reservations(self, naa: str, lu: LogicalUnit, now: float) -> bool:
+        """Load a newly opened LU's shared reservation state; False while that must wait (its
+        groups stay transitioning): a record of another gateway serving the LU has not been
+        seen alive or dead yet, and whether state without APTPL survives depends on it."""
+        pr = lu.pr
+        if not isinstance(pr, ClusterReservations) or pr.loaded:
+            return True
+        others = [p for n, p in self.peers.items() if n != self.name and naa in p.luns and p.alive(now, self.timeout)]
+        if any(not p.confirmed for p in others):
+            return False
+        await pr.load(alone=not others)
+        return True
 
     def _beat_and_read(self, record: bytes) -> dict[str, bytes]:
         self.io.omap_cas(GATEWAYS_OID, None, {f"gw/{self.name}": record}, (), True)
@@ -167,8 +189,9 @@ class GatewayCluster(Follower):
             old = self.peers.get(name)
             beat = int(rec["beat"])
             moved = now if old is None or old.beat != beat or name == self.name else old.moved
+            confirmed = name == self.name or (old is not None and (old.confirmed or old.beat != beat))
             self.peers[name] = Peer(name, frozenset(rec["tags"]), frozenset(rec["luns"]),
-                                    frozenset(rec.get("clients", ())), beat, moved)
+                                    frozenset(rec.get("clients", ())), beat, moved, confirmed)
         for name in list(self.peers):
             if name not in present:
                 del self.peers[name]  # left cleanly: its LUs are free at once
@@ -217,8 +240,9 @@ class GatewayCluster(Follower):
             log.error("LU %s: breaking the lock of %s failed: %s", lu.name, owner, exc)
         failover.broken = time.monotonic()
         self.failovers.append(failover)
-        log.warning("took LU %s over from %s (%s): owner record after %.0f ms, lock broken (%s) after %.0f ms",
-                    lu.name, owner, "dead" if holder is not None else "gone",
+        log.log(logging.WARNING if holder is not None else logging.INFO,
+                "took LU %s over from %s (%s): owner record after %.0f ms, lock broken (%s) after %.0f ms",
+                lu.name, owner, "dead" if holder is not None else "left",
                     1000 * (failover.owned - failover.detected), ", ".join(failover.broke) or "none",
                     1000 * (failover.broken - failover.detected))
         return True

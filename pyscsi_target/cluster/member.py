@@ -21,11 +21,15 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from pyscsi_target.backstore.rbd import RbdBackstore
 from pyscsi_target.cluster.gateways import HEARTBEAT, TIMEOUT, GatewayCluster
 from pyscsi_target.cluster.rados import ClusterSettings, IoCtx, Rados
+from pyscsi_target.cluster.reservations import ClusterReservations
 from pyscsi_target.cluster.shared_config import SharedConfig
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore
+from pyscsi_target.scsi.alua import CLUSTER_SUPPORTED, TRANSITIONING
+from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.server.engine import Engine
 from pyscsi_target.values import format_listen
 
@@ -63,9 +67,24 @@ class ClusterMember:
     async def join(self, service: ConfigService, store: ConfigStore, engine: Engine) -> None:
         assert self.io is not None
         engine.portal_tags = frozenset((self.opts.portal_group,))
+        engine.logical_units.on_open.append(self._lu_opened)
         service.rbd_only = True
         self.shared = SharedConfig(self.io, service.changes, store)
         await self.shared.join()
+
+    def _lu_opened(self, lu: LogicalUnit) -> None:
+        """An RBD LU shares its reservations with the other gateways, and its groups are
+        transitioning until the gateway round has loaded them and settled its owner."""
+        if not isinstance(lu.backstore, RbdBackstore):
+            return
+        assert self.io is not None
+        tags = frozenset((self.opts.portal_group,))
+        lu.pr = ClusterReservations(lu, self.io, tags)
+        lu.on_reset = lu.pr.spread_reset
+        lu.alua.supported = CLUSTER_SUPPORTED
+        lu.alua.set_states(dict.fromkeys(tags, TRANSITIONING))
+        if self.gateways is not None:
+            self.gateways.wake()
 
     async def start(self, service: ConfigService, engine: Engine, portals: list[tuple[str, int]]) -> None:
         assert self.io is not None and self.shared is not None

@@ -68,7 +68,7 @@ class LogicalUnit:
     __slots__ = (
         "alua", "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
         "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
-        "name", "nexuses", "num_blocks", "ordered_running", "pr", "read_only", "registry", "rpm",
+        "name", "nexuses", "num_blocks", "on_reset", "ordered_running", "pr", "read_only", "registry", "rpm",
         "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
         "stopped", "tasks", "threshold_armed", "ua", "writes_inflight", "xen",
     )
@@ -92,6 +92,9 @@ class LogicalUnit:
         self.modes = ModePages(saved_modes)
         self.pr = PersistentReservations(self)
         self.alua = Alua()  # target port group states (all active/optimized unless a cluster sets them)
+        # A reset by task management reaches only this daemon's part of the LU; a cluster's
+        # gateways spread it to the others, and the TMF response waits for what this returns.
+        self.on_reset: Callable[[tuple[int, int]], asyncio.Future[None] | None] | None = None
         self.legacy_holder: ITKey | None = None  # RESERVE(6/10) holder
         self.ua: dict[ITKey, list[tuple[int, int]]] = {}
         self.nexuses: dict[ITKey, int] = {}  # I_T nexuses known to this LU (key -> refcount)
@@ -351,7 +354,9 @@ class LogicalUnit:
             code = self.pop_ua(key)
             assert code is not None
             raise S.unit_attention(code)
-        if self.alua.states and cmd.flags & F.MEDIUM:  # a gateway in transition or fenced
+        # A gateway taking a LU over, loading its shared state, or fenced: only inquiry-like
+        # commands (INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE...) pass.
+        if self.alua.states and not cmd.flags & F.SANITIZE_OK:
             refused = self.alua.refusal(task.nexus.portal_group_tag)
             if refused is not None:
                 raise S.CheckCondition(S.NOT_READY, refused)

@@ -134,6 +134,9 @@ class LogicalUnits:
         self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
         # RBD backstores opened in a thread ahead of apply(): extent id -> (extent, outcome)
         self._opened: dict[int, tuple[M.Extent, Backstore | Exception]] = {}
+        #: Called with each LU just opened, before any command reaches it (a gateway of a
+        #: cluster shares its reservations and sets its ALUA states there).
+        self.on_open: list[Callable[[LogicalUnit], None]] = []
 
     def get(self, extent_id: int) -> LogicalUnit | None:
         ent = self._lus.get(extent_id)
@@ -200,6 +203,8 @@ class LogicalUnits:
                     log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
                     errors.append(f"{ext.name}: {e}")
                     continue
+                for hook in self.on_open:
+                    hook(lu)
                 self._lus[eid] = (lu, M.Extent(**vars(ext)))
             elif vars(cur[1]) != vars(ext):
                 reconfigure(cur[0], ext)
