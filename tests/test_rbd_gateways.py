@@ -197,3 +197,57 @@ def test_reservations_hold_across_gateways(rbd_image: Image, gws: Gateways) -> N
         assert read_keys(a)[1] == [KEY_B] and read_reservation(a) == (KEY_B, WE)
         assert a.scsi(R.write10(0, 1), data=bytes(512)).status == RESERVATION_CONFLICT
         assert read_keys(a)[0] > gen
+
+
+def test_qemu_img_round_trip_through_each_gateway(rbd_image: Image, gws: Gateways, tmp_path: Path) -> None:
+    """Random data written by qemu-img through one gateway reads back byte-identical through the
+    other, both ways."""
+    import hashlib
+
+    from support.tools import qemu_iscsi, qemu_json, run
+
+    gws.export(rbd_image)
+    size = rbd_image.size
+    for writer, reader in ((0, 1), (1, 0)):
+        src, dst = tmp_path / f"src{writer}.raw", tmp_path / f"dst{reader}.raw"
+        src.write_bytes(os.urandom(size))
+        w = run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src),
+                qemu_json(qemu_iscsi(gws[writer].portal, IQN, 0)), timeout=300)
+        assert w.returncode == 0, f"write through gateway {writer + 1}: {w.stderr}"
+        r = run("qemu-img", "convert", "-f", "raw", "-O", "raw", qemu_json(qemu_iscsi(gws[reader].portal, IQN, 0),
+                                                                           size=size), str(dst), timeout=300)
+        assert r.returncode == 0, f"read through gateway {reader + 1}: {r.stderr}"
+        with open(src, "rb") as a, open(dst, "rb") as b:
+            assert hashlib.file_digest(a, "sha256").digest() == hashlib.file_digest(b, "sha256").digest(), \
+                f"written through gateway {writer + 1}, read through {reader + 1}: the data differs"
+
+
+def test_aptpl_survives_the_whole_cluster_restarting(rbd_image: Image, gws: Gateways) -> None:
+    """Reservations with APTPL outlive every gateway stopping; without APTPL they outlive one
+    gateway restarting while another serves the LU, but not all of them stopping (the device
+    powered off as a whole)."""
+    from test_conformance_pr import KEY_A, KEY_B, REGISTER, RESERVE, WE, prout, read_keys, read_reservation
+
+    gws.export(rbd_image)
+    with pr_session(gws, 0, "A") as a:
+        assert prout(a, REGISTER, sakey=KEY_A, aptpl=True).status == 0
+        assert prout(a, RESERVE, key=KEY_A, rtype=WE).status == 0
+    gws.stop()
+    gws.start()
+    with pr_session(gws, 1, "B") as b:
+        assert read_keys(b)[1] == [KEY_A] and read_reservation(b) == (KEY_A, WE)
+        assert b.scsi(R.write10(0, 1), data=bytes(512)).status == 0x18  # still reserved
+    with pr_session(gws, 0, "A") as a:  # the same initiator port still holds it
+        assert a.scsi(R.write10(0, 1), data=bytes(512)).status == 0
+        assert prout(a, REGISTER, key=KEY_A, sakey=KEY_B, aptpl=False).status == 0  # APTPL off now
+    # one gateway restarts while the other serves: the state stays
+    gws[0].stop()
+    gws[0].start()
+    gws.wait_serving()
+    with pr_session(gws, 0, "A") as a:
+        wait_for(lambda: read_keys(a)[1] == [KEY_B], 10, "the registration after one gateway restarted")
+    # every gateway stops: without APTPL the reservation state is gone
+    gws.stop()
+    gws.start()
+    with pr_session(gws, 1, "B") as b:
+        assert read_keys(b)[1] == [] and read_reservation(b) is None

@@ -33,6 +33,7 @@ class Gateways:
         self.cluster = cluster
         self.namespace = f"gw-{uuid.uuid4().hex[:8]}"
         self.daemons: list[Daemon] = []
+        self.exported = False
         for k in range(1, n + 1):
             self.daemons.append(Daemon(
                 root / f"gw{k}", demo=False, log_level=log_level,
@@ -44,13 +45,21 @@ class Gateways:
         return self.daemons[k]
 
     def start(self) -> Gateways:
+        """Start every gateway (again); once a target was exported, wait until each serves it."""
         try:
             for d in self.daemons:  # one after the other: the first publishes the configuration
                 d.start()
+            if self.exported:
+                self.wait_serving()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def wait_serving(self, timeout: float = 15) -> None:
+        for d in self.daemons:
+            if d.alive():
+                wait_for(lambda d=d: serves_lun(d, IQN), timeout, f"{d.state_dir.name} to serve LUN 0")
 
     def stop(self) -> None:
         for d in self.daemons:
@@ -87,8 +96,8 @@ class Gateways:
                                                 "iscsi_target_authtype": "None"})
         d.rest("POST", "targettoextent/", {"iscsi_target": target["id"], "iscsi_extent": ext["id"],
                                            "iscsi_lunid": 0})
-        for other in self.daemons:
-            wait_for(lambda other=other: serves_lun(other, IQN), 10, f"{other.state_dir.name} to serve LUN 0")
+        self.exported = True
+        self.wait_serving()
         return ext
 
 
