@@ -168,6 +168,8 @@ class RbdBackstore(Backstore):
         self.fenced = False
         #: Called on the loop once, when I/O finds this client blocklisted.
         self.on_fenced: Callable[[], None] | None = None
+        #: The close running in a thread (close() on the loop), until it is done.
+        self.closing: asyncio.Future[None] | None = None
 
     @property
     def path(self) -> str:
@@ -475,18 +477,36 @@ class RbdBackstore(Backstore):
     # --- life cycle ------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Flush and close the image.  On the event loop the waiting (a flush, the lock handed
+        back, rbd_close) moves to a thread, and ``closing`` is the future of it: a cluster that
+        stopped answering must not stall the loop."""
         if self.closed:
             return
         self.closed = True
-        try:
-            if self.image is not None and not self.fenced and not self.read_only:
-                self.image.flush()
-        except OSError:
-            log.exception("flush on close of %s", self.name)
+        image, self.image = self.image, None
+        loop = self.loop
+        if image is not None and loop is not None and asyncio._get_running_loop() is loop:
+            image.detach()
+            self.closing = loop.run_in_executor(None, self._finish_close, image)
+            return
+        self._finish_close(image)
+
+    def _finish_close(self, image: Image | None) -> None:
+        if image is not None:
+            try:
+                if not self.fenced and not self.read_only:
+                    image.flush()
+            except OSError as e:
+                log.warning("%s: flush on close: %s", self.name, e)
+            try:
+                image.close()
+            except RadosError as e:
+                log.warning("%s: close: %s", self.name, e)
         self.release()
 
     def release(self) -> None:
-        """Close the image (librbd waits for I/O in flight; their completions never run)."""
+        """Give the image and the client back (the image is closed already, or was never
+        opened)."""
         if self.image is not None:
             image, self.image = self.image, None
             try:

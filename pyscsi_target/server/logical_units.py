@@ -226,10 +226,12 @@ class LogicalUnits:
         new.attach(asyncio.get_running_loop())
         lu.backstore = new
         lu.resize(new.size)
-        try:  # a fenced image may not close cleanly: never wait for it for long
-            await asyncio.wait_for(asyncio.to_thread(old.close), close_wait)
-        except (TimeoutError, OSError) as exc:
-            log.warning("LU %s: closing the fenced image handle: %r", lu.name, exc)
+        old.close()  # in a thread; a fenced image may not close cleanly: never wait for it for long
+        if old.closing is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(old.closing), close_wait)
+            except (TimeoutError, OSError) as exc:
+                log.warning("LU %s: closing the fenced image handle: %r", lu.name, exc)
         log.info("LU %s: image reopened with a new client (%s)", lu.name, new.client_address)
 
     async def close(self, drain: float = 2.0) -> None:
@@ -246,6 +248,11 @@ class LogicalUnits:
                 lu.close()
             except Exception:  # noqa: BLE001 - close the others
                 log.exception("closing logical unit %s failed", lu.name)
+        # RBD images close in threads (a lock handed back, a flush): the daemon ends after them.
+        closing = [lu.backstore.closing for lu in self.all()
+                   if isinstance(lu.backstore, RbdBackstore) and lu.backstore.closing is not None]
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
         self._lus.clear()
         if self.state is not None:
             await loop.run_in_executor(None, self.state.close)
