@@ -299,3 +299,24 @@ def rbd_image(ceph_cluster: CephCluster) -> Iterator[Image]:
     image = ceph_cluster.create_image()
     yield image
     ceph_cluster.remove_image(image)
+
+
+def main() -> None:
+    """``PYTHONPATH=tests python3 -m support.ceph [DIR]``: run the test cluster until Ctrl-C or SIGTERM (to try the
+    RBD extents by hand); prints its ceph.conf."""
+    import sys
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ceph-"))
+    cluster = CephCluster(root).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"cluster up: CEPH_CONF={cluster.conf} (pool {POOL}); Ctrl-C stops it", flush=True)
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
