@@ -47,6 +47,15 @@ def rtpg(c: R.RawClient) -> dict[int, tuple[int, bool]]:
     return out
 
 
+def scsi_ok(c: R.RawClient, cdb: bytes, **kw: object) -> R.ScsiResult:
+    """A command, sent again while it meets unit attentions (ALUA changes announced)."""
+    for _ in range(8):
+        r = c.scsi(cdb, **kw)  # type: ignore[arg-type]
+        if r.status != 2 or r.sense_key != 0x6:
+            return r
+    return r
+
+
 def naa_of(c: R.RawClient) -> bytes:
     r = c.scsi(R.inquiry(255, evpd=1, page=0x83), read_len=255)
     assert r.status == 0
@@ -251,3 +260,43 @@ def test_aptpl_survives_the_whole_cluster_restarting(rbd_image: Image, gws: Gate
     gws.start()
     with pr_session(gws, 1, "B") as b:
         assert read_keys(b)[1] == [] and read_reservation(b) is None
+
+
+def test_a_gateway_that_only_looked_dead_is_fenced(ceph_cluster: CephCluster, rbd_image: Image,
+                                                    tmp_path: Path) -> None:
+    """The optimized gateway stops (SIGSTOP) long enough to be taken over; when it wakes, its client
+    is blocklisted: its next write lands nowhere and fails as NOT READY (a path problem, retried on
+    another path by a multipath initiator), then it reopens the image with a new client and serves on
+    as active/non-optimized."""
+    import signal
+
+    with gateways(ceph_cluster, tmp_path, timeout=2.0) as gws:
+        gws.export(rbd_image)
+        with session(gws, 0) as c0, session(gws, 1) as c1:
+            owner = next(tpg for tpg, (s, _p) in rtpg(c0).items() if s == AO)
+            stale, fresh = (c0, c1) if owner == 1 else (c1, c0)
+            d_owner = gws[owner - 1]
+            assert stale.scsi(R.write10(50, 8), data=b"x" * 4096).status == 0  # the owner holds the lock
+            assert d_owner.proc is not None
+            d_owner.proc.send_signal(signal.SIGSTOP)
+            try:
+                r = fresh.scsi(R.write10(50, 8), data=b"y" * 4096, timeout=30)  # waits for the takeover
+                while r.status == 2 and r.sense_key == 0x6:
+                    r = fresh.scsi(R.write10(50, 8), data=b"y" * 4096, timeout=30)
+                assert r.status == 0, r
+            finally:
+                d_owner.proc.send_signal(signal.SIGCONT)
+            r = stale.scsi(R.write10(50, 8), data=b"z" * 4096, timeout=30)
+            assert r.status == 2 and r.sense_key == 0x2 and r.asc_ascq in ((0x04, 0x0C), (0x04, 0x0A)), r
+            # the stale write landed nowhere
+            assert scsi_ok(fresh, R.read10(50, 8), read_len=4096).data == b"y" * 4096
+
+            def stale_serves_again() -> bool:
+                return scsi_ok(stale, R.write10(60, 8), data=b"w" * 4096, timeout=30).status == 0
+
+            wait_for(stale_serves_again, 15, "the fenced gateway to serve again")
+            assert scsi_ok(fresh, R.read10(60, 8), read_len=4096).data == b"w" * 4096
+            states = rtpg(stale)
+            assert states[owner][0] == ANO and states[3 - owner][0] == AO, states
+        log = d_owner.log_text()
+        assert "fenced by another gateway" in log and "image reopened with a new client" in log, d_owner.log_tail()

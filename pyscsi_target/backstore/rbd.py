@@ -223,7 +223,7 @@ class RbdBackstore(Backstore):
             pass
 
     def _schedule_refresh(self) -> None:
-        if self._refreshing or self.loop is None or self.image is None:
+        if self._refreshing or self.loop is None or self.image is None or self.fenced:
             return
         self._refreshing = True
         self.loop.run_in_executor(None, self.image.size).add_done_callback(self._refreshed)

@@ -97,6 +97,9 @@ def serve(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"pyscsi-target: --cluster: {exc}", file=sys.stderr)
             return 2
+        if args.demo:
+            print("pyscsi-target: --demo makes a File extent, which a gateway cluster does not serve", file=sys.stderr)
+            return 2
         if args.portal_group is None or not 1 <= args.portal_group <= 65535:
             print("pyscsi-target: --cluster needs --portal-group TAG (1-65535): each gateway has its own",
                   file=sys.stderr)

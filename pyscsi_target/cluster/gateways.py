@@ -106,7 +106,6 @@ class GatewayCluster(Follower):
         self.owners: dict[str, dict[str, Any]] = {}  # naa hex -> owner record
         self.failovers: list[Failover] = []
         self.fenced: set[str] = set()  # naa hex of LUs whose client was blocklisted, until reopened
-        self._started = time.monotonic()
         self._known: dict[str, LogicalUnit] = {}  # the LUs of the last round
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -119,6 +118,10 @@ class GatewayCluster(Follower):
         """Stop heartbeats and leave: the record is removed, so the others take this gateway's
         LUs over at once (call after the engine closed its LUs: their locks are released)."""
         await self.unfollow()
+        for lu in self._known.values():  # unwatched now, or the others' notifies would wait for them
+            if isinstance(lu.pr, ClusterReservations):
+                await lu.pr.close()
+        self._known.clear()
         try:
             await asyncio.to_thread(self.io.omap_cas, GATEWAYS_OID, None, None, [f"gw/{self.name}"])
             await asyncio.to_thread(self.io.notify, GATEWAYS_OID, b"left", 1000)
@@ -218,8 +221,6 @@ class GatewayCluster(Follower):
         candidates = sorted(n for n, p in self.peers.items() if self._live(n, now) and naa in p.luns)
         if self.name not in candidates or candidates[0] != self.name:
             return False
-        if now - self._started < self.timeout and owner in self.peers:
-            return False  # just started: give the owner's counter time to be seen moving
         failover = Failover(naa, owner, now)
         new = {"owner": self.name, "epoch": int(rec.get("epoch", 0)) + 1}
         if not await self._cas_owner(naa, json.dumps(rec, sort_keys=True).encode(), new):

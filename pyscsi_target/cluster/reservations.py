@@ -37,7 +37,7 @@ import asyncio
 import errno
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pyscsi_target.cluster.follower import NOTIFY_TIMEOUT_MS, Follower
@@ -90,6 +90,7 @@ class ClusterReservations(PersistentReservations, Follower):
         self._recording: list[tuple[ITKey, tuple[int, int]]] | None = None
         self._aborts: set[ITKey] = set()
         self._committing = False
+        self._jobs: set[asyncio.Task[Any]] = set()
 
     # --- the shared state ------------------------------------------------------------------
 
@@ -148,8 +149,9 @@ class ClusterReservations(PersistentReservations, Follower):
             self._install(state)
             self.version = version
             self._raise_recorded(uas, version)
+            if self._task is None:
+                await self.follow()
             self.loaded = True
-        await self.follow()
 
     @staticmethod
     def _empty() -> State:
@@ -169,7 +171,7 @@ class ClusterReservations(PersistentReservations, Follower):
             done[ua_key] = entries
         self.ua_seen = max(self.ua_seen, up_to)
         if done:
-            asyncio.get_running_loop().create_task(asyncio.to_thread(self._forget, done))
+            self._background(asyncio.to_thread(self._forget, done))
 
     def _forget(self, raised: dict[str, UaEntries]) -> None:
         for ua_key, entries in raised.items():
@@ -196,7 +198,12 @@ class ClusterReservations(PersistentReservations, Follower):
             self._aborts |= keys
 
     def change(self, task: ScsiTask, apply: Callable[[], None]) -> None:
-        asyncio.get_running_loop().create_task(self._change(task, apply))
+        self._background(self._change(task, apply))
+
+    def _background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._jobs.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._jobs.discard)
 
     async def _change(self, task: ScsiTask, apply: Callable[[], None]) -> None:
         async with self._lock:

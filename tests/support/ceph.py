@@ -250,8 +250,18 @@ log file = {r}/log/client.log
         return Image(self, POOL, name, size)
 
     def remove_image(self, image: Image, namespace: str = "") -> None:
+        """Remove the image; a watch left by a fenced (blocklisted) or killed client keeps it until the OSD
+        expires the watch (osd_client_watch_timeout, 30 s), so that refusal is waited out."""
         args = ["rm", "--no-progress", "--pool", image.pool] + (["--namespace", namespace] if namespace else [])
-        self.rbd(*args, image.name, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.rbd(*args, image.name, timeout=60)
+                return
+            except CephStartError as e:
+                if "still has watchers" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1)
 
     def create_namespace(self, namespace: str) -> None:
         self.rbd("namespace", "create", "--pool", POOL, "--namespace", namespace)
