@@ -29,6 +29,7 @@ from typing import Any
 
 from pyscsi_target.cluster.follower import Follower
 from pyscsi_target.cluster.rados import IoCtx, RadosError
+from pyscsi_target.config.errors import ValidationError
 from pyscsi_target.config.model import (
     AuthCredential,
     ConfigModel,
@@ -147,8 +148,12 @@ class SharedConfig(Follower):
     async def publish(self, old: ConfigModel, new: ConfigModel) -> SharedModel | None:
         data = encode(new, self.store.id_sequences())
         base = str(self.version).encode() if self.version else b""
-        done = await asyncio.to_thread(self.io.omap_cas, CONFIG_OID, {"version": base},
-                                       {"version": str(self.version + 1).encode(), "model": data}, (), True)
+        try:
+            done = await asyncio.to_thread(self.io.omap_cas, CONFIG_OID, {"version": base},
+                                           {"version": str(self.version + 1).encode(), "model": data}, (), True)
+        except RadosError as exc:  # nothing changed anywhere: say why
+            raise ValidationError(f"The change was not made: the cluster holding the configuration did not "
+                                  f"take it ({exc}).") from exc
         if done:
             self.version += 1
             self.announce(str(self.version).encode())
