@@ -300,3 +300,25 @@ def test_a_gateway_that_only_looked_dead_is_fenced(ceph_cluster: CephCluster, rb
             assert states[owner][0] == ANO and states[3 - owner][0] == AO, states
         log = d_owner.log_text()
         assert "fenced by another gateway" in log and "image reopened with a new client" in log, d_owner.log_tail()
+
+
+def test_the_owner_frees_a_lock_left_by_a_dead_non_optimized_gateway(ceph_cluster: CephCluster, rbd_image: Image,
+                                                                      tmp_path: Path) -> None:
+    """A non-optimized gateway that wrote last holds the image's lock when it dies: the owner breaks it
+    once the gateway is seen dead, instead of its writes waiting ~30 s for the dead client's watch to
+    expire."""
+    with gateways(ceph_cluster, tmp_path, timeout=2.0) as gws:
+        gws.export(rbd_image)
+        with session(gws, 0) as c0, session(gws, 1) as c1:
+            owner = next(tpg for tpg, (s, _p) in rtpg(c0).items() if s == AO)
+            (optimized, other) = (c0, c1) if owner == 1 else (c1, c0)
+            assert other.scsi(R.write10(70, 8), data=b"o" * 4096).status == 0  # the lock moves to the other
+            t_kill = time.monotonic()
+            gws.kill(2 - owner)
+            other.close()
+            r = scsi_ok(optimized, R.write10(80, 8), data=b"p" * 4096, timeout=40)
+            took = time.monotonic() - t_kill
+            assert r.status == 0, r
+            assert took < 10, f"the owner's write waited {took:.1f}s for the dead gateway's lock"
+            assert scsi_ok(optimized, R.read10(70, 8), read_len=4096).data == b"o" * 4096
+        assert "broke the lock" in gws[owner - 1].log_text(), gws[owner - 1].log_tail()

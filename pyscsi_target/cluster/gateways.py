@@ -106,6 +106,7 @@ class GatewayCluster(Follower):
         self.owners: dict[str, dict[str, Any]] = {}  # naa hex -> owner record
         self.failovers: list[Failover] = []
         self.fenced: set[str] = set()  # naa hex of LUs whose client was blocklisted, until reopened
+        self._checked_dead: dict[str, set[tuple[str, int]]] = {}  # naa -> dead gateways whose lock was checked
         self._known: dict[str, LogicalUnit] = {}  # the LUs of the last round
 
     # --- life cycle ---------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class GatewayCluster(Follower):
         changed = False
         for naa in lus:
             changed |= await self._settle_owner(naa, lus[naa], now)
+            await self._free_dead_holder(naa, lus[naa], now)
         ready = {naa: lu for naa, lu in lus.items() if await self._load_reservations(naa, lu, now)}
         for naa, lu in ready.items():
             self._apply_alua(naa, lu, now)
@@ -244,9 +246,33 @@ class GatewayCluster(Follower):
         log.log(logging.WARNING if holder is not None else logging.INFO,
                 "took LU %s over from %s (%s): owner record after %.0f ms, lock broken (%s) after %.0f ms",
                 lu.name, owner, "dead" if holder is not None else "left",
-                    1000 * (failover.owned - failover.detected), ", ".join(failover.broke) or "none",
-                    1000 * (failover.broken - failover.detected))
+                1000 * (failover.owned - failover.detected), ", ".join(failover.broke) or "none",
+                1000 * (failover.broken - failover.detected))
         return True
+
+    async def _free_dead_holder(self, naa: str, lu: LogicalUnit, now: float) -> None:
+        """A non-optimized gateway may die holding the lock (it wrote last): the owner breaks it,
+        or the owner's writes would wait for librbd to notice (the dead client's watch expiring,
+        30 s).  Checked once per dead gateway."""
+        if str(self.owners.get(naa, {}).get("owner")) != self.name or naa in self.fenced:
+            return
+        dead = {(p.name, p.beat) for p in self.peers.values()
+                if p.name != self.name and naa in p.luns and not p.alive(now, self.timeout)}
+        new = dead - self._checked_dead.get(naa, set())
+        if not new:
+            return
+        self._checked_dead[naa] = dead
+        bs = lu.backstore
+        assert isinstance(bs, RbdBackstore)
+        live_clients = set().union(*(p.clients for n, p in self.peers.items() if self._live(n, now)))
+        try:
+            broke = await asyncio.to_thread(self._break_dead_lock, bs, live_clients)
+        except RadosError as exc:
+            log.error("LU %s: breaking a dead gateway's lock failed: %s", lu.name, exc)
+            return
+        if broke:
+            log.warning("LU %s: broke the lock %s left by %s (dead)", lu.name, ", ".join(broke),
+                        ", ".join(sorted(n for n, _b in new)))
 
     @staticmethod
     def _break_dead_lock(bs: RbdBackstore, live_clients: set[str]) -> list[str]:
