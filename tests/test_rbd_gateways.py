@@ -27,6 +27,8 @@ MiB = 1 << 20
 def gws(ceph_cluster: CephCluster, tmp_path: Path) -> Iterator[Gateways]:
     with gateways(ceph_cluster, tmp_path) as g:
         yield g
+    for d in g.daemons:  # nothing went wrong on the way: no WARNING, ERROR or traceback
+        d.assert_clean_log()
 
 
 def rtpg(c: R.RawClient) -> dict[int, tuple[int, bool]]:

@@ -172,6 +172,9 @@ def test_4k_blocks_compare_and_write_under_the_lock(ceph_cluster: CephCluster, t
         assert r.sense is not None and struct.unpack_from(">I", r.sense, 3)[0] == 4100
         assert (await h.cmd(caw, old + new)).status == GOOD
         assert (await h.cmd(rw10(0x28, 3, 2))).data == new
+        # plain writes go on after it (the locked compare used a handle of its own)
+        assert (await h.cmd(rw10(0x2A, 3, 1), old[:4096])).status == GOOD
+        assert (await h.cmd(rw10(0x28, 3, 1))).data == old[:4096]
 
     try:
         run_with(rbd_extent(image, blocksize=4096), tmp_path, test)

@@ -17,9 +17,10 @@ Facts measured on Ceph 16.2 (Pacific) that shape what is advertised (docs/ceph.m
 - ``write_zeroes`` (WRITE SAME of zeroes without UNMAP) keeps the blocks mapped: librbd's
   thick-provision flag writes the zeroes.
 - ``rbd_compare_and_write`` is atomic in the OSD, against every client of the image, but only
-  within one 512-byte sector.  A larger range is compared and written while this client holds
-  the image's exclusive lock explicitly: peers' writes then fail with EROFS, which this
-  backstore retries (a peer's COMPARE AND WRITE lasts milliseconds), so they wait instead.
+  within one 512-byte sector.  A larger range is compared and written through a second handle
+  that holds the image's exclusive lock explicitly meanwhile: other writers then fail with
+  EROFS, which this backstore retries (a COMPARE AND WRITE lasts milliseconds), so they wait.
+  (A handle that took the lock explicitly never takes it by itself again: hence the second one.)
 - ``rbd_cache`` is off for gateways: an acknowledged write is on the OSDs, so a gateway that
   dies loses nothing it acknowledged, and a durable write needs no flush.
 - A zero-length read aborts librbd's process: the binding never passes one on.
@@ -164,7 +165,8 @@ class RbdBackstore(Backstore):
         self.loop: asyncio.AbstractEventLoop | None = None
         self._watch: int | None = None
         self._refreshing = False
-        self.holds_lock = False  # the exclusive lock taken explicitly (hold_lock), kept until released
+        self._caw_image: Image | None = None  # the handle of locked compare-and-writes (opened on first use)
+        self._caw_lock = threading.Lock()
         self.fenced = False
         #: Called on the loop once, when I/O finds this client blocklisted.
         self.on_fenced: Callable[[], None] | None = None
@@ -385,18 +387,24 @@ class RbdBackstore(Backstore):
             self._retry_erofs(lambda: result.append(img.compare_and_write(offset, expected, data)))
             mismatch = result[0]
             return -1 if mismatch is None else mismatch
-        held = self.holds_lock
-        if not held:
-            self._retry_erofs(img.lock_acquire)
-        try:
-            current = img.read(offset, len(expected))
-            diff = first_difference(expected, current)
-            if diff < 0:
-                img.write(data, offset)
-        finally:
-            if not held:
-                # An explicitly held lock makes every peer's write fail with EROFS: give it back.
-                img.lock_release()
+        with self._caw_lock:
+            # A handle that ever took the lock explicitly stops taking it by itself for writes
+            # (librbd switches it to its "standard" lock policy for good): a second handle of
+            # its own does the locked compare-and-write, so the data path keeps its automatic one.
+            caw = self._caw_image
+            if caw is None:
+                assert self.io is not None
+                caw = self._caw_image = Image(self.io, self.spec.image)
+            self._retry_erofs(caw.lock_acquire)
+            try:
+                current = caw.read(offset, len(expected))
+                diff = first_difference(expected, current)
+                if diff < 0:
+                    caw.write(data, offset)
+            finally:
+                # An explicitly held lock makes every other writer (the data path's handle and
+                # the peers') fail with EROFS, which they retry: give it back at once.
+                caw.lock_release()
         return diff
 
     def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
@@ -445,17 +453,6 @@ class RbdBackstore(Backstore):
 
     # --- exclusive lock (blocking: threads) ------------------------------------------------------
 
-    def hold_lock(self) -> None:
-        """Take the image's exclusive lock and keep it.  Peers' writes then fail with EROFS
-        instead of asking for the lock (they retry here for up to LOCK_WAIT)."""
-        self._img().lock_acquire()
-        self.holds_lock = True
-
-    def release_lock(self) -> None:
-        """Give the lock back: peers' writes take it over transparently again."""
-        self._img().lock_release()
-        self.holds_lock = False
-
     def lock_owners(self) -> list[str]:
         """The client address(es) holding the image's exclusive lock (e.g. ``127.0.0.1:0/123``)."""
         return self._img().lock_owners()
@@ -492,6 +489,7 @@ class RbdBackstore(Backstore):
         self._finish_close(image)
 
     def _finish_close(self, image: Image | None) -> None:
+        self._close_caw_image()
         if image is not None:
             try:
                 if not self.fenced and not self.read_only:
@@ -504,9 +502,18 @@ class RbdBackstore(Backstore):
                 log.warning("%s: close: %s", self.name, e)
         self.release()
 
+    def _close_caw_image(self) -> None:
+        caw, self._caw_image = getattr(self, "_caw_image", None), None
+        if caw is not None:
+            try:
+                caw.close()
+            except RadosError as e:
+                log.warning("%s: close: %s", self.name, e)
+
     def release(self) -> None:
         """Give the image and the client back (the image is closed already, or was never
         opened)."""
+        self._close_caw_image()
         if self.image is not None:
             image, self.image = self.image, None
             try:
