@@ -34,7 +34,7 @@ def test_testcu_suite_on_two_gateways(suite: str, ceph_cluster: CephCluster, tmp
             assert urls[0].split("/")[2] != urls[1].split("/")[2]  # two gateways, two portals
             run = run_testcu(urls, suite, log_file(f"testcu-gateways-{suite.split('.')[1].rstrip('*')}"))
             for d in gws.daemons:
-                d.assert_clean_log(allow=[r"took LU .* from gw\d \(left\)"])
+                d.assert_clean_log(allow=[r"login rejected \(status 0x0203\) initiator \S+:probe"])
     finally:
         ceph_cluster.remove_image(image)
     print(f"{suite} across two gateways: {run.summary()}")
