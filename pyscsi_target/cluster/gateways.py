@@ -38,7 +38,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,13 +94,13 @@ class GatewayCluster(Follower):
 
     def __init__(self, io: IoCtx, name: str, tags: frozenset[int],
                  lus: Callable[[], list[LogicalUnit]], *, heartbeat: float = HEARTBEAT, timeout: float = TIMEOUT,
-                 reopen: Callable[[LogicalUnit], Any] | None = None) -> None:
+                 reopen: Callable[[LogicalUnit], Awaitable[None]] | None = None) -> None:
         super().__init__(io, GATEWAYS_OID, heartbeat)
         self.name = name
         self.tags = tags
         self._lus = lus
         self.timeout = timeout
-        self.reopen = reopen  # awaitable factory: give a fenced LU a new backstore
+        self.reopen = reopen  # gives a fenced LU a new backstore (LogicalUnits.reopen_rbd)
         self.beat = 0
         self.peers: dict[str, Peer] = {}
         self.owners: dict[str, dict[str, Any]] = {}  # naa hex -> owner record
