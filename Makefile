@@ -9,12 +9,13 @@ API ?= 127.0.0.1:8080
 #   over iSCSI), tgt (the side-by-side reference target), strace (durability cross-check), openssl (TLS test),
 #   gcc (the bench's header-digest shim), util-linux (losetup), ceph-mon + ceph-osd + ceph-common (the
 #   throwaway cluster of the RBD tests; librbd1 comes with them), open-isns-server + open-isns-utils (isnsd,
-#   isnsadm for the iSNS tests), fio (the RBD bench's ceiling row);
+#   isnsadm for the iSNS tests), fio (the RBD bench's ceiling row), tgt-rbd (tgtd's RBD backing store, the RBD
+#   bench's reference row);
 # and the kernel-initiator guest (tests/support/guest): qemu-system-x86 boots it; apt, dpkg, kmod and
 # e2fsprogs build its image from the Debian archive; iproute2 makes its tap namespace; busybox-static and
 # cpio check its shell and initramfs on the host.
 TEST_DEBS = libiscsi-bin qemu-utils qemu-block-extra tgt strace openssl gcc util-linux \
-            ceph-mon ceph-osd ceph-common open-isns-server open-isns-utils fio \
+            ceph-mon ceph-osd ceph-common open-isns-server open-isns-utils fio tgt-rbd \
             qemu-system-x86 kmod e2fsprogs iproute2 busybox-static cpio systemd
 
 .PHONY: run install test test-deps lint guest-image

@@ -118,14 +118,9 @@ TGTD_PARAMS = {"MaxRecvDataSegmentLength": "262144", "MaxXmitDataSegmentLength":
                "ImmediateData": "Yes", "MaxOutstandingR2T": "16"}
 
 
-def start_tgtd(workdir: Path, main_image: Path) -> System:
-    sp1g, sp1t = workdir / "tgtd-sp1g.img", workdir / "tgtd-sp1t.img"
-    for p, size in ((sp1g, GiB), (sp1t, TiB)):
-        with open(p, "wb") as f:
-            f.truncate(size)
-    t = Tgtd([Lun(1, main_image), Lun(2, sp1g), Lun(3, sp1t)], port=free_port(),
-             control_port=free_tgtd_control_port(), iqn="iqn.2026-11.org.pyscsi-target.bench:tgtd",
-             log_path=workdir / "tgtd.log")
+def tuned_tgtd(luns: list[Lun], iqn: str, log_path: Path) -> Tgtd:
+    """A started tgtd with ``luns`` and pyscsi-target's session limits (TGTD_PARAMS)."""
+    t = Tgtd(luns, port=free_port(), control_port=free_tgtd_control_port(), iqn=iqn, log_path=log_path)
     t.start()
     try:
         for k, v in TGTD_PARAMS.items():
@@ -133,6 +128,16 @@ def start_tgtd(workdir: Path, main_image: Path) -> System:
     except BaseException:
         t.stop()
         raise
+    return t
+
+
+def start_tgtd(workdir: Path, main_image: Path) -> System:
+    sp1g, sp1t = workdir / "tgtd-sp1g.img", workdir / "tgtd-sp1t.img"
+    for p, size in ((sp1g, GiB), (sp1t, TiB)):
+        with open(p, "wb") as f:
+            f.truncate(size)
+    t = tuned_tgtd([Lun(1, main_image), Lun(2, sp1g), Lun(3, sp1t)], "iqn.2026-11.org.pyscsi-target.bench:tgtd",
+                   workdir / "tgtd.log")
     return System("tgtd", t.host, t.port, t.iqn, {"main": 1, "sp1g": 2, "sp1t": 3}, 512, t)
 
 

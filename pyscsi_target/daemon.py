@@ -14,10 +14,12 @@ import contextlib
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .api_endpoint import ApiEndpoint, local_url
+from .cluster.member import ClusterMember, GatewayOptions
+from .cluster.rados import ClusterSettings
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .isns import IsnsClient, default_entity_id, desired_state
@@ -40,6 +42,8 @@ class DaemonOptions:
     api_cert: Path | None = None
     api_key_file: Path | None = None
     demo: bool = False
+    ceph: ClusterSettings = field(default_factory=ClusterSettings)  # RBD extents' defaults
+    gateway: GatewayOptions | None = None  # one gateway of a cluster (serve --cluster)
 
 
 def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
@@ -69,8 +73,9 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
-    engine = Engine(opts.state_dir, pr_store=store.pr_store)
+    engine = Engine(opts.state_dir, pr_store=store.pr_store, ceph=opts.ceph)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
+    service.ceph = opts.ceph
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,9 +90,18 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     engine.on_applied.append(publish_isns)
     runner = None
     status_task: asyncio.Task[None] | None = None
+    member = ClusterMember(opts.gateway, opts.ceph) if opts.gateway is not None else None
     try:
+        default_portals = [format_listen(h, p) for h, p in opts.portals]
+        if member is not None:
+            notifier.status("joining the gateway cluster")
+            await member.connect()
+            await member.join(service, store, engine)
+            default_portals = []  # this gateway's own portal group is made by member.start
         notifier.status("applying the configuration (portals, targets, LUNs)")
-        await service.start(default_portals=[format_listen(h, p) for h, p in opts.portals], demo=opts.demo)
+        await service.start(default_portals=default_portals, demo=opts.demo)
+        if member is not None:
+            await member.start(service, engine, opts.portals)
         notifier.status("starting the REST API")
         ssl_ctx = ssl_context_from_files(opts.api_cert, opts.api_key_file) if opts.api_cert else None
         app = make_app(service, store)
@@ -125,6 +139,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
             await runner.cleanup()
         await isns.close()  # deregisters (bounded) while the portals still exist
         await engine.shutdown()
+        if member is not None:
+            await member.stop()  # after the LUs closed: the others take them over at once
         store.close()
         await notifier.close()
     return 0

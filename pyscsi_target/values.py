@@ -328,6 +328,42 @@ def parse_naa(text: str) -> str:
     return text.lower()
 
 
+# --- RBD image names ----------------------------------------------------------------------------
+
+# What the rbd CLI accepts as a pool, namespace or image name: no "/" (the separator), no "@"
+# (snapshots), no white space or control characters; Ceph caps names at 255 bytes.
+_RBD_PART_RE = re.compile(r"^[^/@\s\x00-\x1f\x7f]{1,255}$")
+
+
+@dataclass(frozen=True)
+class RbdImageName:
+    pool: str
+    image: str
+    namespace: str = ""
+
+    def __str__(self) -> str:
+        return "/".join(p for p in (self.pool, self.namespace, self.image) if p)
+
+
+def parse_rbd_image(text: str) -> RbdImageName:
+    """An RBD extent's image, as ``rbd`` names it: ``pool/image`` or ``pool/namespace/image``."""
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(_RBD_PART_RE.match(p) for p in parts):
+        raise ValueError(f"{text!r} is not an RBD image name: use pool/image or pool/namespace/image "
+                         "(no @, white space or empty parts).")
+    if len(parts) == 2:
+        return RbdImageName(parts[0], parts[1])
+    return RbdImageName(parts[0], parts[2], parts[1])
+
+
+def parse_rados_location(text: str) -> tuple[str, str]:
+    """Where a gateway cluster keeps its shared state: ``pool`` or ``pool/namespace``."""
+    parts = text.split("/")
+    if len(parts) not in (1, 2) or not all(_RBD_PART_RE.match(p) for p in parts):
+        raise ValueError(f"{text!r} is not a RADOS location: use pool or pool/namespace.")
+    return parts[0], parts[1] if len(parts) == 2 else ""
+
+
 # --- login status (RFC 7143 11.13.5) -------------------------------------------------------------
 
 

@@ -111,6 +111,11 @@ EXTENT = Table(
         Column("iscsi_target_extent_xen", EX.xen),
         Column("iscsi_target_extent_avail_threshold", EX.avail_threshold),
         Column("iscsi_target_extent_comment", EX.comment),
+        # Not in the FreeNAS document: type "RBD" names a Ceph image in the path (pool/image or
+        # pool/namespace/image) and its cluster here (empty: the daemon's --ceph-* settings).
+        Column("iscsi_target_extent_ceph_conf", EX.ceph_conf),
+        Column("iscsi_target_extent_ceph_client", EX.ceph_client),
+        Column("iscsi_target_extent_ceph_keyring", EX.ceph_keyring),
     ),
 )
 

@@ -3,8 +3,9 @@ words for.
 
 - ``GET sessions``: live sessions with their negotiated parameters (``Engine.sessions()``).
 - ``GET extents``: extents with what their files or devices measure now (size, allocation).
-- ``POST extents``: create a File extent with ``allocation`` sparse, preallocate or zero, as
-  a job (202 + ``Location`` of the job); ``POST extents/{id}/resize`` grows one the same way;
+- ``POST extents``: create a File extent with ``allocation`` sparse, preallocate or zero, or
+  (``type`` RBD) an extent on a Ceph RBD image, made when missing, as a job (202 + ``Location``
+  of the job); ``POST extents/{id}/resize`` grows one the same way;
   ``POST extents/import?name=...`` takes a raw image as the body (``dry_run=true`` validates
   the query and ``size`` without a body, so a client can check before sending gigabytes).
 - ``GET jobs``, ``GET jobs/{id}``, ``DELETE jobs/{id}`` (cancel a running job; forget a
@@ -27,7 +28,13 @@ from aiohttp import web
 from pyscsi_target.config.errors import ConfigError, Errors
 from pyscsi_target.config.export import apply_import, export_config, plan_import
 from pyscsi_target.config.extent_allocation import SPARSE
-from pyscsi_target.config.extent_jobs import preview_new_file_extent, run_import, start_create, start_resize
+from pyscsi_target.config.extent_jobs import (
+    preview_new_file_extent,
+    run_import,
+    start_create,
+    start_create_rbd,
+    start_resize,
+)
 from pyscsi_target.config.fields import UNSET, Boolean, Field, Schema
 from pyscsi_target.jobs import RUNNING, SUCCEEDED, JobError, JobRegistry
 
@@ -98,7 +105,8 @@ async def list_sessions(request: web.Request) -> web.Response:
 async def list_extents(request: web.Request) -> web.Response:
     model = request.app[SERVICE_KEY].model
     extents = [model.extents[k] for k in sorted(model.extents)]
-    usages = await asyncio.to_thread(lambda: [tables.ExtentUsage(e) for e in extents])  # stat may block
+    ceph = request.app[SERVICE_KEY].ceph
+    usages = await asyncio.to_thread(lambda: [tables.ExtentUsage(e, ceph) for e in extents])  # stat may block
     return json_response([tables.EXTENT_USAGE.serialize(model, u) for u in usages])
 
 
@@ -114,7 +122,10 @@ async def create_extent(request: web.Request) -> web.Response:
     fields = tables.EXTENT_CREATE.to_model(body, drop_null=True)
     allocation = _allocation(fields)
     try:
-        job = start_create(request.app[SERVICE_KEY], _jobs(request), {**fields, "type": "File"}, allocation)
+        if fields.get("type") == "RBD":
+            job = start_create_rbd(request.app[SERVICE_KEY], _jobs(request), fields)
+        else:
+            job = start_create(request.app[SERVICE_KEY], _jobs(request), {**fields, "type": "File"}, allocation)
     except ConfigError as exc:
         return _config_error(exc, tables.EXTENT_CREATE)
     except JobError as exc:
@@ -312,7 +323,7 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
                    **_errors(401)}),
         Operation("POST", f"{BASE}/extents/", create_extent, "native_create_extent", TAG,
                   {202: accepted, **_errors(400, 401, 409, 413)},
-                  summary="Create a File extent: sparse, preallocated or zero-filled (a job)",
+                  summary="Create a File extent (sparse, preallocated or zero-filled) or an RBD extent (a job)",
                   request=tables.EXTENT_CREATE.input_schema(), request_required=True),
         Operation("POST", f"{BASE}/extents/{{id}}/resize/", resize_extent, "native_resize_extent", TAG,
                   {202: accepted, **_errors(400, 401, 404, 409, 413)},

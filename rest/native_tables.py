@@ -11,10 +11,12 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from pyscsi_target.cluster.rados import ClusterSettings
 from pyscsi_target.config.extent_allocation import ALLOCATIONS, SPARSE
 from pyscsi_target.config.extents import ExtentFields as EX
 from pyscsi_target.config.fields import Choice, Field, Schema, Text
 from pyscsi_target.config.model import ConfigModel
+from pyscsi_target.config.rbd_images import image_usage
 from pyscsi_target.jobs import STATES, Job
 
 from .tables import Column, Table
@@ -71,9 +73,12 @@ JOB = Table(
 )
 
 ALLOCATION = Field("allocation", Choice(Text(), ALLOCATIONS))
-# An extent's rules are the extent validator's; ``type`` is always File here.
+# An extent's rules are the extent validator's; ``type`` is File (a new file) or RBD (an image,
+# created when missing); imports are always File.
 _EXTENT_FIELDS = (EX.name, EX.path, EX.filesize, EX.blocksize, EX.pblocksize, EX.rpm, EX.serial, EX.naa, EX.ro,
                   EX.insecure_tpc, EX.xen, EX.avail_threshold, EX.comment)
+NEW_EXTENT_TYPE = Field("type", Choice(Text(), ("File", "RBD")))
+_RBD_FIELDS = (EX.ceph_conf, EX.ceph_client, EX.ceph_keyring)
 _EXAMPLES: Mapping[str, object] = {"name": "big0", "path": "big0.img", "filesize": "16MB"}
 
 
@@ -85,7 +90,8 @@ def _extent_column(f: Field[Any]) -> Column:
 
 
 EXTENT_CREATE = Table(
-    "ExtentCreate", (*(_extent_column(f) for f in _EXTENT_FIELDS), Column("allocation", ALLOCATION, example=SPARSE))
+    "ExtentCreate", (Column("type", NEW_EXTENT_TYPE, example="File"), *(_extent_column(f) for f in _EXTENT_FIELDS),
+                     Column("allocation", ALLOCATION, example=SPARSE), *(Column(f.attr, f) for f in _RBD_FIELDS))
 )
 EXTENT_RESIZE = Table(
     "ExtentResize",
@@ -110,22 +116,25 @@ EXTENT_USAGE = Table(
         attribute("ro", {"type": "boolean"}),
         Column("size", show=lambda model, e: e.size, schema={**NULLABLE_INT, "description": "bytes now"}),
         Column("allocated", show=lambda model, e: e.allocated,
-               schema={**NULLABLE_INT, "description": "bytes allocated on disk (files)"}),
+               schema={**NULLABLE_INT, "description": "bytes allocated on disk (files) or backed by RADOS objects "
+                                                      "(RBD images)"}),
         Column("error", show=lambda model, e: e.error, schema=NULLABLE_STR),
     ),
 )
 
 
 class ExtentUsage:
-    """An extent with what its file or device measures now."""
+    """An extent with what its file, device or RBD image measures now (blocking: a thread)."""
 
-    def __init__(self, extent: Any) -> None:
+    def __init__(self, extent: Any, ceph: ClusterSettings | None = None) -> None:
         self._extent = extent
         self.size: int | None = None
         self.allocated: int | None = None
         self.error: str | None = None
         try:
-            if extent.type == "File":
+            if extent.type == "RBD":
+                self.size, self.allocated = image_usage(extent, ceph or ClusterSettings())
+            elif extent.type == "File":
                 st = os.stat(extent.path)
                 self.size, self.allocated = st.st_size, st.st_blocks * 512
             else:

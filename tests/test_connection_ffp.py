@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -96,6 +97,9 @@ class FakeDevice:
 
     def target_reset(self, nexus: Nexus, cold: bool) -> TmfResult:
         return self._abort_lun("cold" if cold else "warm", None)
+
+    def when_settled(self, done: Callable[[], None]) -> None:
+        done()
 
 
 class Harness:

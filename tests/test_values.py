@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pyscsi_target.values import (
     ListenAddress,
     LoginStatus,
+    RbdImageName,
     acceptable_peer_name,
     check_iscsi_name,
     initiator_names_text,
@@ -22,6 +23,8 @@ from pyscsi_target.values import (
     parse_naa,
     parse_networks,
     parse_peer_ip,
+    parse_rados_location,
+    parse_rbd_image,
     parse_size,
 )
 
@@ -154,6 +157,25 @@ def test_naa() -> None:
             parse_naa(bad)
 
 
+def test_rbd_image_name() -> None:
+    assert parse_rbd_image("rbd/disk1") == RbdImageName("rbd", "disk1")
+    assert parse_rbd_image("rbd/tenant/disk1") == RbdImageName("rbd", "disk1", "tenant")
+    assert str(parse_rbd_image("rbd/tenant/disk1")) == "rbd/tenant/disk1"
+    assert parse_rbd_image("my-pool.x/vm_disk-1.img").image == "vm_disk-1.img"
+    for bad in ("disk1", "rbd/", "/disk1", "a/b/c/d", "rbd//disk", "rbd/disk@snap", "rbd/my disk", "rbd/a\tb",
+                "rbd/" + "x" * 256, ""):
+        with pytest.raises(ValueError):
+            parse_rbd_image(bad)
+
+
+def test_rados_location() -> None:
+    assert parse_rados_location("rbd") == ("rbd", "")
+    assert parse_rados_location("rbd/gateways") == ("rbd", "gateways")
+    for bad in ("", "rbd/", "/ns", "a/b/c", "my pool"):
+        with pytest.raises(ValueError):
+            parse_rados_location(bad)
+
+
 def test_login_status() -> None:
     assert LoginStatus.TARGET_REMOVED.status_class == 2 and LoginStatus.TARGET_REMOVED.status_detail == 4
     assert LoginStatus.of(3, 2) is LoginStatus.OUT_OF_RESOURCES
@@ -166,7 +188,7 @@ def test_login_status() -> None:
 def test_parsers_only_raise_value_error(text: str) -> None:
     """Any text: a value or a ValueError whose message goes back to the client, never a crash."""
     for fn in (parse_size, parse_listen, parse_access_config, parse_initiator_names, parse_networks,
-               check_iscsi_name, parse_naa):
+               check_iscsi_name, parse_naa, parse_rbd_image, parse_rados_location):
         try:
             fn(text)  # type: ignore[operator]
         except ValueError:

@@ -31,8 +31,10 @@ backstores all fit it):
 
 * **Life cycle.**  ``resize(size)`` changes the capacity (0: adopt the size the storage
   reports now, e.g. after a device or image was grown underneath); ``close()`` lets queued
-  writes land, flushes, and releases the storage.  The SCSI layer never touches a file
-  descriptor: only FdBackstore and its subclasses have one.
+  writes land, flushes, and releases the storage.  A backstore that learns by itself that
+  its size changed (an RBD image resized by another client) sets ``size`` and calls
+  ``on_size_change(size)`` on the loop thread, when the LU's owner has set that hook.  The
+  SCSI layer never touches a file descriptor: only FdBackstore and its subclasses have one.
 """
 
 from __future__ import annotations
@@ -60,6 +62,13 @@ Done = Callable[[BaseException | None], None]
 # sends its writes straight to a thread.  Reads with RWF_NOWAIT work (0.7 us for a cached
 # 4 KiB read, holes included) and return EAGAIN when the data is not in the page cache.
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+class PathUnavailable(OSError):
+    """The storage refuses this node (a gateway fenced by another that took its RBD image
+    over): nothing was written, and the command may succeed through another target port.
+    The SCSI layer reports it as such (NOT READY, TARGET PORT IN UNAVAILABLE STATE) instead
+    of a medium error, so a multipath initiator retries it on another path."""
 
 
 class Extent(NamedTuple):
@@ -161,6 +170,8 @@ class Backstore(ABC):
         self.discard_granularity = 4096
         self.closed = False
         self._writer: WriteQueue | None = None
+        #: Set by the LU's owner; called on the loop when the storage was resized underneath.
+        self.on_size_change: Callable[[int], None] | None = None
 
     # --- data path (loop thread) ---------------------------------------------------------
 

@@ -514,17 +514,24 @@ class Image:
                 self.reaped += count
                 return count
 
-    def stop_aio(self) -> None:
-        if self._efd < 0:
-            return
-        if self.loop is not None and not self.loop.is_closed():
+    def detach(self) -> None:
+        """Stop watching for completions (loop thread).  The eventfd itself stays open until
+        ``close``: librbd may post to it until rbd_close returns, and a closed fd's number could
+        meanwhile belong to another file."""
+        if self._efd >= 0 and self.loop is not None and not self.loop.is_closed():
             self.loop.remove_reader(self._efd)
-        os.close(self._efd)
-        self._efd = -1
         self.loop = None
 
+    def stop_aio(self) -> None:
+        """``detach``, and close the eventfd (only once librbd no longer posts to it)."""
+        self.detach()
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+
     def close(self) -> None:
-        """Close the image: rbd_close waits for I/O in flight; their callbacks do not run."""
+        """Close the image: rbd_close waits for I/O in flight; their callbacks do not run.  Any
+        thread, once ``detach`` ran on the loop's."""
         if not self.handle:
             return
         for h in list(self._watches):

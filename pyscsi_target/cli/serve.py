@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
                    help="directory file extents may live under (repeatable; default STATE_DIR/extents)")
     s.add_argument("--demo", action="store_true",
                    help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
+    ceph = s.add_argument_group("Ceph", "how RBD extents that leave these settings empty reach their cluster")
+    ceph.add_argument("--ceph-conf", type=Path, default=None, metavar="FILE",
+                      help="ceph.conf (default: librados' search, $CEPH_CONF then /etc/ceph/ceph.conf)")
+    ceph.add_argument("--ceph-id", default="admin", metavar="ID", help="client id (default admin: client.admin)")
+    ceph.add_argument("--ceph-keyring", type=Path, default=None, metavar="FILE",
+                      help="keyring of that client (default: ceph.conf's)")
+    gw = s.add_argument_group("gateway cluster", "several daemons exporting the same RBD images (docs/ceph.md)")
+    gw.add_argument("--cluster", metavar="POOL[/NAMESPACE]", default=None,
+                    help="join the gateway cluster whose shared configuration and state live there")
+    gw.add_argument("--gateway", metavar="NAME", default=None, help="this gateway's name (default: the host name)")
+    gw.add_argument("--portal-group", type=int, default=None, metavar="TAG",
+                    help="this gateway's portal group (its target port group); created with the --portal "
+                         "addresses when missing (required with --cluster)")
+    gw.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS", help=argparse.SUPPRESS)
+    gw.add_argument("--failover-timeout", type=float, default=4.0, metavar="SECONDS",
+                    help="a gateway silent this long is taken over (default 4)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=list(FORMATS),
                    help="auto: journal when stderr is systemd's journal stream, else text; "
@@ -68,7 +85,27 @@ def serve(args: argparse.Namespace) -> int:
     if bool(args.api_cert) != bool(args.api_key_file):
         print("pyscsi-target: --api-cert and --api-key-file go together", file=sys.stderr)
         return 2
+    from ..cluster.member import GatewayOptions
+    from ..cluster.rados import ClusterSettings
     from ..daemon import DaemonOptions, run
+    from ..values import parse_rados_location
+
+    gateway = None
+    if args.cluster:
+        try:
+            pool, namespace = parse_rados_location(args.cluster)
+        except ValueError as exc:
+            print(f"pyscsi-target: --cluster: {exc}", file=sys.stderr)
+            return 2
+        if args.demo:
+            print("pyscsi-target: --demo makes a File extent, which a gateway cluster does not serve", file=sys.stderr)
+            return 2
+        if args.portal_group is None or not 1 <= args.portal_group <= 65535:
+            print("pyscsi-target: --cluster needs --portal-group TAG (1-65535): each gateway has its own",
+                  file=sys.stderr)
+            return 2
+        gateway = GatewayOptions(pool, namespace, args.gateway or socket.gethostname(), args.portal_group,
+                                 heartbeat=args.heartbeat, timeout=args.failover_timeout)
 
     opts = DaemonOptions(
         state_dir=state_dir,
@@ -78,5 +115,11 @@ def serve(args: argparse.Namespace) -> int:
         api_key_file=args.api_key_file,
         extent_roots=[r.resolve() for r in args.extent_root] if args.extent_root else [state_dir / "extents"],
         demo=args.demo,
+        gateway=gateway,
+        ceph=ClusterSettings(
+            conf=str(args.ceph_conf.resolve()) if args.ceph_conf else None,
+            client_id=args.ceph_id,
+            keyring=str(args.ceph_keyring.resolve()) if args.ceph_keyring else None,
+        ),
     )
     return run(opts)

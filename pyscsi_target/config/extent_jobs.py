@@ -116,12 +116,29 @@ def start_create(service: ConfigService, jobs: JobRegistry, fields: Fields, allo
                       claims=_claims(e))
 
 
+def start_create_rbd(service: ConfigService, jobs: JobRegistry, fields: Fields) -> Job:
+    """A job creating an RBD extent: its image is made (or grown) if needed, then the extent."""
+    e = build_extent(service.model.copy(), service.roots, fields, Extent(id=0, name="", filesize=""), None)[0]
+    if e.type != "RBD":
+        raise ValidationError({"type": ["Expected RBD."]})
+
+    async def work(job: Job) -> dict[str, object]:
+        job.message = f"preparing the image {e.path}"
+        saved = await service.create_extent(fields)
+        job.advance(1)
+        return {"extent": saved.id, "name": saved.name, "path": saved.path}
+
+    return jobs.start("extent-create", f"create RBD extent {e.name} ({e.path})", 1, work, claims=_claims(e))
+
+
 def start_resize(service: ConfigService, jobs: JobRegistry, extent_id: object, filesize: object,
                  allocation: str) -> Job:
     """A job growing a File extent to ``filesize`` with the new range ``allocation``-style."""
     _check_allocation(allocation)
     model = service.model.copy()
     current = lookup(model, EXTENTS, extent_id, "Extent")
+    if current.type == "RBD":
+        return _start_rbd_resize(service, jobs, current, filesize)
     if current.type != "File":
         raise ValidationError({"type": ["A Disk extent has the size of its device."]})
     e, size = build_extent(model, service.roots, {"filesize": filesize}, copy_of(current), current)
@@ -148,6 +165,19 @@ def start_resize(service: ConfigService, jobs: JobRegistry, extent_id: object, f
 
     return jobs.start("extent-resize", f"grow extent {e.name} to {size} bytes ({allocation})", size - old_size,
                       work, claims=[f"path:{e.path}"])
+
+
+def _start_rbd_resize(service: ConfigService, jobs: JobRegistry, current: Extent, filesize: object) -> Job:
+    """Grow an RBD extent's image (thin: nothing to allocate); every gateway's LU sees it."""
+    e = build_extent(service.model.copy(), service.roots, {"filesize": filesize}, copy_of(current), current)[0]
+
+    async def work(job: Job) -> dict[str, object]:
+        saved = await service.update_extent(e.id, {"filesize": filesize})
+        job.advance(1)
+        return {"extent": saved.id, "name": saved.name, "path": saved.path}
+
+    return jobs.start("extent-resize", f"grow extent {e.name} to {e.filesize}", 1, work,
+                      claims=[f"path:{e.path}"])
 
 
 async def run_import(

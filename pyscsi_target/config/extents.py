@@ -1,4 +1,11 @@
-"""Extents (FreeNAS "extent"): a file or block device exported as a logical unit."""
+"""Extents (FreeNAS "extent"): a file, a block device or a Ceph RBD image exported as a
+logical unit.
+
+An RBD extent names its image in ``path`` as ``pool/[namespace/]image`` and its cluster in
+``ceph_conf``/``ceph_client``/``ceph_keyring`` (empty: the daemon's).  Its ``filesize`` is
+what the image should have: "0" takes the image as it is, a size creates a missing image or
+grows a smaller one (config/rbd_images.py does that before the change is committed).
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,10 @@ from pyscsi_target.config.errors import NO_QUOTES, ConflictError, Errors
 from pyscsi_target.config.extent_files import ExtentRoots, resolve_disk
 from pyscsi_target.config.fields import THRESHOLD, Boolean, Choice, Field, FieldSet, Integer, Text
 from pyscsi_target.config.model import BLOCK_SIZES, EXTENT_TYPES, RPM_VALUES, ConfigModel, Extent
-from pyscsi_target.values import parse_naa, parse_size
+from pyscsi_target.values import parse_naa, parse_rbd_image, parse_size
 
 _SERIAL_RE = re.compile(r"^[\x21-\x7e]{1,16}$")
+_CEPH_CLIENT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class ExtentFields(FieldSet):
@@ -34,6 +42,10 @@ class ExtentFields(FieldSet):
     # democratic-csi sends null for "no threshold" (it turns its own 0 into null first).
     avail_threshold = Field("avail_threshold", THRESHOLD)
     comment = Field("comment", Text(max_len=120))
+    # RBD: the image's cluster (absent from the FreeNAS document)
+    ceph_conf = Field("ceph_conf", Text(max_len=1024))
+    ceph_client = Field("ceph_client", Text(max_len=64, pattern="^[A-Za-z0-9_.-]{1,64}$"))
+    ceph_keyring = Field("ceph_keyring", Text(max_len=1024))
 
 
 def _read_fields(fields: Mapping[str, object], e: Extent, errs: Errors) -> None:
@@ -66,6 +78,8 @@ def _read_fields(fields: Mapping[str, object], e: Extent, errs: Errors) -> None:
         e.filesize = size.strip()
     F.path.assign(e, fields, errs)
     F.disk.assign(e, fields, errs)
+    for f in (F.ceph_conf, F.ceph_client, F.ceph_keyring):
+        f.assign(e, fields, errs)
 
 
 def _file_size(errs: Errors, e: Extent) -> int | None:
@@ -120,10 +134,43 @@ def build_extent(
                 e.path = resolved
         if "filesize" not in errs and "path" not in errs and "blocksize" not in errs:
             size = _file_size(errs, e)
+    elif e.type == "RBD" and "type" not in errs:
+        _rbd_fields(errs, e)
+    if e.type != "RBD":
+        e.ceph_conf = e.ceph_client = e.ceph_keyring = ""
     errs.raise_if_any()
     _fill_identity(model, e)
     _check_unique(model, e)
     return e, size
+
+
+def _rbd_fields(errs: Errors, e: Extent) -> None:
+    """What an RBD extent's fields must hold; whether the cluster has the image is checked
+    against the cluster itself (config/rbd_images.py)."""
+    e.disk = ""
+    if not e.path and "path" not in errs:
+        errs.add("path", "This field is required for an RBD extent: pool/image or pool/namespace/image.")
+    elif "path" not in errs:
+        try:
+            e.path = str(parse_rbd_image(e.path))
+        except ValueError as exc:
+            errs.add("path", str(exc))
+    if "filesize" not in errs:
+        try:
+            size = parse_size(e.filesize or "0")
+        except ValueError as exc:
+            errs.add("filesize", str(exc))
+        else:
+            if size % e.blocksize:
+                errs.add("filesize", "File size must be a multiple of block size")
+    for name in ("ceph_conf", "ceph_keyring"):
+        value = getattr(e, name)
+        if value and not os.path.isabs(value):
+            errs.add(name, "Give an absolute path.")
+        elif value and not os.path.isfile(value):
+            errs.add(name, f"{value} is not a file.")
+    if e.ceph_client and not _CEPH_CLIENT_RE.match(e.ceph_client):
+        errs.add("ceph_client", "A Ceph client id is 1-64 letters, digits, '_', '.' or '-' (admin for client.admin).")
 
 
 def _fill_identity(model: ConfigModel, e: Extent) -> None:
@@ -147,6 +194,6 @@ def _check_unique(model: ConfigModel, e: Extent) -> None:
             raise ConflictError({"name": ["Extent name must be unique"]})
         if other.naa == e.naa:
             raise ConflictError({"naa": ["Extent naa must be unique"]})
-        if other.path == e.path:
+        if (other.path, other.ceph_conf) == (e.path, e.ceph_conf):
             field = "disk" if e.type == "Disk" else "path"
             raise ConflictError({field: [f"{e.path} is already used by extent {other.name}."]})

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 DEFAULT_BASENAME = "iqn.2026-11.org.pyscsi-target"
 
 AUTH_METHODS = ("None", "Auto", "CHAP", "CHAP Mutual")
-EXTENT_TYPES = ("File", "Disk")
+EXTENT_TYPES = ("File", "Disk", "RBD")
 RPM_VALUES = ("Unknown", "SSD", "5400", "7200", "10000", "15000")
 BLOCK_SIZES = (512, 1024, 2048, 4096)
 
@@ -97,8 +97,9 @@ class TargetGroup:
 class Extent:
     id: int
     name: str
-    type: str = "File"  # "File" or "Disk"
-    path: str = ""  # file path (File) or resolved /dev path (Disk)
+    type: str = "File"  # "File", "Disk" or "RBD"
+    # file path (File), resolved /dev path (Disk), or the image as pool/[namespace/]image (RBD)
+    path: str = ""
     disk: str = ""  # the API's device name for Disk extents ("ada1", "zvol/tank/x")
     filesize: str = "0"  # as given: bytes or "10MB"; "0" = size of the existing file
     blocksize: int = 512
@@ -111,6 +112,11 @@ class Extent:
     xen: bool = False
     avail_threshold: int | None = None
     comment: str = ""
+    # RBD only: how to reach the image's cluster; "" = the daemon's --ceph-* settings (or
+    # librados' defaults: /etc/ceph/ceph.conf, client.admin).
+    ceph_conf: str = ""
+    ceph_client: str = ""
+    ceph_keyring: str = ""
 
 
 @dataclass

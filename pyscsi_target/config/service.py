@@ -12,14 +12,16 @@ copies: the service's model changes only through these methods.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+from pyscsi_target.cluster.rados import ClusterSettings
 from pyscsi_target.config.auth_credentials import DEFAULT_TAG, build_auth_credential
-from pyscsi_target.config.errors import ConflictError
+from pyscsi_target.config.errors import ConflictError, ValidationError
 from pyscsi_target.config.extent_files import ExtentRoots
 from pyscsi_target.config.extents import build_extent
 from pyscsi_target.config.global_settings import build_global
@@ -38,6 +40,7 @@ from pyscsi_target.config.model import (
     TargetGroup,
 )
 from pyscsi_target.config.portal_groups import build_portal_group
+from pyscsi_target.config.rbd_images import discard_image, prepare_image
 from pyscsi_target.config.store import ConfigStore
 from pyscsi_target.config.target_groups import build_target_group
 from pyscsi_target.config.targets import build_target
@@ -81,6 +84,10 @@ class ConfigService:
         self.engine = engine
         self._changes = Changes(store, engine)
         self.roots = self._roots(extent_roots)
+        #: How RBD extents reach their cluster when they leave a setting empty (daemon options).
+        self.ceph = ClusterSettings()
+        #: A gateway of a cluster serves RBD images only (a file or disk differs per gateway).
+        self.rbd_only = False
 
     def _roots(self, roots: Iterable[Path | str] | None) -> ExtentRoots:
         return ExtentRoots(list(roots or []) or [self.store.state_dir / "extents"])
@@ -91,6 +98,11 @@ class ConfigService:
     @property
     def extent_roots(self) -> list[Path]:
         return self.roots.roots
+
+    @property
+    def changes(self) -> Changes:
+        """The commit-and-apply path (the cluster's shared configuration hooks into it)."""
+        return self._changes
 
     @property
     def model(self) -> ConfigModel:
@@ -284,7 +296,8 @@ class ConfigService:
                 draft.on_undo(lambda: self.roots.remove(e.path))
             return copy_of(draft.add(EXTENTS, e))
 
-        return await self._changes.run(edit)
+        preview = build_extent(self.model.copy(), self.roots, fields, Extent(id=0, name="", filesize=""), None)[0]
+        return await self._with_rbd_image(preview, None, lambda: self._changes.run(edit))
 
     async def update_extent(self, extent_id: object, changes: Fields) -> Extent:
         def build(model: ConfigModel, current: Extent) -> Extent:
@@ -294,7 +307,27 @@ class ConfigService:
                 self.roots.realise(e.path, size)
             return e
 
-        return await self._update(EXTENTS, "Extent", extent_id, build)
+        model = self.model.copy()
+        current = lookup(model, EXTENTS, extent_id, "Extent")
+        preview = build_extent(model, self.roots, changes, copy_of(current), current)[0]
+        return await self._with_rbd_image(preview, current,
+                                          lambda: self._update(EXTENTS, "Extent", extent_id, build))
+
+    async def _with_rbd_image(self, e: Extent, old: Extent | None, change: Callable[[], Awaitable[T]]) -> T:
+        """Run ``change`` once an RBD extent's image exists with its size (created or grown in a
+        thread: that waits for the cluster); an image made for a change that fails is removed."""
+        if self.rbd_only and e.type != "RBD":
+            raise ValidationError({"type": ["Gateways of a cluster serve RBD extents only: a File or Disk extent "
+                                            "would hold different data on each gateway."]})
+        if e.type != "RBD" or (old is not None and (old.type, old.path, old.filesize, old.ceph_conf)
+                                == (e.type, e.path, e.filesize, e.ceph_conf)):
+            return await change()
+        prepared = await asyncio.to_thread(prepare_image, e, self.ceph)
+        try:
+            return await change()
+        except BaseException:
+            await asyncio.to_thread(discard_image, prepared)
+            raise
 
     async def delete_extent(self, extent_id: object, delete_file: bool = False) -> None:
         def edit(draft: Draft) -> None:

@@ -10,6 +10,11 @@ If the edit raises, the transaction rolls back and nothing changed.  If the engi
 apply the result (a portal address bound by another program, say), the database and the
 in-memory model are put back, the old model is re-applied and the change's undo actions
 run, so that the persisted state and the running target never disagree.
+
+Gateways of a cluster share one configuration (cluster/shared_config.py, the ``publisher``):
+a committed change is published there before the engine applies it.  When another gateway
+published first, this change is rolled back, theirs is installed, and the edit runs again on
+it; a change made elsewhere arrives through ``install``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-from pyscsi_target.config.errors import NotFoundError, ValidationError
+from pyscsi_target.config.errors import ConflictError, NotFoundError, ValidationError
 from pyscsi_target.config.model import (
     AuthCredential,
     ConfigModel,
@@ -55,6 +60,27 @@ class EngineLike(Protocol):
     async def apply(self, model: ConfigModel) -> None: ...
 
     def session_count(self, target_id: int) -> int: ...
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """A configuration committed to the cluster: the model and its id sequences."""
+
+    model: ConfigModel
+    id_sequences: dict[str, int]
+
+
+class Publisher(Protocol):
+    """Where every change must land before it takes effect (the cluster's configuration)."""
+
+    async def publish(self, old: ConfigModel, new: ConfigModel) -> SharedModel | None:
+        """Make ``new`` the shared configuration in place of ``old``: None once done, or the
+        shared configuration another gateway committed since ``old`` (nothing published)."""
+        ...
+
+
+#: How often a change is edited again on a newer shared configuration before giving up.
+PUBLISH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -132,6 +158,7 @@ class Changes:
         self.engine = engine
         self.lock = asyncio.Lock()
         self.model = store.load()
+        self.publisher: Publisher | None = None
 
     async def run(self, edit: Callable[[Draft], T]) -> T:
         """Apply ``edit`` to a copy of the model; returns what ``edit`` returned."""
@@ -150,23 +177,63 @@ class Changes:
                 await self.engine.apply(self.model.copy())
 
     async def _commit(self, edit: Callable[[Draft], T]) -> T:
-        old = self.model
-        draft: Draft | None = None
+        for _attempt in range(PUBLISH_ATTEMPTS):
+            old = self.model
+            draft: Draft | None = None
+            try:
+                with self.store.transaction() as tx:
+                    draft = Draft(old.copy(), tx)
+                    result = edit(draft)
+                    tx.sync(old, draft.model)
+                self.model = draft.model
+                if self.publisher is not None and not await self._publish(old, draft.model):
+                    for action in reversed(draft.undo):
+                        action()
+                    continue  # another gateway's change came first: edit again on top of it
+                if self.engine is not None:
+                    await self._apply(old, draft.model)
+                for action in draft.done:
+                    action()
+            except BaseException:
+                for action in reversed(draft.undo if draft is not None else []):
+                    action()
+                raise
+            return result
+        raise ConflictError({"__all__": ["The configuration kept changing on other gateways; try again."]})
+
+    async def _publish(self, old: ConfigModel, new: ConfigModel) -> bool:
+        """Publish a committed change; False when another gateway's change came first (this
+        one is then rolled back and theirs installed)."""
+        assert self.publisher is not None
         try:
-            with self.store.transaction() as tx:
-                draft = Draft(old.copy(), tx)
-                result = edit(draft)
-                tx.sync(old, draft.model)
-            self.model = draft.model
-            if self.engine is not None:
-                await self._apply(old, draft.model)
-            for action in draft.done:
-                action()
+            newer = await self.publisher.publish(old, new)
         except BaseException:
-            for action in reversed(draft.undo if draft is not None else []):
-                action()
+            self._restore(new, old)
             raise
-        return result
+        if newer is None:
+            return True
+        self._restore(new, old)
+        await self.install(newer)
+        return False
+
+    def _restore(self, current: ConfigModel, previous: ConfigModel) -> None:
+        with self.store.transaction() as tx:
+            tx.sync(current, previous)
+        self.model = previous
+
+    async def install(self, shared: SharedModel) -> None:
+        """Make a configuration committed by another gateway the current one: stored, then
+        applied.  The caller holds ``lock``."""
+        with self.store.transaction() as tx:
+            tx.sync(self.model, shared.model)
+            for kind, last in shared.id_sequences.items():
+                tx.raise_id_sequence(kind, last)
+        self.model = shared.model
+        if self.engine is not None:
+            try:
+                await self.engine.apply(shared.model.copy())
+            except Exception:  # noqa: BLE001 - the configuration stands; what failed is logged
+                log.exception("the engine could not apply the configuration of the cluster")
 
     async def _apply(self, old: ConfigModel, new: ConfigModel) -> None:
         assert self.engine is not None
@@ -174,9 +241,12 @@ class Changes:
             await self.engine.apply(new.copy())
         except Exception as exc:
             log.exception("engine could not apply the new configuration; reverting it")
-            with self.store.transaction() as tx:
-                tx.sync(new, old)
-            self.model = old
+            self._restore(new, old)
+            if self.publisher is not None:
+                try:
+                    await self.publisher.publish(new, old)
+                except Exception:  # noqa: BLE001 - the local revert stands
+                    log.exception("could not revert the shared configuration")
             try:
                 await self.engine.apply(old.copy())
             except Exception:

@@ -715,10 +715,22 @@ class Connection:
             resp = TmfResponse.REASSIGNMENT_UNSUPPORTED
         else:
             resp = TmfResponse.NOT_SUPPORTED
-        self._send_status_pdu(TaskMgmtResponse(response=resp, itt=pdu.itt))
-        if cold and resp == TmfResponse.COMPLETE:
-            # A cold reset ends every connection of the target after this response.
-            self.on_event(Notice.COLD_RESET, self)
+
+        def respond() -> None:
+            if self.closed:
+                return
+            in_batch = bool(self.output.buffers)
+            self._send_status_pdu(TaskMgmtResponse(response=resp, itt=pdu.itt))
+            if not in_batch:
+                self.notify()  # answered later than the request's batch: flush it
+            if cold and resp == TmfResponse.COMPLETE:
+                # A cold reset ends every connection of the target after this response.
+                self.on_event(Notice.COLD_RESET, self)
+
+        if fn in (TmfFunction.LOGICAL_UNIT_RESET, TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
+            dev.when_settled(respond)  # a reset answers once it reached every gateway of the LU
+        else:
+            respond()
 
     def _abort_task(self, pdu: TaskMgmtRequest, lun: int) -> TmfResponse:
         s = self.session

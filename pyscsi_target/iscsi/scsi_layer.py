@@ -8,6 +8,7 @@ nexus when a session starts and reports its loss when the session ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from ..scsi.task import Nexus, ScsiTask, TmfResult
@@ -27,6 +28,11 @@ class ScsiLayer(Protocol):
     def lun_reset(self, nexus: Nexus, lun: int) -> TmfResult: ...
 
     def target_reset(self, nexus: Nexus, cold: bool) -> TmfResult: ...
+
+    def when_settled(self, done: Callable[[], None]) -> None:
+        """Call ``done`` once the resets just made took effect everywhere (a LU exported by
+        several gateways); the TMF response is sent then."""
+        ...
 
     def add_nexus(self, nexus: Nexus) -> None: ...
 

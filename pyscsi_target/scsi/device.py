@@ -7,9 +7,10 @@ REPORT LUNS well-known LUN, and carries out task management functions.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import set_data_in
@@ -41,6 +42,7 @@ class ScsiDevice:
         self.luns: dict[int, LogicalUnit] = {}
         self.nexuses: dict[int, Nexus] = {}
         self._portal_tags: list[int] | None = None
+        self._settling: list[asyncio.Future[None]] = []  # resets still spreading (when_settled)
         registry.devices[target_iqn] = self
 
     # --- configuration -----------------------------------------------------------------
@@ -269,11 +271,28 @@ class ScsiDevice:
         lu = self._lu_for(lun)
         if lu is None:
             return TmfResult.NO_SUCH_LUN
-        lu.reset(S.BUS_DEVICE_RESET_OCCURRED)
+        self._reset(lu, S.BUS_DEVICE_RESET_OCCURRED)
         return TmfResult.COMPLETE
 
     def target_reset(self, nexus: Nexus, cold: bool) -> TmfResult:
         code = S.POWER_ON_OCCURRED if cold else S.POWER_ON_RESET
         for lu in self.luns.values():
-            lu.reset(code)
+            self._reset(lu, code)
         return TmfResult.COMPLETE
+
+    def _reset(self, lu: LogicalUnit, code: tuple[int, int]) -> None:
+        lu.reset(code)
+        if lu.on_reset is not None:
+            spreading = lu.on_reset(code)
+            if spreading is not None:
+                self._settling.append(spreading)
+
+    def when_settled(self, done: Callable[[], None]) -> None:
+        """Call ``done`` once the resets just made have reached every part of their LUs (at
+        once unless a LU spans several gateways): the TMF response waits for it."""
+        pending, self._settling = self._settling, []
+        if not pending:
+            done()
+            return
+        gathered = asyncio.gather(*pending, return_exceptions=True)
+        gathered.add_done_callback(lambda _f: done())

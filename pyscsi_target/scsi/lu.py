@@ -21,8 +21,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from pyscsi_target.backstore.base import Backstore, Buffer
+from pyscsi_target.backstore.base import Backstore, Buffer, PathUnavailable
 from pyscsi_target.scsi import sense as S
+from pyscsi_target.scsi.alua import TARGET_PORT_UNAVAILABLE, Alua
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
 from pyscsi_target.scsi.persistence import StateWriter
@@ -65,9 +66,9 @@ class LogicalUnit:
     # Slots: every command reads a dozen of these, and 36 attributes are past what
     # CPython's shared-key instance dicts (and their fastest attribute loads) take.
     __slots__ = (
-        "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
+        "alua", "avail_threshold", "backstore", "block_shift", "block_size", "blocked", "closed", "copy_results",
         "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
-        "name", "nexuses", "num_blocks", "ordered_running", "pr", "read_only", "registry", "rpm",
+        "name", "nexuses", "num_blocks", "on_reset", "ordered_running", "pr", "read_only", "registry", "rpm",
         "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
         "stopped", "tasks", "threshold_armed", "ua", "writes_inflight", "xen",
     )
@@ -90,6 +91,10 @@ class LogicalUnit:
         saved_modes = state.load(self.modes_key) if state is not None else None
         self.modes = ModePages(saved_modes)
         self.pr = PersistentReservations(self)
+        self.alua = Alua()  # target port group states (all active/optimized unless a cluster sets them)
+        # A reset by task management reaches only this daemon's part of the LU; a cluster's
+        # gateways spread it to the others, and the TMF response waits for what this returns.
+        self.on_reset: Callable[[tuple[int, int]], asyncio.Future[None] | None] | None = None
         self.legacy_holder: ITKey | None = None  # RESERVE(6/10) holder
         self.ua: dict[ITKey, list[tuple[int, int]]] = {}
         self.nexuses: dict[ITKey, int] = {}  # I_T nexuses known to this LU (key -> refcount)
@@ -239,6 +244,11 @@ class LogicalUnit:
             task.sense = self.sense_of(exc)
             task.data_in = []
             task.data_in_len = 0
+        elif isinstance(exc, PathUnavailable):
+            task.status = S.CHECK_CONDITION
+            task.sense = self.sense_of(S.CheckCondition(S.NOT_READY, TARGET_PORT_UNAVAILABLE))
+            task.data_in = []
+            task.data_in_len = 0
         elif isinstance(exc, S.ReservationConflict):
             task.status = S.RESERVATION_CONFLICT
             task.sense = None
@@ -344,6 +354,12 @@ class LogicalUnit:
             code = self.pop_ua(key)
             assert code is not None
             raise S.unit_attention(code)
+        # A gateway taking a LU over, loading its shared state, or fenced: only inquiry-like
+        # commands (INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE...) pass.
+        if self.alua.states and not cmd.flags & F.SANITIZE_OK:
+            refused = self.alua.refusal(task.nexus.portal_group_tag)
+            if refused is not None:
+                raise S.CheckCondition(S.NOT_READY, refused)
         # RESERVE(6/10) reservation held by another nexus
         if self.legacy_holder is not None and self.legacy_holder != key and not cmd.flags & F.RESV_ALLOWED:
             raise S.ReservationConflict()

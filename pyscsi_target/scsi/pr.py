@@ -122,6 +122,12 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
         raise S.param_list_length_error()
     if len(data) < plen:
         raise S.param_list_length_error()
+    # The rest acts on the reservation state: where that state is shared (several gateways)
+    # the change runs on a fresh copy and commits atomically (reservations.py ``change``).
+    lu.pr.change(task, lambda: _prout(lu, task, sa, scope, rtype, data))
+
+
+def _prout(lu: LogicalUnit, task: ScsiTask, sa: int, scope: int, rtype: int, data: memoryview) -> None:
     pr = lu.pr
     me = lu.registry.it_key(task.nexus)
     res_key, sark = struct.unpack_from(">QQ", data, 0)
@@ -185,7 +191,7 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
     if sa == 0x03:  # CLEAR
         for k in list(pr.regs):
             if k != me:
-                lu.add_ua(k, S.RESERVATIONS_PREEMPTED)
+                pr.unit_attention(k, S.RESERVATIONS_PREEMPTED)
         pr.regs.clear()
         pr.reservation = None
         pr.bump()
@@ -202,7 +208,7 @@ def _remove_regs(lu: LogicalUnit, key_value: int, me: ITKey) -> list[ITKey]:
     gone = [k for k, v in pr.regs.items() if v == key_value and k != me]
     for k in gone:
         del pr.regs[k]
-        lu.add_ua(k, S.REGISTRATIONS_PREEMPTED)
+        pr.unit_attention(k, S.REGISTRATIONS_PREEMPTED)
     return gone
 
 
@@ -223,7 +229,7 @@ def _preempt(lu: LogicalUnit, task: ScsiTask, me: ITKey, sark: int, scope: int, 
             gone = [k for k in pr.regs if k != me]
             for k in gone:
                 del pr.regs[k]
-                lu.add_ua(k, S.REGISTRATIONS_PREEMPTED)
+                pr.unit_attention(k, S.REGISTRATIONS_PREEMPTED)
             pr.reservation = Reservation(me, rtype)
         else:
             gone = _remove_regs(lu, sark, me)
@@ -238,7 +244,7 @@ def _preempt(lu: LogicalUnit, task: ScsiTask, me: ITKey, sark: int, scope: int, 
             if old_type != rtype or r.holder != me:
                 for k in pr.regs:
                     if k != me and k not in gone:
-                        lu.add_ua(k, S.RESERVATIONS_RELEASED)
+                        pr.unit_attention(k, S.RESERVATIONS_RELEASED)
         else:
             if sark == 0:
                 raise S.invalid_param(8)
@@ -246,9 +252,7 @@ def _preempt(lu: LogicalUnit, task: ScsiTask, me: ITKey, sark: int, scope: int, 
             if not gone and sark != pr.regs.get(me):
                 raise S.ReservationConflict()
     if abort and gone:
-        gone_set = set(gone)
-        it_key = lu.registry.it_key
-        lu.abort_tasks(lambda t: it_key(t.nexus) in gone_set and t is not task)
+        pr.abort_nexuses(set(gone), task)
     pr.bump()
     pr.commit(task)
 

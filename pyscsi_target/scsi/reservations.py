@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -96,6 +97,20 @@ class PersistentReservations:
         """Complete the PR OUT ``task`` GOOD once the state it left is durable."""
         self.lu.persist(self.key, self.record(), task)
 
+    def change(self, task: ScsiTask, apply: Callable[[], None]) -> None:
+        """Run a PR OUT's ``apply``, which changes the state and completes ``task`` (through
+        ``commit`` or ``lu.done``) or raises.  Here the state is this LU's alone: at once."""
+        apply()
+
+    def unit_attention(self, key: ITKey, code: tuple[int, int]) -> None:
+        """A unit attention a change raises for another I_T nexus."""
+        self.lu.add_ua(key, code)
+
+    def abort_nexuses(self, keys: set[ITKey], task: ScsiTask) -> None:
+        """PREEMPT AND ABORT: abort the tasks of the preempted nexuses (not ``task`` itself)."""
+        it_key = self.lu.registry.it_key
+        self.lu.abort_tasks(lambda t: it_key(t.nexus) in keys and t is not task)
+
     # --- queries ---------------------------------------------------------------------
 
     def is_holder(self, key: ITKey) -> bool:
@@ -132,7 +147,7 @@ class PersistentReservations:
         if notify and r is not None and r.type not in (WE, EA):
             for k in self.regs:
                 if k != except_key:
-                    self.lu.add_ua(k, S.RESERVATIONS_RELEASED)
+                    self.unit_attention(k, S.RESERVATIONS_RELEASED)
 
     def unregister(self, key: ITKey) -> None:
         self.regs.pop(key, None)

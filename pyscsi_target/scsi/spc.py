@@ -222,11 +222,14 @@ def report_target_port_groups(lu: LogicalUnit, task: ScsiTask) -> None:
     alloc = struct.unpack_from(">I", task.cdb, 6)[0]
     dev = lu.registry.device_of(task)
     tags = dev.portal_group_tags() if dev is not None else [task.nexus.portal_group_tag]
+    alua = lu.alua
+    preferred = alua.preferred if alua.preferred is not None else frozenset((task.nexus.portal_group_tag,))
     body = bytearray()
     for tag in tags:
-        # active/optimized, AO_SUP only; one target port whose relative id is the tag
-        body += struct.pack(">BBHBBBB", 0x80 if tag == task.nexus.portal_group_tag else 0x00,
-                            0x01, tag & 0xFFFF, 0, 0, 0, 1)
+        # PREF, the group's state, the states it may take; one target port whose relative id
+        # is the tag (implicit ALUA: the states change as gateways come, go and take over)
+        body += struct.pack(">BBHBBBB", (0x80 if tag in preferred else 0) | alua.state(tag), alua.supported,
+                            tag & 0xFFFF, 0, 0, 0, 1)
         body += struct.pack(">HH", 0, tag & 0xFFFF)
     if fmt == 1:
         data = struct.pack(">IBBH", len(body) + 4, 0x10, 0, 0) + body

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cluster.rados import ClusterSettings
 from ..config import model as M
 from ..iscsi.connection import Connection
 from ..iscsi.session import SessionInfo
@@ -86,6 +87,7 @@ class Engine:
         nop_timeout: float = 30.0,
         login_timeout: float = 30.0,
         tune_allocator: bool = True,
+        ceph: ClusterSettings | None = None,
     ) -> None:
         if tune_allocator:
             tune_malloc()
@@ -100,23 +102,26 @@ class Engine:
         self._by_iqn: dict[str, TargetRuntime] = {}
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
         self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
-        self.logical_units = LogicalUnits(self.scsi, pr_store)
+        self.logical_units = LogicalUnits(self.scsi, pr_store, ceph)
         self.session_registry = SessionRegistry(queue_depth, self._close_connection)
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()
         self.shutting_down = False
         # Called after every apply, even one where a portal could not bind (iSNS registration).
         self.on_applied: list[Callable[[], None]] = []
+        # A gateway of a cluster listens on its own portal groups only (None: on every one).
+        self.portal_tags: frozenset[int] | None = None
 
     # --- reconcile ----------------------------------------------------------------------
 
     async def apply(self, model: M.ConfigModel) -> None:
         async with self._lock:
+            await self.logical_units.open_remote(model)  # RBD images: in threads
             self.model = model
             self.logical_units.apply(model, self._detach_lu)
             self._apply_targets(model)
             try:
-                await self.portals.apply(model, model.service_enabled and not self.shutting_down)
+                await self.portals.apply(model, model.service_enabled and not self.shutting_down, self.portal_tags)
             finally:
                 for observer in self.on_applied:
                     observer()

@@ -15,7 +15,10 @@ from collections.abc import Callable
 from ..backstore.base import Backstore
 from ..backstore.block import BlockBackstore
 from ..backstore.file import FileBackstore
+from ..backstore.rbd import RbdBackstore
+from ..cluster.rados import ClusterSettings
 from ..config import model as M
+from ..config.rbd_images import spec_of
 from ..scsi.lu import LogicalUnit
 from ..scsi.persistence import StateStore, StateWriter
 from ..scsi.registry import ScsiRegistry
@@ -59,50 +62,81 @@ def lu_settings(extent: M.Extent) -> LuSettings:
 
 
 def requested_size(extent: M.Extent) -> int:
-    """The LU size the extent asks for in bytes; 0 = the storage's own size (a device, or
-    filesize "0": the existing file's)."""
-    if extent.type == "Disk":
+    """The LU size the extent asks for in bytes; 0 = the storage's own size (a device, an RBD
+    image, or filesize "0": the existing file's)."""
+    if extent.type in ("Disk", "RBD"):
         return 0
     return parse_size(extent.filesize or "0")
 
 
-def open_backstore(extent: M.Extent) -> Backstore:
+def open_backstore(extent: M.Extent, ceph: ClusterSettings | None = None) -> Backstore:
+    """Open the extent's storage (an RBD image waits for its cluster: open those in a thread)."""
     if extent.type == "Disk":
         return BlockBackstore(extent.path, read_only=extent.ro)
+    if extent.type == "RBD":
+        return RbdBackstore(spec_of(extent, ceph or ClusterSettings()), read_only=extent.ro)
     return FileBackstore(extent.path, requested_size(extent), read_only=extent.ro)
 
 
-def open_logical_unit(extent: M.Extent, registry: ScsiRegistry, state: StateWriter | None) -> LogicalUnit:
-    """Open the extent's backstore and its LU; an interrupted SANITIZE resumes (which needs
-    the running event loop)."""
-    backstore = open_backstore(extent)
+def open_logical_unit(extent: M.Extent, registry: ScsiRegistry, state: StateWriter | None,
+                      backstore: Backstore | None = None) -> LogicalUnit:
+    """Open the extent's backstore (unless given, already open) and its LU, on the loop thread;
+    an interrupted SANITIZE resumes (which needs the running event loop)."""
+    if backstore is None:
+        backstore = open_backstore(extent)
     try:
         lu = LogicalUnit(lu_settings(extent), backstore, registry, state)
     except BaseException:
         backstore.close()
         raise
+    # A resize underneath (another client of an RBD image): CAPACITY DATA HAS CHANGED.
+    backstore.on_size_change = lu.resize
+    if isinstance(backstore, RbdBackstore):
+        backstore.attach(asyncio.get_running_loop())  # aio and the header watch, on this loop
     resume_sanitize(lu)
     return lu
 
 
 def reconfigure(lu: LogicalUnit, extent: M.Extent) -> None:
     """Apply a changed extent to its open LU, with the unit attentions that implies
-    (INQUIRY DATA HAS CHANGED, CAPACITY DATA HAS CHANGED)."""
+    (INQUIRY DATA HAS CHANGED, CAPACITY DATA HAS CHANGED).  An RBD image's size changes
+    reach the LU through the image's header watch instead."""
     lu.update(lu_settings(extent))
-    lu.resize(requested_size(extent))
+    if extent.type != "RBD":
+        lu.resize(requested_size(extent))
 
 
 def _needs_reopen(old: M.Extent, new: M.Extent) -> bool:
-    return new.path != old.path or new.type != old.type or new.blocksize != old.blocksize
+    if (new.path, new.type, new.blocksize) != (old.path, old.type, old.blocksize):
+        return True
+    # An RBD image is opened read-only (or not) on its cluster: changing either opens it anew.
+    return new.type == "RBD" and (new.ro, new.ceph_conf, new.ceph_client, new.ceph_keyring) != (
+        old.ro, old.ceph_conf, old.ceph_client, old.ceph_keyring)
+
+
+def _wanted(model: M.ConfigModel) -> dict[int, M.Extent]:
+    """The extents some target maps: those need a logical unit."""
+    wanted: dict[int, M.Extent] = {}
+    for m in model.lun_maps.values():
+        if m.target in model.targets and m.extent in model.extents:
+            wanted[m.extent] = model.extents[m.extent]
+    return wanted
 
 
 class LogicalUnits:
     """The open LUs by extent id, reconciled against each configuration the engine applies."""
 
-    def __init__(self, registry: ScsiRegistry, store: StateStore | None = None) -> None:
+    def __init__(self, registry: ScsiRegistry, store: StateStore | None = None,
+                 ceph: ClusterSettings | None = None) -> None:
         self.registry = registry
         self.state = StateWriter(store) if store is not None else None
+        self.ceph = ceph or ClusterSettings()  # RBD extents' cluster settings left empty
         self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
+        # RBD backstores opened in a thread ahead of apply(): extent id -> (extent, outcome)
+        self._opened: dict[int, tuple[M.Extent, Backstore | Exception]] = {}
+        #: Called with each LU just opened, before any command reaches it (a gateway of a
+        #: cluster shares its reservations and sets its ALUA states there).
+        self.on_open: list[Callable[[LogicalUnit], None]] = []
 
     def get(self, extent_id: int) -> LogicalUnit | None:
         ent = self._lus.get(extent_id)
@@ -111,14 +145,44 @@ class LogicalUnits:
     def all(self) -> list[LogicalUnit]:
         return [lu for lu, _ext in self._lus.values()]
 
+    async def open_remote(self, model: M.ConfigModel) -> None:
+        """Open, each in a thread, the RBD images ``apply(model)`` will need: opening one waits
+        for the cluster (a monitor session, the image header), which must not stall the loop."""
+        for eid, ext in _wanted(model).items():
+            cur = self._lus.get(eid)
+            if ext.type != "RBD" or (cur is not None and not _needs_reopen(cur[1], ext)):
+                continue
+            ready = self._opened.get(eid)
+            if ready is not None and vars(ready[0]) == vars(ext):
+                continue
+            self._drop_opened(eid)
+            outcome: Backstore | Exception
+            try:
+                outcome = await asyncio.to_thread(open_backstore, ext, self.ceph)
+            except Exception as exc:  # noqa: BLE001 - reported by apply(), as for any extent
+                outcome = exc
+            self._opened[eid] = (M.Extent(**vars(ext)), outcome)
+
+    def _drop_opened(self, eid: int) -> None:
+        entry = self._opened.pop(eid, None)
+        if entry is not None and isinstance(entry[1], Backstore):
+            entry[1].close()
+
+    def _take_opened(self, ext: M.Extent) -> Backstore | None:
+        entry = self._opened.pop(ext.id, None)
+        if entry is None or vars(entry[0]) != vars(ext):
+            if entry is not None and isinstance(entry[1], Backstore):
+                entry[1].close()
+            return None
+        if isinstance(entry[1], Exception):
+            raise entry[1]
+        return entry[1]
+
     def apply(self, model: M.ConfigModel, detach: Callable[[LogicalUnit], None]) -> list[str]:
         """Open, update and close LUs so that every mapped extent has one.  ``detach`` takes
         an LU out of every target before it is closed.  Returns the extents that could not
         be opened (logged; the others are served)."""
-        wanted: dict[int, M.Extent] = {}
-        for m in model.lun_maps.values():
-            if m.target in model.targets and m.extent in model.extents:
-                wanted[m.extent] = model.extents[m.extent]
+        wanted = _wanted(model)
         for eid in list(self._lus):
             lu, old = self._lus[eid]
             new = wanted.get(eid)
@@ -134,18 +198,41 @@ class LogicalUnits:
             cur = self._lus.get(eid)
             if cur is None:
                 try:
-                    lu = open_logical_unit(ext, self.registry, self.state)
+                    lu = open_logical_unit(ext, self.registry, self.state, self._take_opened(ext))
                 except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
                     log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
                     errors.append(f"{ext.name}: {e}")
                     continue
+                for hook in self.on_open:
+                    hook(lu)
                 self._lus[eid] = (lu, M.Extent(**vars(ext)))
             elif vars(cur[1]) != vars(ext):
                 reconfigure(cur[0], ext)
                 self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
+        for eid in list(self._opened):  # opened for a model that changed meanwhile
+            self._drop_opened(eid)
         if errors:
             log.error("extents not served: %s", "; ".join(errors))
         return errors
+
+    async def reopen_rbd(self, lu: LogicalUnit, close_wait: float = 10.0) -> None:
+        """Give ``lu`` a new handle on its RBD image, through a new client instance: its client
+        was blocklisted (fenced by another gateway), and a fenced client can do nothing more.
+        The LU keeps its state (reservations, unit attentions, sessions)."""
+        old = lu.backstore
+        assert isinstance(old, RbdBackstore)
+        new = await asyncio.to_thread(RbdBackstore, old.spec, old.read_only)
+        new.on_size_change = lu.resize
+        new.attach(asyncio.get_running_loop())
+        lu.backstore = new
+        lu.resize(new.size)
+        old.close()  # in a thread; a fenced image may not close cleanly: never wait for it for long
+        if old.closing is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(old.closing), close_wait)
+            except (TimeoutError, OSError) as exc:
+                log.warning("LU %s: closing the fenced image handle: %r", lu.name, exc)
+        log.info("LU %s: image reopened with a new client (%s)", lu.name, new.client_address)
 
     async def close(self, drain: float = 2.0) -> None:
         """Close every LU (after up to ``drain`` seconds for running commands), then let
@@ -161,6 +248,11 @@ class LogicalUnits:
                 lu.close()
             except Exception:  # noqa: BLE001 - close the others
                 log.exception("closing logical unit %s failed", lu.name)
+        # RBD images close in threads (a lock handed back, a flush): the daemon ends after them.
+        closing = [lu.backstore.closing for lu in self.all()
+                   if isinstance(lu.backstore, RbdBackstore) and lu.backstore.closing is not None]
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
         self._lus.clear()
         if self.state is not None:
             await loop.run_in_executor(None, self.state.close)

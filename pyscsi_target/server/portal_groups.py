@@ -67,11 +67,14 @@ class Portals:
         self._factory = protocol_factory
         self.listeners: dict[tuple[str, int], Listener] = {}
 
-    async def apply(self, model: M.ConfigModel, enabled: bool) -> None:
-        """Listen on every address of every portal group (none when not ``enabled``)."""
+    async def apply(self, model: M.ConfigModel, enabled: bool, tags: frozenset[int] | None = None) -> None:
+        """Listen on every address of every portal group (none when not ``enabled``); with
+        ``tags``, of those portal groups only (a gateway of a cluster serves its own)."""
         wanted: dict[tuple[str, int], int] = {}
         if enabled:
             for pg in model.portal_groups.values():
+                if tags is not None and pg.tag not in tags:
+                    continue
                 for addr in pg.listen:
                     a = parse_listen(addr, allow_zero=True)
                     wanted[(a.host, a.port)] = pg.id

@@ -250,8 +250,18 @@ log file = {r}/log/client.log
         return Image(self, POOL, name, size)
 
     def remove_image(self, image: Image, namespace: str = "") -> None:
+        """Remove the image; a watch left by a fenced (blocklisted) or killed client keeps it until the OSD
+        expires the watch (osd_client_watch_timeout, 30 s), so that refusal is waited out."""
         args = ["rm", "--no-progress", "--pool", image.pool] + (["--namespace", namespace] if namespace else [])
-        self.rbd(*args, image.name, timeout=60)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.rbd(*args, image.name, timeout=60)
+                return
+            except CephStartError as e:
+                if "still has watchers" not in str(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(1)
 
     def create_namespace(self, namespace: str) -> None:
         self.rbd("namespace", "create", "--pool", POOL, "--namespace", namespace)
@@ -299,3 +309,24 @@ def rbd_image(ceph_cluster: CephCluster) -> Iterator[Image]:
     image = ceph_cluster.create_image()
     yield image
     ceph_cluster.remove_image(image)
+
+
+def main() -> None:
+    """``PYTHONPATH=tests python3 -m support.ceph [DIR]``: run the test cluster until Ctrl-C or SIGTERM (to try the
+    RBD extents by hand); prints its ceph.conf."""
+    import sys
+
+    root = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ceph-"))
+    cluster = CephCluster(root).start()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"cluster up: CEPH_CONF={cluster.conf} (pool {POOL}); Ctrl-C stops it", flush=True)
+    try:
+        signal.pause()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -49,8 +49,10 @@ def available() -> bool:
 @dataclass
 class Lun:
     lun: int
-    path: Path | str
+    path: Path | str  # a file, or pool/image with bstype "rbd" (Debian's tgt-rbd)
     block_size: int | None = None  # tgt default 512
+    bstype: str | None = None  # tgt's backing store type (default rdwr: a file)
+    bsopts: str | None = None  # e.g. "conf=/etc/ceph/ceph.conf;id=admin" for rbd
 
 
 class TgtdError(RuntimeError):
@@ -163,6 +165,10 @@ class Tgtd:
                     "--backing-store", str(lun.path)]
             if lun.block_size:
                 args += ["--blocksize", str(lun.block_size)]
+            if lun.bstype:
+                args += ["--bstype", lun.bstype]
+            if lun.bsopts:
+                args += ["--bsopts", lun.bsopts]
             self.adm(*args)
         self.adm("--mode", "target", "--op", "bind", "--tid", "1", "--initiator-address", self.initiator_address)
         if self.digests:
