@@ -19,6 +19,7 @@ from pyscsi_target.iscsi import pdu as P
 from pyscsi_target.iscsi.connection import Connection
 from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo
 from pyscsi_target.iscsi.session import Session
+from pyscsi_target.iscsi.stats import IoStats
 from pyscsi_target.scsi.task import Nexus, ScsiTask, TmfResult
 
 IQN = "iqn.2026-11.org.pyscsi-target:bench"
@@ -45,7 +46,7 @@ def _session() -> tuple[Connection, Session]:
                       target=TargetInfo(1, IQN, None, "None", []), isid=1, tsih=1, cid=0, cmdsn=1, statsn=1,
                       params=params)
     session = Session(res, 1, Nexus(1, res.initiator_name, 1, IQN, 1), InlineDevice(),  # type: ignore[arg-type]
-                      queue_depth=128)
+                      queue_depth=128, io_stats={0: IoStats()})  # LUN 0 mapped, as the engine does
     return Connection(session, 0, 1, conn_params=params), session
 
 

@@ -24,6 +24,7 @@ from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, Notice, 
 from ..iscsi.login import LoginMachine
 from ..iscsi.params import LoginResult
 from ..iscsi.pdu import PDU, Framed, OversizedPDU, Payload, PduError, PDUReader, WireOutput
+from ..iscsi.stats import clock_ns
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -115,6 +116,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._last_rx = self.loop.time()
         self._in_batch = True
+        if self.conn is not None:
+            self.conn.rx_ns = clock_ns()  # the batch's arrival: commands' latency starts here
         try:
             events = self.reader.buffer_updated(nbytes)
             while True:
