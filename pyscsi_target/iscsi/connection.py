@@ -190,9 +190,9 @@ class Connection:
         pdu.maxcmdsn = s.max_cmdsn
         self.output.send(pdu)
 
-    def reject(self, reason: RejectReason, bad: PDU, rule: V.Rule) -> None:
+    def reject(self, reason: RejectReason, bad: PDU, rule: V.Rule | None) -> None:
         """Reject PDU carrying the offending header (RFC 7143 11.17), and the rule it broke
-        in the log and the session's violation report."""
+        in the log and the session's violation report (None: not the initiator's doing)."""
         try:
             raw = bad.raw_header()
         except Exception:  # noqa: BLE001 - an unencodable header still deserves a Reject
@@ -200,7 +200,17 @@ class Connection:
         self._send_status_pdu(Reject(reason=reason, datasn=0, data=raw))
         s = self.session
         s.counters.count(s.counters.rejects, reason)
-        self.violation(rule, f"Reject ({reason.name.lower().replace('_', ' ')})", repr(bad))
+        if rule is not None:
+            self.violation(rule, f"Reject ({reason.name.lower().replace('_', ' ')})", repr(bad))
+
+    def reject_pdu(self, pdu: PDU, reason: RejectReason) -> None:
+        """Reject a PDU instead of handling it (fault injection).  A numbered request's CmdSN
+        is consumed in order, as for any rejected command, so the window moves on."""
+        self.reject(reason, pdu, None)
+        s = self.session
+        if isinstance(pdu, ScsiCommand | NopOut | TaskMgmtRequest | TextRequest | LogoutRequest) and \
+                not pdu.immediate and s.in_window(pdu.cmdsn) and pdu.cmdsn not in s.held:
+            self._consume_in_order(pdu.cmdsn)
 
     def violation(self, rule: V.Rule, action: str, what: str) -> None:
         """Record what the initiator did wrong (logged at INFO on strict targets, else DEBUG)."""
