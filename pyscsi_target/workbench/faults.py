@@ -381,7 +381,8 @@ def rule_from_request(body: dict[str, Any], resolve_target: Any = None) -> Fault
         raise FaultError("pdu", "LUN, opcode and LBA scope a rule acting on SCSI commands or their PDUs.")
     rule = FaultRule(kind=kind, scope=scope, pdu=pdu)
     rule.after = _int(body, "after", 0, 1 << 32, 0) or 0
-    rule.count = _int(body, "count", 1, 1 << 32, spec.default_count)
+    count = _int(body, "count", 0, 1 << 32, spec.default_count)
+    rule.count = count or None  # 0: unlimited
     prob = body.get("probability", 1.0)
     if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0.0 < float(prob) <= 1.0:
         raise FaultError("probability", "Enter a probability above 0 and at most 1.")
