@@ -95,7 +95,7 @@ class Workbench:
         target, initiator, tsih = identity_of(proto)
         rules = [r for r in self.faults.active() if r.scope.matches_nexus(target, initiator, tsih)]
         caps = [c for c in self.captures.running() if c.scope.matches_nexus(target, initiator, tsih)]
-        if not rules and not caps:
+        if not rules and not caps and (hook is None or hook.device is None or not hook.device.held):
             if hook is not None:
                 detach(proto)
             return

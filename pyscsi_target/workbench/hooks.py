@@ -138,7 +138,8 @@ class ConnectionHook:
 
     @property
     def empty(self) -> bool:
-        return not (self.rules_in or self.rules_out or self.rules_scsi or self.streams or self.pending is not None)
+        return not (self.rules_in or self.rules_out or self.rules_scsi or self.streams or self.pending is not None
+                    or (self.device is not None and self.device.held))
 
     # --- input -------------------------------------------------------------------------------------
 
@@ -402,7 +403,9 @@ class FaultDevice:
     def __init__(self, real: ScsiLayer, hook: ConnectionHook) -> None:
         self.real = real
         self.hook = hook
-        self.held: dict[tuple[int, int], ScsiTask] = {}  # (nexus id, tag) -> a held or delayed task
+        # (nexus id, tag) -> a held or delayed task and the rule that keeps it.  A held task
+        # stays until it is aborted, or its rule is removed or expires (then it runs).
+        self.held: dict[tuple[int, int], tuple[ScsiTask, FaultRule]] = {}
 
     def _rule_for(self, task: ScsiTask) -> FaultRule | None:
         lun = task.lun
@@ -425,10 +428,10 @@ class FaultDevice:
             task.data_in_len = 0
             self._complete(task)
         elif rule.kind == "latency":
-            self.held[(task.nexus.nexus_id, task.tag)] = task
+            self.held[(task.nexus.nexus_id, task.tag)] = (task, rule)
             self.hook.proto.loop.call_later(rule.delay_ms / 1000, self._release, task)
         else:  # hold: until a task management function (or the session's end) aborts it
-            self.held[(task.nexus.nexus_id, task.tag)] = task
+            self.held[(task.nexus.nexus_id, task.tag)] = (task, rule)
 
     @staticmethod
     def _complete(task: ScsiTask) -> None:
@@ -437,19 +440,22 @@ class FaultDevice:
             cb(task)
 
     def _release(self, task: ScsiTask) -> None:
-        if self.held.pop((task.nexus.nexus_id, task.tag), None) is task and not task.aborted:
-            self.real.submit(task)
-
-    def release_all(self) -> None:
-        """The rules are gone: held and delayed commands go on to the logical unit."""
-        held, self.held = self.held, {}
-        for task in held.values():
+        entry = self.held.get((task.nexus.nexus_id, task.tag))
+        if entry is not None and entry[0] is task:
+            del self.held[(task.nexus.nexus_id, task.tag)]
             if not task.aborted:
                 self.real.submit(task)
 
+    def release(self, in_force: set[int]) -> None:
+        """Held commands whose rule is no longer in force (removed, expired) go on to the
+        logical unit; a rule that merely fired its count keeps what it holds."""
+        for task, rule in list(self.held.values()):
+            if rule.kind == "hold" and (rule.id not in in_force or rule.expired()):
+                self._release(task)
+
     def _abort(self, match: Any) -> int:
         n = 0
-        for key, task in list(self.held.items()):
+        for key, (task, _rule) in list(self.held.items()):
             if match(task):
                 del self.held[key]
                 task.aborted = True
@@ -516,11 +522,13 @@ def _scsi_seat(hook: ConnectionHook) -> None:
     if hook.rules_scsi and hook.device is None and s.device is not None:
         hook.device = FaultDevice(s.device, hook)
         s.device = hook.device
-    elif not hook.rules_scsi and hook.device is not None:
-        device, hook.device = hook.device, None
-        if s.device is device:
-            s.device = device.real
-        device.release_all()
+    device = hook.device
+    if device is not None:
+        device.release(set(hook.wb.faults.rules))
+        if not hook.rules_scsi and not device.held:
+            hook.device = None
+            if s.device is device:
+                s.device = device.real
 
 
 def detach(proto: IscsiProtocol) -> None:
