@@ -226,7 +226,7 @@ class Connection:
             return
         s = self.session
         if type(ev) is ScsiCommand and not ev.immediate and ev.cmdsn == s.exp_cmdsn and not (
-            s.discovery or s.discard_cmdsn
+            s.full_path or s.discard_cmdsn
         ):
             self._next_command(ev)  # almost every PDU under load
             return

@@ -109,7 +109,14 @@ class Session:
         self.io_stats: dict[int, IoStats] = io_stats if io_stats is not None else {}
         self.counters = SessionCounters()
         self.violations = Violations()
-        self.strict = bool(result.target is not None and result.target.strict)
+        self.strict = False
+        self.full_path = self.discovery  # every command takes the connection's full path (no fast path)
+        self.set_strict(result.target is not None and result.target.strict)
+
+    def set_strict(self, on: bool) -> None:
+        """Strict mode (violations.py): its checks sit on the full path, so strict sessions take it."""
+        self.strict = on
+        self.full_path = self.discovery or on
 
     # --- peers -----------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ class Workbench:
             self.strict.discard(key)
         log.info("target %s: strict mode %s", iqn, "on" if on else "off")
         for s in self.engine.session_registry.of_target(iqn):
-            s.strict = on
+            s.set_strict(on)
             if s.target is not None:
                 s.target.strict = on
 
