@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import rawclient as R
 from support.daemon import Daemon, RestError
-from support.workbench import api, cli, download_capture, tshark_fields
+from support.workbench import api, cli, daemon, download_capture, tshark_fields
 
 P = R.P
 OTHER = "iqn.2026-11.org.pyscsi-target.test:other"
@@ -21,12 +21,8 @@ OTHER = "iqn.2026-11.org.pyscsi-target.test:other"
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("capture")).start()
-    try:
+    with daemon(tmp_path_factory.mktemp("capture"), clean_log=True) as d:
         yield d
-    finally:
-        d.stop()
-    d.assert_clean_log()
 
 
 class Recording(R.RawClient):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import rawclient as R
 from support.daemon import Daemon, RestError, wait_for
-from support.workbench import add_rule, api, clear_rules, cli
+from support.workbench import add_rule, api, clear_rules, cli, daemon
 
 P = R.P
 OTHER_INITIATOR = "iqn.2026-11.org.pyscsi-target.test:other"
@@ -21,13 +21,8 @@ OTHER_INITIATOR = "iqn.2026-11.org.pyscsi-target.test:other"
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("faults")).start()
-    try:
+    with daemon(tmp_path_factory.mktemp("faults")) as d:
         yield d
-    finally:
-        d.stop()
-    # Fault firings are INFO; what a fault does to a connection may be logged as a warning.
-    assert not d.errors_since(0), d.errors_since(0)
 
 
 @pytest.fixture(autouse=True)

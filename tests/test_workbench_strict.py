@@ -12,19 +12,15 @@ from typing import Any
 import pytest
 from support import rawclient as R
 from support.daemon import Daemon
-from support.workbench import api, cli
+from support.workbench import api, cli, daemon
 
 P = R.P
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = Daemon(tmp_path_factory.mktemp("strict")).start()
-    try:
+    with daemon(tmp_path_factory.mktemp("strict")) as d:
         yield d
-    finally:
-        d.stop()
-    assert not d.errors_since(0)
 
 
 @pytest.fixture

@@ -9,12 +9,29 @@ import os
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .daemon import ADMIN_PASSWORD, ADMIN_USER, ROOT, Daemon
 
 NATIVE = "/api/pyscsi/v1"
+
+
+@contextmanager
+def daemon(state: Path, clean_log: bool = False) -> Iterator[Daemon]:
+    """A test daemon for a module; afterwards its log has no ERROR (nor WARNING with ``clean_log``:
+    what a fault does to a connection is logged as a warning)."""
+    d = Daemon(state).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+    if clean_log:
+        d.assert_clean_log()
+    else:
+        assert not d.errors_since(0), d.errors_since(0)
 
 
 def api(d: Daemon, method: str, path: str, body: Any = None) -> Any:
