@@ -182,7 +182,7 @@ def make_app(
     hnas.setup_routes(app, doc)
     native.setup_routes(app, doc)
     workbench.setup_routes(app, doc)
-    metrics.setup_routes(app)
+    metrics.setup_routes(app, doc)
     return app
 
 

@@ -13,6 +13,7 @@ from pyscsi_target.metrics import CONTENT_TYPE, Metrics
 from pyscsi_target.server.engine import Engine
 
 from .common import MONITOR_KEY, SERVICE_KEY
+from .openapi import ApiDoc, Operation, Response
 
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 PATH = "/metrics"
@@ -23,7 +24,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, doc: ApiDoc) -> None:
     engine = app[SERVICE_KEY].engine
     app[METRICS_KEY] = Metrics(engine if isinstance(engine, Engine) else None, app[MONITOR_KEY].board)
-    app.router.add_get(PATH, metrics)
+    doc.add(app, Operation("GET", PATH, metrics, "metrics", "metrics", {
+        200: Response("Prometheus text exposition format", {"type": "string"}, media_type="text/plain"),
+        401: Response("Missing or wrong credentials", {"type": "object"})},
+        summary="Prometheus metrics (scrape with basic_auth)"))

@@ -105,11 +105,17 @@ class Capture:
         self.bytes_seen += total
         self._add(seg)
 
-    def close_stream(self, st: Stream, ts_ns: int) -> None:
+    def close_stream(self, st: Stream, ts_ns: int, reset: bool = False, comment: str = "") -> None:
+        """The connection ended: a FIN each way, or the target's RST (a fault's reset)."""
         if st.closed or not self.running:
             return
         st.closed = True
-        self._add(pcapng.Segment(ts_ns, st.id, False, pcapng.TCP_FIN | pcapng.TCP_ACK, st.seq_t, st.seq_i, b"", 0))
+        if reset:
+            self._add(pcapng.Segment(ts_ns, st.id, False, pcapng.TCP_RST | pcapng.TCP_ACK, st.seq_t, st.seq_i, b"",
+                                     0, comment))
+            return
+        self._add(pcapng.Segment(ts_ns, st.id, False, pcapng.TCP_FIN | pcapng.TCP_ACK, st.seq_t, st.seq_i, b"", 0,
+                                 comment))
         self._add(pcapng.Segment(ts_ns, st.id, True, pcapng.TCP_FIN | pcapng.TCP_ACK, st.seq_i, st.seq_t + 1, b"", 0))
 
     def _add(self, seg: pcapng.Segment) -> None:

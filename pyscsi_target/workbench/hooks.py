@@ -117,6 +117,7 @@ class ConnectionHook:
         self.delayed_out: dict[int, deque[tuple[bytearray, Sequence[Payload], int]]] = {}
         self.reorder: dict[int, list[tuple[bytearray, Sequence[Payload], int]]] = {}
         self.dead = False  # the connection is being dropped by a fault: nothing more goes out
+        self.ending = ""  # how a fault ended it ("reset" or "close"), for the captures
         self.device: FaultDevice | None = None
         self.comment = ""  # a note for the next captured output piece (the fault it met)
 
@@ -343,6 +344,7 @@ class ConnectionHook:
         if self.dead:
             return
         self.dead = True
+        self.ending = how
         self.proto.fault_drop(hard=how == "reset")
 
     # --- capture -----------------------------------------------------------------------------------
@@ -384,7 +386,8 @@ class ConnectionHook:
         st = self.streams.pop(cap_id, None)
         cap = self.captures.pop(cap_id, None)
         if st is not None and cap is not None:
-            cap.close_stream(st, _time_ns())
+            cap.close_stream(st, _time_ns(), reset=self.ending == "reset",
+                             comment=f"fault: connection dropped ({self.ending})" if self.ending else "")
 
     def closed(self) -> None:
         for cap_id in list(self.streams):

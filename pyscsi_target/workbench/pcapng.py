@@ -32,7 +32,7 @@ SEGMENT = 64000  # payload bytes per synthesised TCP segment
 TARGET_MAC = bytes.fromhex("020000000001")
 INITIATOR_MAC = bytes.fromhex("020000000002")
 
-TCP_FIN, TCP_SYN, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x08, 0x10
+TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 
 _BYTE_ORDER_MAGIC = 0x1A2B3C4D
 
