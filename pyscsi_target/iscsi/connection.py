@@ -370,7 +370,7 @@ class Connection:
         counters.digest_errors[ev.kind] = counters.digest_errors.get(ev.kind, 0) + 1
         if pdu is None:  # header digest: the byte stream cannot be trusted any more
             log.warning("%s: header digest error, dropping connection [%s]", self.peer, V.HEADER_DIGEST)
-            self.session.violations.add(V.HEADER_DIGEST, "connection dropped", "header digest")
+            self.violation(V.HEADER_DIGEST, "connection dropped", "a PDU whose header digest failed")
             self.drop()
             return
         # Data digest: the PDU is discarded with a Reject (RFC 7143 7.8 / 11.17.1).

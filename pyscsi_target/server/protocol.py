@@ -316,12 +316,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return
         if self.output.buffers:
             t.writelines(self.output.take())
+        self._close_after_flush = True  # no further login PDU is handled
         if self.conn is not None:
-            self.conn.handle(ABORT_TASKS)
+            self.conn.handle(LINK_LOST)  # nor any further PDU: the tasks end, as when the link goes
         if hard:
             t.abort()
         else:
-            self._close_after_flush = True
             t.close()
 
     def _notify(self) -> None:

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 1 << 20  # bytes buffered for captures before the login says who is connecting
+MAX_COMMANDS = 4096  # commands whose LUN and CDB output rules may need
 # The outgoing PDUs that belong to one SCSI command (found by ITT).
 _TASK_OUT = frozenset((Op.DATA_IN, Op.R2T, Op.SCSI_RSP))
 Command = tuple[int, bytes]  # (LUN, CDB)
@@ -150,6 +151,8 @@ class ConnectionHook:
             if isinstance(ev, ScsiCommand):
                 cmd = (lun_to_int(ev.lun), bytes(ev.cdb))
                 if self.rules_out:
+                    if len(self.commands) >= MAX_COMMANDS:
+                        self.commands.clear()  # ITTs of commands that never answered (aborted)
                     self.commands[ev.itt] = cmd
             elif isinstance(ev, DataOut):
                 cmd = self.commands.get(ev.itt)
