@@ -239,6 +239,17 @@ def test_ignore_nop_and_async_logout_request(target: Daemon) -> None:
         c.logout()
 
 
+def test_async_renegotiate_and_drop_connection(target: Daemon) -> None:
+    with session(target) as c:
+        add_rule(target, kind="async", event="renegotiate", wait=3, session=c.tsih)
+        c.nop()
+        assert [(e.event, e.param3) for e in c.async_events] == [(P.AsyncEvent.RENEGOTIATE, 3)]
+        add_rule(target, kind="async", event="drop_connection", wait=1, pdu="nop-out", session=c.tsih)
+        c.nop()  # the Async Message comes first, then the target drops the connection as it announced
+        assert [(e.event, e.param1, e.param2) for e in c.async_events[1:]] == [(P.AsyncEvent.DROP_CONNECTION, 0, 1)]
+        assert c.wait_closed(5) == []
+
+
 def test_reject_consumes_the_cmdsn(target: Daemon) -> None:
     add_rule(target, kind="reject", pdu="scsi-command", opcode=0x28, reason="command_not_supported")
     with session(target) as c:

@@ -120,7 +120,6 @@ class ConnectionHook:
         self.dead = False  # the connection is being dropped by a fault: nothing more goes out
         self.ending = ""  # how a fault ended it ("reset" or "close"), for the captures
         self.device: FaultDevice | None = None
-        self.comment = ""  # a note for the next captured output piece (the fault it met)
 
     # --- identity --------------------------------------------------------------------------------
 
