@@ -201,7 +201,7 @@ class Connection:
         s = self.session
         s.counters.count(s.counters.rejects, reason)
         if rule is not None:
-            self.violation(rule, f"Reject ({reason.name.lower().replace('_', ' ')})", repr(bad))
+            self.violation(rule, f"Reject ({reason.name.lower().replace('_', ' ')})", repr(bad), logging.INFO)
 
     def reject_pdu(self, pdu: PDU, reason: RejectReason) -> None:
         """Reject a PDU instead of handling it (fault injection).  A numbered request's CmdSN
@@ -212,12 +212,14 @@ class Connection:
                 not pdu.immediate and s.in_window(pdu.cmdsn) and pdu.cmdsn not in s.held:
             self._consume_in_order(pdu.cmdsn)
 
-    def violation(self, rule: V.Rule, action: str, what: str) -> None:
-        """Record what the initiator did wrong (logged at INFO on strict targets, else DEBUG)."""
+    def violation(self, rule: V.Rule, action: str, what: str, level: int = logging.DEBUG) -> None:
+        """Record what the initiator did wrong in the session's report and the log: at INFO
+        on a strict target, else at ``level`` (Rejects are rare enough for INFO; CHECK
+        CONDITIONs are not: device scans draw ILLEGAL REQUEST for what they probe)."""
         s = self.session
         s.violations.add(rule, action, what)
         s.counters.violations += 1
-        log.log(logging.INFO if s.strict else logging.DEBUG, "%s: %s for %s [%s]", self.peer, action, what, rule)
+        log.log(logging.INFO if s.strict else level, "%s: %s for %s [%s]", self.peer, action, what, rule)
 
     # --- input ------------------------------------------------------------------------
 
@@ -880,7 +882,7 @@ class Connection:
                 s = self.session
                 s.counters.count(s.counters.rejects, rsp.reason)
                 self.violation(th.rule, f"Reject ({RejectReason(rsp.reason).name.lower().replace('_', ' ')})",
-                               repr(pdu))
+                               repr(pdu), logging.INFO)
         self.max_xmit = self.conn_params.max_xmit_dsl  # MaxRecvDataSegmentLength may be redeclared
 
     # --- Logout / async -----------------------------------------------------------------
