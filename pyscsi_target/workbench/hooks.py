@@ -21,7 +21,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..iscsi.connection import Connection
 from ..iscsi.events import Event
@@ -468,6 +468,13 @@ class FaultDevice:
                 n += 1
         return n
 
+    def __getattr__(self, name: str) -> Any:
+        # The rest of what the transport asks of its SCSI layer (a method the contract gains
+        # later included) is the real layer's.
+        if name == "real":
+            raise AttributeError(name)
+        return getattr(self.real, name)
+
     # --- the ScsiLayer contract -----------------------------------------------------------------------
 
     def abort_task(self, nexus: Nexus, lun: int, tag: int) -> TmfResult:
@@ -526,7 +533,7 @@ def _scsi_seat(hook: ConnectionHook) -> None:
     s = conn.session
     if hook.rules_scsi and hook.device is None and s.device is not None:
         hook.device = FaultDevice(s.device, hook)
-        s.device = hook.device
+        s.device = cast(ScsiLayer, hook.device)  # the contract's methods, and the rest delegated
     device = hook.device
     if device is not None:
         device.release(set(hook.wb.faults.rules))
