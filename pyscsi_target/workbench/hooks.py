@@ -539,8 +539,9 @@ def _scsi_seat(hook: ConnectionHook) -> None:
         device.release(set(hook.wb.faults.rules))
         if not hook.rules_scsi and not device.held:
             hook.device = None
+            real = device.real
             if s.device is device:
-                s.device = device.real
+                s.device = real
 
 
 def detach(proto: IscsiProtocol) -> None:
