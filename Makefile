@@ -13,10 +13,11 @@ API ?= 127.0.0.1:8080
 #   bench's reference row);
 # and the kernel-initiator guest (tests/support/guest): qemu-system-x86 boots it; apt, dpkg, kmod and
 # e2fsprogs build its image from the Debian archive; iproute2 makes its tap namespace; busybox-static and
-# cpio check its shell and initramfs on the host.
+# cpio check its shell and initramfs on the host; tshark decodes the workbench's captures and prometheus
+# (promtool) checks its /metrics.
 TEST_DEBS = libiscsi-bin qemu-utils qemu-block-extra tgt strace openssl gcc util-linux \
             ceph-mon ceph-osd ceph-common open-isns-server open-isns-utils fio tgt-rbd \
-            qemu-system-x86 kmod e2fsprogs iproute2 busybox-static cpio systemd
+            qemu-system-x86 kmod e2fsprogs iproute2 busybox-static cpio systemd tshark prometheus
 
 .PHONY: run install test test-deps lint guest-image
 

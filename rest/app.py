@@ -21,7 +21,7 @@ from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials
 
-from . import freenas, hnas, native, openapi
+from . import freenas, hnas, metrics, native, openapi, workbench
 from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 REALM = "pyscsi-target"
 # Everything under these prefixes needs credentials, except the public paths: a resource
 # added under /api/ (a new namespace, say) is protected without being listed anywhere.
-PROTECTED_PREFIXES = ("/api/", "/v9/")
+PROTECTED_PREFIXES = ("/api/", "/v9/", "/metrics")
 PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 MAX_BODY = 1 << 20  # 1 MiB: every legitimate body is tiny; larger ones get 413
 
@@ -181,6 +181,8 @@ def make_app(
     freenas.setup_routes(app, doc)
     hnas.setup_routes(app, doc)
     native.setup_routes(app, doc)
+    workbench.setup_routes(app, doc)
+    metrics.setup_routes(app, doc)
     return app
 
 

@@ -38,11 +38,12 @@ class Response:
     schema: Schema | None = None
     headers: Schema | None = None
     links: Schema | None = None
+    media_type: str = "application/json"
 
     def render(self) -> Schema:
         out: Schema = {"description": self.description}
         if self.schema is not None:
-            out["content"] = {"application/json": {"schema": self.schema}}
+            out["content"] = {self.media_type: {"schema": self.schema}}
         if self.headers is not None:
             out["headers"] = self.headers
         if self.links is not None:

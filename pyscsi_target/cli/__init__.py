@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--extent-root", action="append", metavar="DIR",
                    help="with --offline: the daemon's extent roots (default STATE_DIR/extents)")
 
+    from . import workbench
+
+    workbench.add_parsers(sub, command, group)
+
     comp = sub.add_parser("completion", help="print the shell code enabling tab completion",
                           description="eval \"$(pyscsi-target completion bash)\" in ~/.bashrc")
     comp.add_argument("shell", choices=SHELLS)
@@ -199,8 +203,9 @@ def _completion(args: argparse.Namespace) -> int:
 def _print_error(args: argparse.Namespace, exc: Exception) -> None:
     from .client import ApiError
     from .objects import FIELDS
+    from .workbench import FIELDS as WORKBENCH_FIELDS
 
-    names = FIELDS.get(getattr(args, "fields", None) or "", {})
+    names = {**FIELDS, **WORKBENCH_FIELDS}.get(getattr(args, "fields", None) or "", {})
     lines = [str(exc)]
     if isinstance(exc, ApiError) and exc.fields:
         lines = [f"{names.get(field, field) + ': ' if field != '__all__' else ''}{msg}"

@@ -134,8 +134,10 @@ class ApiClient:
         query: Mapping[str, object] | None = None,
         data: IO[bytes] | Iterable[bytes] | None = None,
         length: int | None = None,
+        raw: bool = False,
     ) -> Any:
-        """Decoded JSON of the response (None when empty); ApiError for 4xx/5xx."""
+        """Decoded JSON of the response (None when empty), or its bytes with ``raw``;
+        ApiError for 4xx/5xx."""
         url = self._prefix + path
         if query:
             url += "?" + urllib.parse.urlencode({k: str(v) for k, v in query.items()})
@@ -154,7 +156,7 @@ class ApiClient:
             try:
                 conn.request(method, url, body=payload, headers=headers)
                 resp = conn.getresponse()
-                raw = resp.read()
+                content = resp.read()
                 break
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
                 self.close()  # a keep-alive connection the server closed: retry once on a new one
@@ -166,10 +168,12 @@ class ApiClient:
             except OSError as exc:
                 self.close()
                 raise CliError(f"cannot reach the API at {self.conn.url}: {exc.strerror or exc}") from None
+        if raw and resp.status < 400:
+            return content
         try:
-            decoded = json.loads(raw) if raw.strip() else None
+            decoded = json.loads(content) if content.strip() else None
         except ValueError:
-            decoded = raw.decode(errors="replace")
+            decoded = content.decode(errors="replace")
         if resp.status >= 400:
             raise _api_error(resp.status, decoded)
         return decoded

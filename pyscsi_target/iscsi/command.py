@@ -84,7 +84,7 @@ class Cmd:
     __slots__ = (
         "itt", "cmdsn", "lun", "raw_lun", "cdb", "attr", "read", "write", "edtl", "bidi_len",
         "immediate", "buf", "received", "seqs", "next_r2t_offset", "r2tsn", "datasn",
-        "failed", "state", "counted", "aborted", "task", "conn",
+        "failed", "state", "counted", "aborted", "task", "conn", "t0",
     )
 
     def __init__(self, pdu: ScsiCommand, conn: Connection) -> None:
@@ -113,6 +113,7 @@ class Cmd:
         self.aborted = False
         self.task: ScsiTask | None = None
         self.conn = conn
+        self.t0 = conn.rx_ns  # arrival of its PDU's receive batch, for the latency histogram (stats.py)
 
     def fail(self, failure: Failure) -> None:
         """The first failure wins: later errors of a doomed command change nothing."""

@@ -32,6 +32,7 @@ from enum import Enum
 from ..scsi.sense import CHECK_CONDITION
 from ..scsi.task import MAX_TRANSFER_BYTES, ScsiTask, TaskAttr, TmfResult
 from . import encoders
+from . import violations as V
 from .command import (
     ACTIVE,
     DONE,
@@ -80,6 +81,7 @@ from .pdu import (
     lun_to_int,
 )
 from .session import SERIAL_MASK, Held, Session, sn_le, sn_lt
+from .stats import clock_ns
 from .text import TextHandler
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,9 @@ class Connection:
         self._ttt = 0
         self.ping_ttt: int | None = None  # outstanding target NOP-In ping
         self._aborted_itts: set[int] = set()
+        # When the current input arrived (the adapter sets it per receive batch): a command's
+        # latency is measured from there without reading the clock per PDU.
+        self.rx_ns = clock_ns()
         session.connection = self
 
     def _transition(self, state: ConnState) -> bool:
@@ -185,13 +190,36 @@ class Connection:
         pdu.maxcmdsn = s.max_cmdsn
         self.output.send(pdu)
 
-    def reject(self, reason: RejectReason, bad: PDU) -> None:
-        """Reject PDU carrying the offending header (RFC 7143 11.17)."""
+    def reject(self, reason: RejectReason, bad: PDU, rule: V.Rule | None) -> None:
+        """Reject PDU carrying the offending header (RFC 7143 11.17), and the rule it broke
+        in the log and the session's violation report (None: not the initiator's doing)."""
         try:
             raw = bad.raw_header()
         except Exception:  # noqa: BLE001 - an unencodable header still deserves a Reject
             raw = bytes(BHS_LEN)
         self._send_status_pdu(Reject(reason=reason, datasn=0, data=raw))
+        s = self.session
+        s.counters.count(s.counters.rejects, reason)
+        if rule is not None:
+            self.violation(rule, f"Reject ({reason.name.lower().replace('_', ' ')})", repr(bad), logging.INFO)
+
+    def reject_pdu(self, pdu: PDU, reason: RejectReason) -> None:
+        """Reject a PDU instead of handling it (fault injection).  A numbered request's CmdSN
+        is consumed in order, as for any rejected command, so the window moves on."""
+        self.reject(reason, pdu, None)
+        s = self.session
+        if isinstance(pdu, ScsiCommand | NopOut | TaskMgmtRequest | TextRequest | LogoutRequest) and \
+                not pdu.immediate and s.in_window(pdu.cmdsn) and pdu.cmdsn not in s.held:
+            self._consume_in_order(pdu.cmdsn)
+
+    def violation(self, rule: V.Rule, action: str, what: str, level: int = logging.DEBUG) -> None:
+        """Record what the initiator did wrong in the session's report and the log: at INFO
+        on a strict target, else at ``level`` (Rejects are rare enough for INFO; CHECK
+        CONDITIONs are not: device scans draw ILLEGAL REQUEST for what they probe)."""
+        s = self.session
+        s.violations.add(rule, action, what)
+        s.counters.violations += 1
+        log.log(logging.INFO if s.strict else level, "%s: %s for %s [%s]", self.peer, action, what, rule)
 
     # --- input ------------------------------------------------------------------------
 
@@ -200,7 +228,7 @@ class Connection:
             return
         s = self.session
         if type(ev) is ScsiCommand and not ev.immediate and ev.cmdsn == s.exp_cmdsn and not (
-            s.discovery or s.discard_cmdsn
+            s.full_path or s.discard_cmdsn
         ):
             self._next_command(ev)  # almost every PDU under load
             return
@@ -209,11 +237,13 @@ class Connection:
                 self._data_out(ev)
             case ScsiCommand() | NopOut() | TaskMgmtRequest() | TextRequest() | LogoutRequest():
                 self._numbered(ev)
-            case SnackRequest() | UnknownPDU():
+            case SnackRequest():
                 # ErrorRecoveryLevel 0: no retransmission service (RFC 7143 11.16).
-                self.reject(RejectReason.COMMAND_NOT_SUPPORTED, ev)
+                self.reject(RejectReason.COMMAND_NOT_SUPPORTED, ev, V.SNACK_AT_ERL0)
+            case UnknownPDU():
+                self.reject(RejectReason.COMMAND_NOT_SUPPORTED, ev, V.UNKNOWN_OPCODE)
             case PDU():  # a target opcode, or a login request after login
-                self.reject(RejectReason.PROTOCOL_ERROR, ev)
+                self.reject(RejectReason.PROTOCOL_ERROR, ev, V.NOT_IN_FULL_FEATURE_PHASE)
             case DigestError():
                 self._digest_error(ev)
             case OversizedPDU():
@@ -258,12 +288,15 @@ class Connection:
         s = self.session
         self._ack_statsn(pdu.expstatsn)
         if s.discovery and isinstance(pdu, ScsiCommand | TaskMgmtRequest):
-            self.reject(RejectReason.PROTOCOL_ERROR, pdu)
+            self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.DISCOVERY_ONLY_TEXT)
             if not pdu.immediate and s.in_window(pdu.cmdsn):
                 self._consume_in_order(pdu.cmdsn)
             return
         if isinstance(pdu, NopOut) and pdu.itt == RESERVED_TAG:
             # A ping answer or a one-way NOP: no CmdSN consumed (must be immediate).
+            if s.strict and not pdu.immediate:
+                self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.NOP_REPLY_NOT_IMMEDIATE)
+                return
             self._nop_out(pdu)
             return
         if pdu.immediate:
@@ -335,12 +368,15 @@ class Connection:
 
     def _digest_error(self, ev: DigestError) -> None:
         pdu = ev.pdu
+        counters = self.session.counters
+        counters.digest_errors[ev.kind] = counters.digest_errors.get(ev.kind, 0) + 1
         if pdu is None:  # header digest: the byte stream cannot be trusted any more
-            log.warning("%s: header digest error, dropping connection", self.peer)
+            log.warning("%s: header digest error, dropping connection [%s]", self.peer, V.HEADER_DIGEST)
+            self.violation(V.HEADER_DIGEST, "connection dropped", "a PDU whose header digest failed")
             self.drop()
             return
         # Data digest: the PDU is discarded with a Reject (RFC 7143 7.8 / 11.17.1).
-        self.reject(RejectReason.DATA_DIGEST_ERROR, pdu)
+        self.reject(RejectReason.DATA_DIGEST_ERROR, pdu, V.DATA_DIGEST)
         match pdu:
             case DataOut():
                 # ERL 0: the data cannot be recovered; account for it so the command ends
@@ -357,7 +393,7 @@ class Connection:
         """DataSegmentLength above our MaxRecvDataSegmentLength: protocol error."""
         pdu = ev.pdu
         log.info("%s: PDU %s with %d data bytes > MaxRecvDataSegmentLength", self.peer, pdu, ev.length)
-        self.reject(RejectReason.PROTOCOL_ERROR, pdu)
+        self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.OVERSIZED_SEGMENT)
         match pdu:
             case DataOut():
                 cmd = self.session.tasks.get(pdu.itt)
@@ -402,10 +438,13 @@ class Connection:
         s = self.session
         if pdu.itt == RESERVED_TAG or pdu.itt in s.tasks:
             # A reserved or duplicate ITT is an invalid field (RFC 7143 11.17.1).
-            self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.ITT_IN_USE)
             return None
         if not pdu.final and not pdu.write:
-            self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.UNSOLICITED_WITHOUT_WRITE)
+            return None
+        if pdu.attr > 4 and s.strict:
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.RESERVED_TASK_ATTRIBUTE)
             return None
         cmd = Cmd(pdu, self)
         s.tasks[cmd.itt] = cmd
@@ -482,6 +521,8 @@ class Connection:
             s = self.session
             encoders.scsi_response(self.output, cmd.itt, failed.status, failed.sense, 0, 0, 0, self._take_statsn(),
                                    s.exp_cmdsn, s.max_cmdsn, cmd.datasn + cmd.r2tsn)
+            if failed.sense:
+                self._sense_sent(cmd, failed.sense)
             self._finish(cmd)
             return
         self._submit(cmd)
@@ -581,6 +622,23 @@ class Connection:
             if asked:
                 flags, residual = encoders.OVERFLOW, asked
         s = self.session
+        # Observability, inline (this runs for every command): the LUN's bytes, errors and
+        # latency histogram (stats.py); a LUN the engine does not map has no entry.
+        st = s.io_stats.get(cmd.lun)
+        if st is not None:
+            if cmd.write:
+                op = st.write
+                op.bytes += xfer if xfer < cmd.edtl else cmd.edtl
+            else:
+                op = st.read if cmd.read else st.other
+                op.bytes += send
+            lat = clock_ns() - cmd.t0
+            op.latency_ns += lat
+            op.hist[(lat >> 10).bit_length()] += 1  # wide enough for any ns count; commands = its sum
+            if status:
+                op.errors += 1
+        if sense:
+            self._sense_sent(cmd, sense)
         if send and not sense and not cmd.write:
             # Phase collapse: status in the last Data-In.
             cmd.datasn = encoders.data_in(self.output, cmd.itt, task.data_in, send, cmd.datasn, self.max_xmit,
@@ -593,6 +651,14 @@ class Connection:
         encoders.scsi_response(self.output, cmd.itt, status, sense, flags | bidi_flags, residual, bidi_residual,
                                self._take_statsn(), s.exp_cmdsn, s.max_cmdsn, cmd.datasn + cmd.r2tsn)
 
+    def _sense_sent(self, cmd: Cmd, sense: bytes) -> None:
+        """A CHECK CONDITION: if the initiator caused it, the rule goes in the report."""
+        rule = V.scsi_rule(sense, cmd.cdb)
+        if rule is not None:
+            key, asc, ascq, _sks = V.parse_sense(sense) or (0, 0, 0, b"")
+            self.violation(rule, f"CHECK CONDITION {key:02x}/{asc:02x}/{ascq:02x}",
+                           f"CDB {bytes(cmd.cdb[:16]).hex()} LUN {cmd.lun} ITT {cmd.itt:#x}")
+
     # --- Data-Out -----------------------------------------------------------------------
 
     def _data_out(self, pdu: DataOut, failed: Failure | None = None) -> None:
@@ -601,13 +667,16 @@ class Connection:
         if cmd is None or cmd.conn is not self or cmd.state >= SUBMITTED:
             if pdu.itt in self._aborted_itts:
                 return  # data still in flight for an aborted task: discarded silently
-            self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.DATA_OUT_NO_TASK)
             return
         seq = cmd.seqs.get(pdu.ttt)
         if seq is None:
             # Unsolicited data not allowed, or a TTT we never issued (or already closed).
             unsolicited = pdu.ttt == RESERVED_TAG
-            self.reject(RejectReason.PROTOCOL_ERROR if unsolicited else RejectReason.INVALID_PDU_FIELD, pdu)
+            if unsolicited:
+                self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.UNSOLICITED_NOT_ALLOWED)
+            else:
+                self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.DATA_OUT_UNKNOWN_TTT)
             cmd.fail(FAIL_UNEXPECTED_UNSOLICITED if unsolicited else FAIL_INCORRECT_DATA_AMOUNT)
             self._maybe_submit(cmd)
             return
@@ -625,7 +694,7 @@ class Connection:
             # Sequence error: DataSN or buffer offset out of order, or data beyond the burst.
             log.info("%s: Data-Out ITT %#x DataSN %d/%d offset %d/%d len %d: sequence error", self.peer,
                      pdu.itt, pdu.datasn, seq.exp_datasn, pdu.offset, seq.next_offset, n)
-            self.reject(RejectReason.PROTOCOL_ERROR, pdu)
+            self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.DATA_OUT_OUT_OF_ORDER)
             cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
             seq.exp_datasn = (pdu.datasn + 1) & SERIAL_MASK
         else:
@@ -636,7 +705,7 @@ class Connection:
         if pdu.final:
             if failed is None and cmd.failed is None and seq.next_offset != seq.end:
                 # F bit before the burst is complete.
-                self.reject(RejectReason.PROTOCOL_ERROR, pdu)
+                self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.DATA_OUT_SHORT_BURST)
                 cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
             del cmd.seqs[seq.ttt]
             cmd.received += seq.end - seq.start
@@ -648,16 +717,19 @@ class Connection:
     # --- NOP ----------------------------------------------------------------------------
 
     def _nop_out(self, pdu: NopOut) -> None:
+        self.session.counters.nop_outs += 1
         if pdu.itt == RESERVED_TAG:
             if pdu.ttt != RESERVED_TAG:
                 if pdu.ttt == self.ping_ttt:
                     self.ping_ttt = None
+                elif self.session.strict:
+                    self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.NOP_UNKNOWN_TTT)
                 else:
                     log.debug("%s: NOP-Out answers unknown TTT %#x", self.peer, pdu.ttt)
             return
         if pdu.ttt != RESERVED_TAG:
-            # An initiator ping must carry TTT 0xffffffff (RFC 7143 11.18.3).
-            self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
+            # An initiator ping must carry TTT 0xffffffff (RFC 7143 11.18.2).
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.NOP_PING_WITH_TTT)
             return
         # Echo the data: the receive buffer is reused after this batch.
         self._send_status_pdu(NopIn(itt=pdu.itt, ttt=RESERVED_TAG, lun=pdu.lun, data=bytes(pdu.data)))
@@ -676,6 +748,7 @@ class Connection:
         fn = pdu.function
         lun = lun_to_int(pdu.lun)
         s = self.session
+        s.counters.count(s.counters.tmfs, fn)
         dev, nexus = s.device, s.nexus
         assert dev is not None and nexus is not None  # a discovery session rejects TMFs
         cold = False
@@ -814,8 +887,14 @@ class Connection:
                 params=self.conn_params,
             )
         pdu.data = bytes(pdu.data)
+        self.session.counters.texts += 1
         for rsp in th.receive(pdu):
             self._send_status_pdu(rsp)
+            if isinstance(rsp, Reject) and th.rule is not None:
+                s = self.session
+                s.counters.count(s.counters.rejects, rsp.reason)
+                self.violation(th.rule, f"Reject ({RejectReason(rsp.reason).name.lower().replace('_', ' ')})",
+                               repr(pdu), logging.INFO)
         self.max_xmit = self.conn_params.max_xmit_dsl  # MaxRecvDataSegmentLength may be redeclared
 
     # --- Logout / async -----------------------------------------------------------------
@@ -829,7 +908,7 @@ class Connection:
         elif reason == LogoutReason.REMOVE_FOR_RECOVERY:
             resp = LogoutOutcome.RECOVERY_UNSUPPORTED  # connection recovery needs ERL 2
         else:
-            self.reject(RejectReason.INVALID_PDU_FIELD, pdu)
+            self.reject(RejectReason.INVALID_PDU_FIELD, pdu, V.LOGOUT_REASON)
             return
         t2w = self.session.params.default_time2wait if resp == LogoutOutcome.RECOVERY_UNSUPPORTED else 0
         self._send_status_pdu(LogoutResponse(response=resp, itt=pdu.itt, time2wait=t2w, time2retain=0))
@@ -843,8 +922,7 @@ class Connection:
         """Async Message event 1: the initiator should log out within ``within`` seconds."""
         if self.closing:
             return
-        self._send_status_pdu(AsyncMessage(event=AsyncEvent.LOGOUT_REQUEST, lun=0, param1=0, param2=0,
-                                           param3=within))
+        self.send_async(AsyncEvent.LOGOUT_REQUEST, param3=within)
 
     def announce_drop(self) -> None:
         """Async Message event 3: every connection of the session is about to be dropped
@@ -853,8 +931,15 @@ class Connection:
         if self.closed:
             return
         p = self.session.params
-        self._send_status_pdu(AsyncMessage(event=AsyncEvent.DROP_ALL_CONNECTIONS, param1=0,
-                                           param2=p.default_time2wait, param3=p.default_time2retain))
+        self.send_async(AsyncEvent.DROP_ALL_CONNECTIONS, param2=p.default_time2wait, param3=p.default_time2retain)
+
+    def send_async(self, event: AsyncEvent, param1: int = 0, param2: int = 0, param3: int = 0,
+                   data: bytes = b"") -> None:
+        """Asynchronous Message (RFC 7143 11.9): StatSN advances, as for any status."""
+        c = self.session.counters
+        c.count(c.async_messages, event)
+        self._send_status_pdu(AsyncMessage(event=event, lun=0, param1=param1, param2=param2, param3=param3,
+                                           data=data))
 
     # --- lifecycle ----------------------------------------------------------------------
 

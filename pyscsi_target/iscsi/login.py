@@ -60,10 +60,12 @@ import logging
 import secrets
 from collections.abc import Callable
 
-from ..values import MAX_ISCSI_NAME, LoginStatus, acceptable_peer_name
+from ..values import MAX_ISCSI_NAME, LoginStatus, acceptable_peer_name, check_iscsi_name
+from . import violations as V
 from .chap import ChapError, ChapServer
 from .negotiation import (
     KEYS,
+    REDECLARABLE,
     Negotiator,
     TextError,
     check_duplicates,
@@ -116,6 +118,7 @@ class LoginMachine:
         self.failed = False
         self.status: LoginStatus | None = None  # the final status
         self.reason = ""  # why it failed (safe to log)
+        self.rule: V.Rule | None = None  # the requirement the initiator broke, when it failed
         # Identity fixed by the first request.
         self._isid: bytes | None = None
         self._tsih_req = 0
@@ -154,11 +157,12 @@ class LoginMachine:
         try:
             return self._receive(pdu)
         except LoginReject as e:
-            return [self._fail(pdu, e.status, str(e), e.pairs)]
+            return [self._fail(pdu, e.status, str(e), e.pairs, e.rule)]
         except TextError as e:
-            return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, f"malformed login text: {e}")]
+            rule = V.LOGIN_REDECLARED if "offered twice" in str(e) else V.TEXT_MALFORMED
+            return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, f"malformed login text: {e}", rule=rule)]
         except ChapError as e:
-            return [self._fail(pdu, LoginStatus.AUTHENTICATION_FAILURE, f"CHAP: {e}")]
+            return [self._fail(pdu, LoginStatus.AUTHENTICATION_FAILURE, f"CHAP: {e}", rule=V.LOGIN_AUTH_FAILED)]
         except Exception as e:  # a bug or a misbehaving policy must not kill the server
             log.exception("login: internal error")
             return [self._fail(pdu, LoginStatus.TARGET_ERROR, f"internal error: {type(e).__name__}")]
@@ -170,49 +174,56 @@ class LoginMachine:
         if self.failed or self.done:
             return []
         reason = f"login data segment of {length} bytes exceeds {LOGIN_DSL}"
-        return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, reason)]
+        return [self._fail(pdu, LoginStatus.INITIATOR_ERROR, reason, rule=V.LOGIN_TOO_LONG)]
 
     # -- request handling ---------------------------------------------------------------
 
     def _receive(self, pdu: PDU) -> list[LoginResponse]:
         if not isinstance(pdu, LoginRequest):
-            raise LoginReject(LoginStatus.INVALID_DURING_LOGIN, f"{type(pdu).__name__} received during login")
+            raise LoginReject(LoginStatus.INVALID_DURING_LOGIN, f"{type(pdu).__name__} received during login",
+                              rule=V.LOGIN_NOT_LOGIN_PDU)
         self._pdus += 1
         if self._pdus > MAX_LOGIN_PDUS:
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, "too many login PDUs")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "too many login PDUs", rule=V.LOGIN_TOO_LONG)
         if pdu.version_min > ISCSI_VERSION or pdu.version_max < pdu.version_min:
             raise LoginReject(LoginStatus.UNSUPPORTED_VERSION,
-                              f"version range {pdu.version_min:#x}..{pdu.version_max:#x} excludes {ISCSI_VERSION:#x}")
+                              f"version range {pdu.version_min:#x}..{pdu.version_max:#x} excludes {ISCSI_VERSION:#x}",
+                              rule=V.LOGIN_VERSION)
         if self._isid is None:
             self._isid = bytes(pdu.isid)
             self._tsih_req = pdu.tsih
             self._cid = pdu.cid
             self._statsn = pdu.expstatsn
         elif (bytes(pdu.isid), pdu.tsih, pdu.cid) != (self._isid, self._tsih_req, self._cid):
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, "ISID, TSIH or CID changed during login")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "ISID, TSIH or CID changed during login",
+                              rule=V.LOGIN_IDENTITY_CHANGED)
         if pdu.transit and pdu.cont:
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, "T and C bits both set")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, "T and C bits both set", rule=V.LOGIN_T_AND_C)
         csg = pdu.csg
         if csg not in (0, 1):
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid CSG {csg}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid CSG {csg}", rule=V.LOGIN_STAGE)
         if self._stage is None:
             self._stage = csg
         elif csg != self._stage:
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"CSG {csg} but the login is in stage {self._stage}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"CSG {csg} but the login is in stage {self._stage}",
+                              rule=V.LOGIN_STAGE)
         if pdu.transit and (pdu.nsg not in (1, 3) or pdu.nsg <= csg):
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid transit from stage {csg} to {pdu.nsg}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"invalid transit from stage {csg} to {pdu.nsg}",
+                              rule=V.LOGIN_STAGE)
         self._cmdsn = pdu.cmdsn
 
         if self._tx_rest:
             # The initiator fetches the rest of our long response with empty requests.
             if pdu.data or pdu.cont:
                 raise LoginReject(LoginStatus.INITIATOR_ERROR,
-                                  "expected an empty request for the rest of a long response")
+                                  "expected an empty request for the rest of a long response",
+                                  rule=V.LOGIN_CONTINUATION)
             return [self._next_chunk(pdu)]
 
         self._rx_total += len(pdu.data)
         if self._rx_total > MAX_LOGIN_TEXT:
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"login text exceeds {MAX_LOGIN_TEXT} bytes")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"login text exceeds {MAX_LOGIN_TEXT} bytes",
+                              rule=V.LOGIN_TOO_LONG)
         self._rx += pdu.data
         if pdu.cont:
             return [self._response(pdu, b"", transit=False, nsg=0)]
@@ -223,6 +234,8 @@ class LoginMachine:
             log.debug("login rx CSG %d T %d NSG %d: %s", pdu.csg, pdu.transit, pdu.nsg, _redacted(pairs))
         if self._neg is not None:
             pairs = self._drop_repeated_identity(pairs)
+        if self.target is not None and self.target.strict:
+            self._no_redeclaration(pairs)
         check_duplicates(pairs, self._seen)
         return self._handle(pdu, pairs)
 
@@ -238,10 +251,12 @@ class LoginMachine:
         if sec:
             for k, v in sec.items():
                 if len(v.encode()) > KEYS[k].max_len:
-                    raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{k} value longer than {KEYS[k].max_len} bytes")
+                    raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{k} value longer than {KEYS[k].max_len} bytes",
+                                      rule=V.LOGIN_KEY_TOO_LONG)
             if stage != 0:
                 raise LoginReject(LoginStatus.INITIATOR_ERROR,
-                                  f"security key {next(iter(sec))} in the operational stage")
+                                  f"security key {next(iter(sec))} in the operational stage",
+                                  rule=V.LOGIN_SECURITY_KEY_LATE)
             out += self._auth_step(sec)
         # Operational keys are answered in whichever stage they arrive (RFC 7143 6.3).
         out += neg.respond(ops)
@@ -263,29 +278,59 @@ class LoginMachine:
     def _drop_repeated_identity(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """InitiatorName/TargetName/SessionType belong to the first request.  libiscsi repeats
         them in the operational stage after a security stage that settled on AuthMethod=None;
-        an identical repeat is harmless and dropped, a different or late value is an
-        initiator error (RFC 7143 13.4/13.5: not to be redeclared)."""
+        an identical repeat is harmless and dropped (refused in strict mode), a different or
+        late value is an initiator error (RFC 7143 13.4/13.5: not to be redeclared)."""
         out = []
+        strict = self.target is not None and self.target.strict
         for k, v in pairs:
             if k not in _FIRST_ONLY:
                 out.append((k, v))
             elif self._identity.get(k) != v:
                 raise LoginReject(LoginStatus.INITIATOR_ERROR,
-                                  f"{k} declared again with another value or after the first request")
+                                  f"{k} declared again with another value or after the first request",
+                                  rule=V.LOGIN_REDECLARED)
+            elif strict:
+                raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{k} repeated after the first request",
+                                  rule=V.LOGIN_IDENTITY_REPEATED)
         return out
+
+    def _no_redeclaration(self, pairs: list[tuple[str, str]]) -> None:
+        """Strict mode: the declaratives default mode lets an initiator declare again
+        (MaxRecvDataSegmentLength, InitiatorAlias, X#NodeArchitecture) are declared once."""
+        seen = set(self._seen)
+        for k, _v in pairs:
+            if k in seen and k in REDECLARABLE:
+                raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{k} declared twice in one login",
+                                  rule=V.LOGIN_REDECLARED_STRICT)
+            seen.add(k)
+
+    def _strict_identity(self, initiator_name: str, target_name: str) -> None:
+        """Strict mode: names in the normalised iSCSI name form, an ISID of a defined type."""
+        for key, value in (("InitiatorName", initiator_name), ("TargetName", target_name)):
+            try:
+                check_iscsi_name(value)
+            except ValueError as e:
+                raise LoginReject(LoginStatus.INITIATOR_ERROR, f"{key} {value[:MAX_ISCSI_NAME]!r}: {e}",
+                                  rule=V.LOGIN_BAD_NAME_STRICT) from None
+        if self._isid is not None and self._isid[0] >> 6 == 3:
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"ISID {self._isid.hex()} has the reserved type 11b",
+                              rule=V.LOGIN_ISID_RESERVED)
 
     def _begin(self, pdu: LoginRequest, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """First complete request: who is logging in, to what, and how must they authenticate."""
         d = dict(pairs)
         name = d.get("InitiatorName")
         if name is None:
-            raise LoginReject(LoginStatus.MISSING_PARAMETER, "no InitiatorName in the first login request")
+            raise LoginReject(LoginStatus.MISSING_PARAMETER, "no InitiatorName in the first login request",
+                              rule=V.LOGIN_NO_INITIATOR_NAME)
         if not acceptable_peer_name(name):
-            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}")
+            raise LoginReject(LoginStatus.INITIATOR_ERROR, f"malformed InitiatorName {name[:MAX_ISCSI_NAME]!r}",
+                              rule=V.LOGIN_BAD_NAME)
         self.initiator_name = name
         stype = d.get("SessionType", "Normal")
         if stype not in ("Normal", "Discovery"):
-            raise LoginReject(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}")
+            raise LoginReject(LoginStatus.SESSION_TYPE_NOT_SUPPORTED, f"SessionType {stype[:64]!r}",
+                              rule=V.LOGIN_SESSION_TYPE)
         self.session_type = stype
         self._identity = {"InitiatorName": name, "SessionType": stype}
         out: list[tuple[str, str]] = []
@@ -295,13 +340,17 @@ class LoginMachine:
             tname = d.get("TargetName")
             if tname is None:
                 raise LoginReject(LoginStatus.MISSING_PARAMETER,
-                                  "no TargetName in the first login request of a Normal session")
+                                  "no TargetName in the first login request of a Normal session",
+                                  rule=V.LOGIN_NO_TARGET_NAME)
             target = self.policy.lookup_target(tname) if len(tname.encode()) <= MAX_ISCSI_NAME else None
             if target is None:
-                raise LoginReject(LoginStatus.NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found")
+                raise LoginReject(LoginStatus.NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found",
+                                  rule=V.LOGIN_TARGET_NOT_FOUND)
+            if target.strict:
+                self._strict_identity(name, tname)
             if not self.policy.initiator_allowed(target, name):
                 raise LoginReject(LoginStatus.AUTHORIZATION_FAILURE,
-                                  f"initiator {name!r} may not log in to {target.iqn}")
+                                  f"initiator {name!r} may not log in to {target.iqn}", rule=V.LOGIN_NOT_AUTHORIZED)
             self.target = target
             self._identity["TargetName"] = tname
             method, creds = target.auth_method, target.credentials
@@ -315,7 +364,8 @@ class LoginMachine:
         self._auth_allowed = allowed_auth_methods(method, self._credentials)
         if self._stage == 1 and "None" not in self._auth_allowed:
             raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
-                              f"authentication ({method}) required but the security stage was skipped")
+                              f"authentication ({method}) required but the security stage was skipped",
+                              rule=V.LOGIN_AUTH_REQUIRED)
         self._neg = Negotiator(self.values, leading=self._tsih_req == 0, session_type=stype)
         return out
 
@@ -328,7 +378,8 @@ class LoginMachine:
             choice = next((m for m in offer if m in self._auth_allowed), None)
             if choice is None:
                 raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
-                                  f"AuthMethod={','.join(offer)[:128]} but {self._auth_cfg} is required")
+                                  f"AuthMethod={','.join(offer)[:128]} but {self._auth_cfg} is required",
+                                  rule=V.LOGIN_AUTH_REQUIRED)
             self._auth_selected = choice
             out.append(("AuthMethod", choice))
             if choice == "CHAP":
@@ -337,7 +388,7 @@ class LoginMachine:
         if sec:  # CHAP_* keys
             if self._chap is None:
                 raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
-                                  f"{next(iter(sec))} sent but CHAP was not negotiated")
+                                  f"{next(iter(sec))} sent but CHAP was not negotiated", rule=V.LOGIN_AUTH_FAILED)
             out += self._chap.step(sec)
         return out
 
@@ -346,7 +397,8 @@ class LoginMachine:
         if self._auth_selected is None:
             if "None" not in self._auth_allowed:
                 raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
-                                  f"authentication ({self._auth_cfg}) required but no AuthMethod offered")
+                                  f"authentication ({self._auth_cfg}) required but no AuthMethod offered",
+                                  rule=V.LOGIN_AUTH_REQUIRED)
             self._auth_selected = "None"
         if self._auth_selected == "None":
             return True
@@ -411,11 +463,13 @@ class LoginMachine:
         return rsp
 
     def _fail(self, pdu: PDU, status: LoginStatus, reason: str,
-              pairs: list[tuple[str, str]] | None = None) -> LoginResponse:
+              pairs: list[tuple[str, str]] | None = None, rule: V.Rule | None = None) -> LoginResponse:
         self.failed = True
         self.status = status
         self.reason = reason
-        log.warning("login rejected (status %#06x) initiator %s: %s", status, self.initiator_name or "?", reason)
+        self.rule = V.login_rule(status, rule)
+        log.warning("login rejected (status %#06x) initiator %s: %s%s", status, self.initiator_name or "?", reason,
+                    f" [{self.rule}]" if self.rule is not None else "")
         req = pdu if isinstance(pdu, LoginRequest) else None
         cmdsn = pdu.cmdsn if isinstance(pdu, LoginRequest | ScsiCommand | NumberedRequest) else 0
         if self._isid is None and req is not None:

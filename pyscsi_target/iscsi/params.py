@@ -12,16 +12,20 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..values import LoginStatus
+from .violations import Rule
 
 
 class LoginReject(Exception):  # noqa: N818 - it is a status, not only an error
-    """Ends a login with a status other than success (RFC 7143 11.13.5)."""
+    """Ends a login with a status other than success (RFC 7143 11.13.5).  ``rule`` is the
+    requirement the initiator broke (None: the status's generic one, or not its doing)."""
 
-    def __init__(self, status: LoginStatus, reason: str = "", pairs: list[tuple[str, str]] | None = None) -> None:
+    def __init__(self, status: LoginStatus, reason: str = "", pairs: list[tuple[str, str]] | None = None,
+                 rule: Rule | None = None) -> None:
         super().__init__(reason or f"login status {status:#06x}")
         self.status = status
         # Keys sent with the reject, e.g. TargetAddress for a redirect (class 0x01).
         self.pairs = pairs or []
+        self.rule = rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,8 @@ class TargetInfo:
     alias: str | None
     auth_method: str  # "None", "Auto", "CHAP", "CHAP Mutual" (of the target group serving this portal)
     credentials: list[ChapCredential]  # the auth group's credentials (CHAP user/secret, peer user/secret)
+    # Strict mode: refuse what the default mode tolerates for interoperability (violations.py).
+    strict: bool = False
 
 
 @dataclass

@@ -413,12 +413,15 @@ class WireOutput:
     The payload is referenced, not copied; ``take`` hands the list to
     ``transport.writelines``.  Digests are switched on when login completes."""
 
-    __slots__ = ("header_digest", "data_digest", "buffers")
+    __slots__ = ("header_digest", "data_digest", "buffers", "hook")
 
     def __init__(self, header_digest: bool = False, data_digest: bool = False) -> None:
         self.header_digest = header_digest
         self.data_digest = data_digest
         self.buffers: list[Payload] = []
+        # Read only by an intercepting subclass (the workbench's, swapped in with
+        # ``__class__`` while it has work): this class's ``emit`` never looks at it.
+        self.hook: object = None
 
     def emit(self, hdr: bytearray, parts: Sequence[Payload] = (), dlen: int = 0) -> None:
         out = self.buffers
@@ -735,6 +738,9 @@ class PDUReader:
 
     def __init__(self, header_digest: bool = False, data_digest: bool = False,
                  max_data: int = 8192, bufsize: int = 256 * 1024) -> None:
+        # Set while a capture covers the connection: called with each PDU's bytes as read
+        # (and the length of its header), oversized data as it is skipped.
+        self.tap: Callable[[memoryview, int], None] | None = None
         self.header_digest = header_digest
         self.data_digest = data_digest
         self.max_data = max_data  # our MaxRecvDataSegmentLength
@@ -794,9 +800,12 @@ class PDUReader:
         view = self._view
         hd = DIGEST_LEN if self.header_digest else 0
         dd = DIGEST_LEN if self.data_digest else 0
+        tap = self.tap  # None unless capturing: one local test per PDU
         while True:
             if self._skip:
                 n = min(self._skip, self._end - self._start)
+                if tap is not None and n:
+                    tap(view[self._start : self._start + n], 0)
                 self._start += n
                 self._skip -= n
                 if self._skip:
@@ -817,12 +826,16 @@ class PDUReader:
                 return
             if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(view[s : s + BHS_LEN + ahs_len]):
                 self.broken = True
+                if tap is not None:
+                    tap(view[s : self._end], hlen)
                 yield DigestError("header", None)
                 return
             pdu = decode_bhs(view[s : s + BHS_LEN])
             if oversized:
                 self._start = s + hlen
                 self._skip = dlen
+                if tap is not None:
+                    tap(view[s : s + hlen], hlen)
                 yield OversizedPDU(pdu, dsl)
                 continue
             if ahs_len:
@@ -832,6 +845,8 @@ class PDUReader:
                     self.broken = True
                     raise
             self._start = s + total
+            if tap is not None:
+                tap(view[s : s + total], hlen)
             if dsl:
                 d0 = s + hlen
                 if dd and _DIGEST.unpack_from(view, d0 + dsl + pad_len(dsl))[0] != crc32c(

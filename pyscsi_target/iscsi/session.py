@@ -27,6 +27,8 @@ from .command import Cmd
 from .params import LoginResult, SessionParams, TargetInfo
 from .pdu import NumberedRequest
 from .scsi_layer import ScsiLayer
+from .stats import IoStats, SessionCounters
+from .violations import Violations
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -78,6 +80,7 @@ class Session:
         device: ScsiLayer | None = None,
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         peers: Callable[[], Iterable[Session]] | None = None,
+        io_stats: dict[int, IoStats] | None = None,
     ) -> None:
         self.tsih = tsih
         self.isid = result.isid
@@ -101,6 +104,19 @@ class Session:
         self.connection: Connection | None = None
         self.closed = False
         self.created_ops = 0  # commands delivered, for observability
+        # Observability: the target's per-LUN I/O counters (shared by its sessions, kept by
+        # the engine), this session's rare events and the rules its initiator broke.
+        self.io_stats: dict[int, IoStats] = io_stats if io_stats is not None else {}
+        self.counters = SessionCounters()
+        self.violations = Violations()
+        self.strict = False
+        self.full_path = self.discovery  # every command takes the connection's full path (no fast path)
+        self.set_strict(result.target is not None and result.target.strict)
+
+    def set_strict(self, on: bool) -> None:
+        """Strict mode (violations.py): its checks sit on the full path, so strict sessions take it."""
+        self.strict = on
+        self.full_path = self.discovery or on
 
     # --- peers -----------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..values import MAX_ISCSI_NAME
+from . import violations as V
 from .negotiation import (
     REJECT,
     Negotiator,
@@ -160,29 +161,33 @@ class TextHandler:
         self._ex: _Exchange | None = None
         self._neg: Negotiator | None = None
         self._ttt = 0
+        self.rule: V.Rule | None = None
 
     def _next_ttt(self) -> int:
         self._ttt = (self._ttt + 1) & 0x7FFFFFFF or 1
         return self._ttt
 
-    def _reject(self, pdu: TextRequest, reason: RejectReason) -> list[TextResponse | Reject]:
+    def _reject(self, pdu: TextRequest, reason: RejectReason, rule: V.Rule) -> list[TextResponse | Reject]:
         self._ex = None
+        self.rule = rule
         return [Reject(reason=reason, data=pdu.raw_header())]
 
     def receive(self, pdu: TextRequest) -> list[TextResponse | Reject]:
-        """One Text Request in, one TextResponse (or Reject) out, unstamped."""
+        """One Text Request in, one TextResponse (or Reject) out, unstamped.  After a Reject,
+        ``rule`` is the requirement the request broke."""
+        self.rule = None
         try:
             return self._receive(pdu)
         except TextError:
-            return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
+            return self._reject(pdu, RejectReason.PROTOCOL_ERROR, V.TEXT_MALFORMED)
 
     def _receive(self, pdu: TextRequest) -> list[TextResponse | Reject]:
         if pdu.final and pdu.cont:
-            return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
+            return self._reject(pdu, RejectReason.PROTOCOL_ERROR, V.TEXT_F_AND_C)
         ex = self._ex
         if pdu.ttt != RESERVED_TAG:
             if ex is None or ex.itt != pdu.itt or ex.ttt != pdu.ttt:
-                return self._reject(pdu, RejectReason.INVALID_PDU_FIELD)
+                return self._reject(pdu, RejectReason.INVALID_PDU_FIELD, V.TEXT_UNKNOWN_TTT)
         elif ex is not None and not (ex.itt == pdu.itt and ex.rx):
             ex = None  # a new request (TTT 0xffffffff) resets the pending negotiation
         if ex is None:
@@ -190,10 +195,10 @@ class TextHandler:
             self._neg = Negotiator(self.values, session_type=self.session_type)
         if ex.tx_rest:
             if pdu.data or pdu.cont:
-                return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
+                return self._reject(pdu, RejectReason.PROTOCOL_ERROR, V.TEXT_CONTINUATION)
             return [self._next_piece(pdu, ex)]
         if len(ex.rx) + len(pdu.data) > MAX_TEXT:
-            return self._reject(pdu, RejectReason.PROTOCOL_ERROR)
+            return self._reject(pdu, RejectReason.PROTOCOL_ERROR, V.TEXT_TOO_LONG)
         ex.rx += pdu.data
         if pdu.cont:
             ex.ttt = self._next_ttt()

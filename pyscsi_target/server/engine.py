@@ -20,10 +20,12 @@ from ..cluster.rados import ClusterSettings
 from ..config import model as M
 from ..iscsi.connection import Connection
 from ..iscsi.session import SessionInfo
+from ..iscsi.stats import IoStats
 from ..scsi.device import ScsiDevice
 from ..scsi.lu import LogicalUnit
 from ..scsi.persistence import StateStore
 from ..scsi.registry import ScsiRegistry
+from ..workbench import Workbench
 from .initiator_access import PortalPolicy
 from .logical_units import LogicalUnits
 from .portal_groups import EngineError, Listener, Portals
@@ -72,6 +74,9 @@ class TargetRuntime:
     iqn: str
     device: ScsiDevice
     luns: dict[int, LogicalUnit] = field(default_factory=dict)  # lun -> LogicalUnit as last given to the device
+    # The transport's I/O counters per LUN (iscsi/stats.py), shared by the target's sessions.
+    # An entry outlives its LUN's unmapping so the target's totals never go backwards.
+    io_stats: dict[int, IoStats] = field(default_factory=dict)
 
 
 class Engine:
@@ -105,6 +110,7 @@ class Engine:
         self.logical_units = LogicalUnits(self.scsi, pr_store, ceph)
         self.session_registry = SessionRegistry(queue_depth, self._close_connection)
         self.connections: set[IscsiProtocol] = set()
+        self.workbench = Workbench(self)  # fault injection, captures, strict mode
         self._lock = asyncio.Lock()
         self.shutting_down = False
         # Called after every apply, even one where a portal could not bind (iSNS registration).
@@ -157,6 +163,9 @@ class Engine:
             if luns.keys() != rt.luns.keys() or any(rt.luns[k] is not v for k, v in luns.items()):
                 rt.device.set_luns(luns)
                 rt.luns = luns
+            for lun in luns:
+                if lun not in rt.io_stats:
+                    rt.io_stats[lun] = IoStats()
 
     def _remove_target(self, rt: TargetRuntime) -> None:
         log.info("target %s removed", rt.iqn)

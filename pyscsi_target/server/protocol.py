@@ -24,8 +24,10 @@ from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, Notice, 
 from ..iscsi.login import LoginMachine
 from ..iscsi.params import LoginResult
 from ..iscsi.pdu import PDU, Framed, OversizedPDU, Payload, PduError, PDUReader, WireOutput
+from ..iscsi.stats import clock_ns
 
 if TYPE_CHECKING:
+    from ..workbench.hooks import ConnectionHook
     from .engine import Engine
     from .initiator_access import PortalPolicy
     from .portal_groups import Listener
@@ -78,6 +80,10 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.login: LoginMachine | None = None
         self.policy: PortalPolicy | None = None
         self.peer = ""
+        self.peer_addr: tuple[str, int] = ("", 0)
+        self.local_addr: tuple[str, int] = ("", 0)
+        # The workbench's hook while a fault rule or a capture covers this connection (else None).
+        self.hook: ConnectionHook | None = None
         self._close_after_flush = False
         self._in_batch = False
         self._flush_scheduled = False
@@ -102,11 +108,13 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if local_ip.startswith("::ffff:") and "." in local_ip:
             local_ip = local_ip[7:]  # an IPv4 client on a dual-stack socket
         self.peer = f"[{peer_ip}]:{peer_port}" if ":" in peer_ip else f"{peer_ip}:{peer_port}"
+        self.peer_addr, self.local_addr = (peer_ip, peer_port), (local_ip, local_port)
         self.engine.connections.add(self)
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
         self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth)
         self._last_rx = self.loop.time()
         self._timer = self.loop.call_later(self.engine.login_timeout, self._login_timeout)
+        self.engine.workbench.connection_made(self)
         log.debug("connection from %s", self.peer)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -115,6 +123,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._last_rx = self.loop.time()
         self._in_batch = True
+        if self.conn is not None:
+            self.conn.rx_ns = clock_ns()  # the batch's arrival: commands' latency starts here
         try:
             events = self.reader.buffer_updated(nbytes)
             while True:
@@ -152,6 +162,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.hook is not None:
+            self.engine.workbench.connection_lost(self)
         conn = self.conn
         if conn is not None:
             conn.handle(LINK_LOST)
@@ -214,8 +226,11 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             return False
         for rsp in responses:
             self.output.send(rsp)
+        if self.hook is not None:
+            self.engine.workbench.login_progress(self)
         if login.failed:
             self._close_after_flush = True  # a login reject ends the connection (RFC 7143 11.13.5)
+            self.engine.workbench.login_failed(self, login)
             return False
         if not login.done or login.result is None:
             return False
@@ -247,6 +262,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         r.header_digest = params.header_digest
         r.data_digest = params.data_digest
         r.max_data = params.max_recv_dsl
+        if self.hook is not None:
+            self.engine.workbench.entered_ffp(self)
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.loop.call_later(self.engine.nop_interval, self._keepalive)
@@ -286,6 +303,26 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if self._logout_deadline is not None:
             delay = min(delay, max(0.05, self._logout_deadline - now))
         self._timer = self.loop.call_later(delay, self._keepalive)
+
+    def flush_later(self) -> None:
+        """Output queued from a timer (the workbench's delays): flush once this loop iteration."""
+        self._notify()
+
+    def fault_drop(self, hard: bool) -> None:
+        """A fault rule drops the connection: what is queued is written, then a TCP reset
+        (``hard``) or an orderly close."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self.output.buffers:
+            t.writelines(self.output.take())
+        self._close_after_flush = True  # no further login PDU is handled
+        if self.conn is not None:
+            self.conn.handle(LINK_LOST)  # nor any further PDU: the tasks end, as when the link goes
+        if hard:
+            t.abort()
+        else:
+            t.close()
 
     def _notify(self) -> None:
         """Output produced outside a receive batch: flush once this loop iteration."""

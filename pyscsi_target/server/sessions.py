@@ -14,13 +14,14 @@ import functools
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..iscsi.connection import Connection
 from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP
 from ..iscsi.params import LoginReject, LoginResult
 from ..iscsi.scsi_layer import ScsiLayer
 from ..iscsi.session import Session, SessionInfo
+from ..iscsi.stats import IoStats, SessionCounters
 from ..scsi.task import Nexus
 from ..values import LoginStatus
 
@@ -35,6 +36,7 @@ class TargetPort:
     device: ScsiLayer
     portal_group_tag: int
     read_only: bool  # the access config admitted this initiator read-only
+    io_stats: dict[int, IoStats] = field(default_factory=dict)  # the target's per-LUN counters
 
 
 def _isid_key(initiator_name: str, isid: int, target_iqn: str) -> tuple[str, int, str]:
@@ -49,6 +51,10 @@ class SessionRegistry:
         self._by_isid: dict[tuple[str, int, str], Session] = {}
         self._tsih = itertools.count(1)
         self._nexus_ids = itertools.count(1)
+        # Daemon-wide counts (metrics): sessions begun, and the rare-event counters of the
+        # sessions that ended (those of live sessions are added when read: totals()).
+        self.started: dict[str, int] = {}  # session type -> count
+        self._retired = SessionCounters()
 
     def bind(self, result: LoginResult, port: TargetPort | None) -> Session:
         """complete_login: a new session, a reinstated one, or connection reinstatement.
@@ -88,8 +94,10 @@ class SessionRegistry:
             device = port.device
             device.add_nexus(nexus)
         s = Session(result, tsih, nexus, device, queue_depth=self.queue_depth,
-                    peers=functools.partial(self.of_target, target_iqn))
+                    peers=functools.partial(self.of_target, target_iqn),
+                    io_stats=port.io_stats if port is not None else None)
         self.by_tsih[tsih] = s
+        self.started[result.session_type] = self.started.get(result.session_type, 0) + 1
         if result.session_type == "Normal":
             self._by_isid[_isid_key(result.initiator_name, result.isid, target_iqn)] = s
         return s
@@ -119,6 +127,7 @@ class SessionRegistry:
         if s.closed:
             return
         s.closed = True
+        self._retired.add(s.counters)
         if self.by_tsih.get(s.tsih) is s:
             del self.by_tsih[s.tsih]
         key = _isid_key(s.initiator_name, s.isid, s.target.iqn if s.target else "")
@@ -149,3 +158,11 @@ class SessionRegistry:
 
     def describe(self) -> list[SessionInfo]:
         return [s.describe() for s in self.by_tsih.values()]
+
+    def totals(self) -> SessionCounters:
+        """Every session's rare-event counters, ended ones included."""
+        out = SessionCounters()
+        out.add(self._retired)
+        for s in self.by_tsih.values():
+            out.add(s.counters)
+        return out
