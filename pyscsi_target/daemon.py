@@ -20,6 +20,7 @@ from pathlib import Path
 from .api_endpoint import ApiEndpoint, local_url
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
+from .iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from .isns import IsnsClient, default_entity_id, desired_state
 from .jobs import SanitizeJobs
 from .server.engine import Engine
@@ -40,6 +41,7 @@ class DaemonOptions:
     api_cert: Path | None = None
     api_key_file: Path | None = None
     demo: bool = False
+    write_budget: int = DEFAULT_WRITE_BUDGET  # bytes of WRITE data all sessions may hold at once
 
 
 def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
@@ -69,7 +71,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
-    engine = Engine(opts.state_dir, pr_store=store.pr_store)
+    engine = Engine(opts.state_dir, pr_store=store.pr_store, write_budget=opts.write_budget)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

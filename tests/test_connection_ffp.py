@@ -12,6 +12,8 @@ from pyscsi_target.iscsi.connection import Connection, ConnState
 from pyscsi_target.iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, RequestLogout
 from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo
 from pyscsi_target.iscsi.session import Session
+from pyscsi_target.iscsi.write_budget import WriteBudget
+from pyscsi_target.scsi.command import data_out_view
 from pyscsi_target.scsi.task import Nexus, ScsiTask, TmfResult
 
 BS = 512
@@ -44,7 +46,7 @@ class FakeDevice:
         elif op == 0x2A:  # WRITE(10)
             lba, n = struct.unpack_from(">IxH", task.cdb, 2)
             task.xfer_len = n * BS
-            data = bytes(task.data_out or b"")[: n * BS]
+            data = bytes(data_out_view(task))[: n * BS]
             self.store[lba * BS : lba * BS + len(data)] = data
         elif op == 0x12:  # INQUIRY
             alloc = struct.unpack_from(">H", task.cdb, 3)[0]
@@ -99,7 +101,7 @@ class FakeDevice:
 
 
 class Harness:
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, budget: WriteBudget | None = None, **params: Any) -> None:
         self.params = SessionParams(**params)
         res = LoginResult(
             session_type="Normal", initiator_name="iqn.1994-05.com.example:i", initiator_alias=None,
@@ -108,7 +110,8 @@ class Harness:
         )
         self.dev = FakeDevice()
         nexus = Nexus(1, res.initiator_name, res.isid, IQN, 1)
-        self.session = Session(res, 1, nexus, self.dev, queue_depth=16)
+        self.session = Session(res, 1, nexus, self.dev, queue_depth=16,
+                               writes=budget.account() if budget is not None else None)
         self.events: list[str] = []
         self.conn = Connection(self.session, 1, 100, on_event=lambda e, c: self.events.append(e))
         self.reader = P.PDUReader(self.params.header_digest, self.params.data_digest, max_data=self.params.max_recv_dsl)
@@ -517,7 +520,7 @@ def test_bidi_command_residuals() -> None:
     h = Harness(initial_r2t=True, immediate_data=True)
 
     def run(task: ScsiTask) -> None:
-        assert task.bidi_read_len == 100 and bytes(task.data_out or b"") == b"x" * 512
+        assert task.bidi_read_len == 100 and bytes(data_out_view(task)) == b"x" * 512
         task.xfer_len = 512
         task.data_in = [b"r" * 64]
         task.data_in_len = 64
@@ -677,7 +680,7 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
         h.output()
         s = h.session
         assert s.active == sum(1 for c in s.tasks.values() if c.counted) >= 0, seed
-        assert s.write_buffered == sum(len(c.buf) for c in s.tasks.values() if c.buf is not None), seed
+        assert s.writes.used == sum(c.reserved for c in s.tasks.values()), seed
 
 
 def test_oversized_unknown_opcode_rejected() -> None:
@@ -690,17 +693,14 @@ def test_oversized_unknown_opcode_rejected() -> None:
     assert not h.conn.closing
 
 
-def test_write_buffer_budget_gives_task_set_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyscsi_target.iscsi import connection as C
-
-    monkeypatch.setattr(C, "MAX_SESSION_WRITE_BUFFERS", 3 * BS)
-    h = Harness(initial_r2t=True, immediate_data=False)
+def test_write_buffer_budget_gives_task_set_full() -> None:
+    h = Harness(initial_r2t=True, immediate_data=False, budget=WriteBudget(3 * BS, floor=0))
     a = h.cmd(rw10(0x2A, 0, 2), write=True, edtl=2 * BS)
     (r2t,) = h.send(a)
     (rsp,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))
     assert isinstance(rsp, P.ScsiResponse) and rsp.status == 0x28 and not rsp.data
     out = h.send(data_out(a.itt, r2t.ttt, 0, 0, bytes(2 * BS), True))
-    assert out[0].status == 0 and h.session.write_buffered == 0
+    assert out[0].status == 0 and h.session.writes.used == 0
     (r2t2,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))  # budget free again
     assert isinstance(r2t2, P.R2T)
 

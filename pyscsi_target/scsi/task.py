@@ -54,7 +54,7 @@ class Nexus:
 
 
 #: A command's Data-Out payload: one buffer, or several in offset order (ScsiTask.data_out).
-DataOut = bytes | bytearray | memoryview | list[memoryview]
+DataOutPayload = bytes | bytearray | memoryview | list[memoryview]
 
 
 class ScsiTask:
@@ -99,7 +99,7 @@ class ScsiTask:
         tag: int,
         attr: TaskAttr = TaskAttr.SIMPLE,
         expected_len: int = 0,
-        data_out: DataOut | None = None,
+        data_out: DataOutPayload | None = None,
         on_done: Callable[[ScsiTask], None] | None = None,
         bidi_read_len: int = 0,
     ) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from ..config import model as M
 from ..iscsi.connection import Connection
 from ..iscsi.session import SessionInfo
+from ..iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
+from ..iscsi.write_budget import WriteBudget
 from ..scsi.device import ScsiDevice
 from ..scsi.lu import LogicalUnit
 from ..scsi.persistence import StateStore
@@ -86,6 +88,7 @@ class Engine:
         nop_timeout: float = 30.0,
         login_timeout: float = 30.0,
         tune_allocator: bool = True,
+        write_budget: int = DEFAULT_WRITE_BUDGET,
     ) -> None:
         if tune_allocator:
             tune_malloc()
@@ -101,7 +104,8 @@ class Engine:
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
         self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
         self.logical_units = LogicalUnits(self.scsi, pr_store)
-        self.session_registry = SessionRegistry(queue_depth, self._close_connection)
+        self.write_budget = WriteBudget(write_budget)
+        self.session_registry = SessionRegistry(queue_depth, self._close_connection, self.write_budget)
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()
         self.shutting_down = False

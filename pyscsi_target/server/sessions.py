@@ -21,6 +21,7 @@ from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP
 from ..iscsi.params import LoginReject, LoginResult
 from ..iscsi.scsi_layer import ScsiLayer
 from ..iscsi.session import Session, SessionInfo
+from ..iscsi.write_budget import WriteBudget
 from ..scsi.task import Nexus
 from ..values import LoginStatus
 
@@ -42,8 +43,11 @@ def _isid_key(initiator_name: str, isid: int, target_iqn: str) -> tuple[str, int
 
 
 class SessionRegistry:
-    def __init__(self, queue_depth: int, close_connection: Callable[[Connection], None]) -> None:
+    def __init__(self, queue_depth: int, close_connection: Callable[[Connection], None],
+                 write_budget: WriteBudget | None = None) -> None:
         self.queue_depth = queue_depth
+        # Every Normal session's write buffers come out of this one daemon-wide budget.
+        self.write_budget = write_budget if write_budget is not None else WriteBudget()
         self._close_connection = close_connection  # the adapter flushes and closes the socket
         self.by_tsih: dict[int, Session] = {}
         self._by_isid: dict[tuple[str, int, str], Session] = {}
@@ -88,7 +92,8 @@ class SessionRegistry:
             device = port.device
             device.add_nexus(nexus)
         s = Session(result, tsih, nexus, device, queue_depth=self.queue_depth,
-                    peers=functools.partial(self.of_target, target_iqn))
+                    peers=functools.partial(self.of_target, target_iqn),
+                    writes=self.write_budget.account() if port is not None else None)
         self.by_tsih[tsih] = s
         if result.session_type == "Normal":
             self._by_isid[_isid_key(result.initiator_name, result.isid, target_iqn)] = s
@@ -119,6 +124,7 @@ class SessionRegistry:
         if s.closed:
             return
         s.closed = True
+        s.writes.close()
         if self.by_tsih.get(s.tsih) is s:
             del self.by_tsih[s.tsih]
         key = _isid_key(s.initiator_name, s.isid, s.target.iqn if s.target else "")
