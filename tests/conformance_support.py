@@ -173,6 +173,10 @@ def configure_target(d: Daemon, *, paths: int = 2, size: str = "256MB", disk: st
     ig = d.rest("POST", "authorizedinitiator/", {"iscsi_target_initiator_initiators": "ALL",
                                                  "iscsi_target_initiator_auth_network": "127.0.0.0/8"})
     target = d.rest("POST", "target/", {"iscsi_target_name": TARGET_NAME})
+    # libiscsi's Reserve6/PreventAllow reset tests send TARGET WARM/COLD RESET, which a target
+    # refuses unless it allows them (issue 10).
+    d.rest("PATCH", f"targets/{target['id']}/", {"allow_warm_reset": True, "allow_cold_reset": True},
+           prefix="/api/pyscsi/v1")
     for pg in groups:
         d.rest("POST", "targetgroup/", {"iscsi_target": target["id"], "iscsi_target_portalgroup": pg["id"],
                                         "iscsi_target_initiatorgroup": ig["id"], "iscsi_target_authtype": "None"})

@@ -10,7 +10,7 @@ import pytest
 from pyscsi_target.iscsi import pdu as P
 from pyscsi_target.iscsi.connection import Connection, ConnState
 from pyscsi_target.iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, RequestLogout
-from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo
+from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo, TargetResets
 from pyscsi_target.iscsi.session import Session
 from pyscsi_target.iscsi.write_budget import WriteBudget
 from pyscsi_target.scsi.command import data_out_view
@@ -101,7 +101,8 @@ class FakeDevice:
 
 
 class Harness:
-    def __init__(self, budget: WriteBudget | None = None, **params: Any) -> None:
+    def __init__(self, budget: WriteBudget | None = None, resets: TargetResets | None = None,
+                 **params: Any) -> None:
         self.params = SessionParams(**params)
         res = LoginResult(
             session_type="Normal", initiator_name="iqn.1994-05.com.example:i", initiator_alias=None,
@@ -111,7 +112,7 @@ class Harness:
         self.dev = FakeDevice()
         nexus = Nexus(1, res.initiator_name, res.isid, IQN, 1)
         self.session = Session(res, 1, nexus, self.dev, queue_depth=16,
-                               writes=budget.account() if budget is not None else None)
+                               writes=budget.account() if budget is not None else None, resets=resets)
         self.events: list[str] = []
         self.conn = Connection(self.session, 1, 100, on_event=lambda e, c: self.events.append(e))
         self.reader = P.PDUReader(self.params.header_digest, self.params.data_digest, max_data=self.params.max_recv_dsl)
@@ -467,7 +468,7 @@ def test_abort_task_not_yet_received_then_discarded() -> None:
 @pytest.mark.parametrize("fn,name", [(2, "abort_task_set"), (4, "clear_task_set"), (5, "lun_reset"),
                                      (6, "warm"), (7, "cold"), (3, "clear_aca")])
 def test_tmf_functions(fn: int, name: str) -> None:
-    h = Harness()
+    h = Harness(resets=TargetResets(warm=True, cold=True))
     h.dev.hold = True
     c = h.cmd(bytes(6))
     h.send(c)
@@ -478,6 +479,20 @@ def test_tmf_functions(fn: int, name: str) -> None:
         h.dev.finish()
         assert h.output() == []  # the task was aborted
     assert ("cold_reset" in h.events) == (fn == 7)
+
+
+@pytest.mark.parametrize("fn", [6, 7])
+def test_target_resets_refused_unless_allowed(fn: int) -> None:
+    h = Harness(resets=TargetResets(warm=fn == 7, cold=fn == 6))  # the other one allowed only
+    h.dev.hold = True
+    c = h.cmd(bytes(6))
+    h.send(c)
+    (rsp,) = h.send(tmf(h, fn))
+    assert rsp.response == P.TmfResponse.AUTHORIZATION_FAILED
+    assert h.dev.tmf == [] and h.events == []  # nothing reset, nothing closed
+    h.dev.finish()
+    (done,) = h.output()
+    assert done.itt == c.itt and done.status == 0  # the task went on
 
 
 def test_lun_reset_unknown_lun() -> None:

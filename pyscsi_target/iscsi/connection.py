@@ -30,6 +30,7 @@ import logging
 from collections.abc import Callable
 from enum import Enum
 
+from ..log_limit import LogLimit
 from ..scsi.sense import CHECK_CONDITION
 from ..scsi.task import MAX_TRANSFER_BYTES, DataOutPayload, ScsiTask, TaskAttr, TmfResult
 from . import encoders
@@ -84,6 +85,7 @@ from .session import SERIAL_MASK, Held, Session, sn_le, sn_lt
 from .text import TextHandler
 
 log = logging.getLogger(__name__)
+_REFUSALS = LogLimit(10.0)  # refused target resets, one line per peer per 10 s
 
 _TMF_MAP = {
     TmfResult.COMPLETE: TmfResponse.COMPLETE,
@@ -722,6 +724,14 @@ class Connection:
             resp = _TMF_MAP.get(r, TmfResponse.REJECTED)
         elif fn == TmfFunction.CLEAR_ACA:
             resp = _TMF_MAP.get(dev.clear_aca(nexus, lun), TmfResponse.REJECTED)
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET) and not (
+            s.resets.cold if fn == TmfFunction.TARGET_COLD_RESET else s.resets.warm
+        ):
+            # A reset ends every task of every initiator on the target (a cold one every
+            # session too): refused unless the target allows it (RFC 7143 11.6.1 response 6).
+            _REFUSALS.log(log, logging.INFO, self.peer, "%s: %s from %s refused (not allowed on %s)", self.peer,
+                          TmfFunction(fn).name, s.initiator_name, s.target.iqn if s.target else "?")
+            resp = TmfResponse.AUTHORIZATION_FAILED
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             cold = fn == TmfFunction.TARGET_COLD_RESET
             peers = list(s.peers())

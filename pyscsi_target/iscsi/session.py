@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypedDict
 
 from ..scsi.task import Nexus
 from .command import Cmd
-from .params import LoginResult, SessionParams, TargetInfo
+from .params import LoginResult, SessionParams, TargetInfo, TargetResets
 from .pdu import NumberedRequest
 from .scsi_layer import ScsiLayer
 from .write_budget import WriteAccount, WriteBudget
@@ -81,6 +81,7 @@ class Session:
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         peers: Callable[[], Iterable[Session]] | None = None,
         writes: WriteAccount | None = None,
+        resets: TargetResets | None = None,
     ) -> None:
         self.tsih = tsih
         self.isid = result.isid
@@ -100,6 +101,8 @@ class Session:
         # Write-buffer memory this session may reserve: its share of the daemon's budget (a
         # session built alone, in a unit test, gets a budget of its own).
         self.writes = writes if writes is not None else WriteBudget().account()
+        # The target's reset permissions (shared with the engine); refused when not given.
+        self.resets = resets if resets is not None else TargetResets()
         self.held: dict[int, Held] = {}  # CmdSN -> what arrived early (not yet in order)
         self.tasks: dict[int, Cmd] = {}  # ITT -> command in progress
         self.discard_cmdsn: set[int] = set()  # ABORT TASK arrived before the command

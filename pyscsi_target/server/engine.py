@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import model as M
 from ..iscsi.connection import Connection
+from ..iscsi.params import TargetResets
 from ..iscsi.session import SessionInfo
 from ..iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from ..iscsi.write_budget import WriteBudget
@@ -73,6 +74,7 @@ class TargetRuntime:
     iqn: str
     device: ScsiDevice
     luns: dict[int, LogicalUnit] = field(default_factory=dict)  # lun -> LogicalUnit as last given to the device
+    resets: TargetResets = field(default_factory=TargetResets)  # shared with its sessions, set on apply
 
 
 class Engine:
@@ -152,6 +154,7 @@ class Engine:
             tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
+            rt.resets.warm, rt.resets.cold = t.allow_warm_reset, t.allow_cold_reset
             # Compare LU identity, not extent ids: a reopened extent is a new LogicalUnit.
             if luns.keys() != rt.luns.keys() or any(rt.luns[k] is not v for k, v in luns.items()):
                 rt.device.set_luns(luns)

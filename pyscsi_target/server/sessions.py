@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..iscsi.connection import Connection
 from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP
-from ..iscsi.params import LoginReject, LoginResult
+from ..iscsi.params import LoginReject, LoginResult, TargetResets
 from ..iscsi.scsi_layer import ScsiLayer
 from ..iscsi.session import Session, SessionInfo
 from ..iscsi.write_budget import WriteBudget
@@ -36,6 +36,7 @@ class TargetPort:
     device: ScsiLayer
     portal_group_tag: int
     read_only: bool  # the access config admitted this initiator read-only
+    resets: TargetResets  # the target's reset permissions (the engine's, updated in place)
 
 
 def _isid_key(initiator_name: str, isid: int, target_iqn: str) -> tuple[str, int, str]:
@@ -79,8 +80,9 @@ class SessionRegistry:
                 log.info("reinstating session of %s isid %012x", result.initiator_name, result.isid)
                 self.close(old, announce=False)
         tsih = self._new_tsih()
-        nexus = device = None
+        nexus = device = resets = None
         if port is not None:
+            resets = port.resets
             nexus = Nexus(
                 nexus_id=next(self._nexus_ids),
                 initiator_name=result.initiator_name,
@@ -93,7 +95,7 @@ class SessionRegistry:
             device.add_nexus(nexus)
         s = Session(result, tsih, nexus, device, queue_depth=self.queue_depth,
                     peers=functools.partial(self.of_target, target_iqn),
-                    writes=self.write_budget.account() if port is not None else None)
+                    writes=self.write_budget.account() if port is not None else None, resets=resets)
         self.by_tsih[tsih] = s
         if result.session_type == "Normal":
             self._by_isid[_isid_key(result.initiator_name, result.isid, target_iqn)] = s
