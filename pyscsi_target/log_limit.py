@@ -22,7 +22,10 @@ class LogLimit:
 
     def log(self, logger: logging.Logger, level: int, key: Hashable, msg: str, *args: object) -> bool:
         """Log ``msg % args`` unless a line with ``key`` passed less than ``interval`` ago;
-        True when it was logged."""
+        True when it was logged.  A ``None`` key is never held back."""
+        if key is None:
+            logger.log(level, msg, *args)
+            return True
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:

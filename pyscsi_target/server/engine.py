@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import model as M
+from ..iscsi.auth_backoff import AuthBackoff
 from ..iscsi.connection import Connection
 from ..iscsi.params import TargetResets
 from ..iscsi.session import SessionInfo
@@ -107,6 +108,7 @@ class Engine:
         self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
         self.logical_units = LogicalUnits(self.scsi, pr_store)
         self.write_budget = WriteBudget(write_budget)
+        self.auth_backoff = AuthBackoff()  # CHAP failures by initiator name and address (counters for /metrics)
         self.session_registry = SessionRegistry(queue_depth, self._close_connection, self.write_budget)
         self.connections: set[IscsiProtocol] = set()
         self._lock = asyncio.Lock()

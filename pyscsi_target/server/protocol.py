@@ -104,7 +104,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.peer = f"[{peer_ip}]:{peer_port}" if ":" in peer_ip else f"{peer_ip}:{peer_port}"
         self.engine.connections.add(self)
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
-        self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth)
+        self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth,
+                                  backoff=self.engine.auth_backoff, peer=self.peer, peer_ip=peer_ip)
         self._last_rx = self.loop.time()
         self._timer = self.loop.call_later(self.engine.login_timeout, self._login_timeout)
         log.debug("connection from %s", self.peer)

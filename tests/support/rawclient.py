@@ -102,12 +102,15 @@ def isid_random() -> bytes:
 
 class RawClient:
     def __init__(self, host: str, port: int, *, timeout: float = 10.0, initiator: str = INITIATOR,
-                 isid: bytes | None = None) -> None:
+                 isid: bytes | None = None, source: str | None = None) -> None:
         self.host, self.port = host, port
         self.timeout = timeout
         self.initiator = initiator
         self.isid = isid or isid_random()
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # ``source``: the local address to connect from (e.g. another 127.0.0.x, so that the
+        # target's per-address CHAP backoff sees another host).
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = P.PDUReader(max_data=P.MAX_DSL)
         self.header_digest = False
