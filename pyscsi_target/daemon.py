@@ -23,6 +23,7 @@ from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from .isns import IsnsClient, default_entity_id, desired_state
 from .jobs import SanitizeJobs
+from .server.admission import raise_fd_limit
 from .server.engine import Engine
 from .systemd import Notifier
 from .values import format_listen
@@ -71,6 +72,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
+    raise_fd_limit()  # before the engine sizes its descriptor reserve from it
     engine = Engine(opts.state_dir, pr_store=store.pr_store, write_budget=opts.write_budget)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
     stop = asyncio.Event()

@@ -255,9 +255,15 @@ async def put_config(request: web.Request) -> web.Response:
         if isinstance(flag, web.Response):
             return flag
     dry_run, force = (bool(f) for f in flags)
-    raw = await request.content.read(MAX_CONFIG + 1)
-    if len(raw) > MAX_CONFIG:
-        return error(413, f"A configuration larger than {MAX_CONFIG} bytes is refused.")
+    # StreamReader.read(n) returns what has arrived, not n bytes: gather to the end.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_CONFIG:
+            return error(413, f"A configuration larger than {MAX_CONFIG} bytes is refused.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):

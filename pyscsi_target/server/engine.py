@@ -27,6 +27,7 @@ from ..scsi.device import ScsiDevice
 from ..scsi.lu import LogicalUnit
 from ..scsi.persistence import StateStore
 from ..scsi.registry import ScsiRegistry
+from .admission import Admission
 from .initiator_access import PortalPolicy
 from .logical_units import LogicalUnits
 from .portal_groups import EngineError, Listener, Portals
@@ -101,7 +102,9 @@ class Engine:
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
         self.model = M.ConfigModel()
-        self.portals = Portals(lambda listener: IscsiProtocol(self, listener))
+        # Who may connect: descriptors kept for the API, caps on connections still in login.
+        self.admission = Admission()
+        self.portals = Portals(lambda listener: IscsiProtocol(self, listener), self.admission)
         self._targets: dict[int, TargetRuntime] = {}
         self._by_iqn: dict[str, TargetRuntime] = {}
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
@@ -220,6 +223,7 @@ class Engine:
     def connection_closed(self, proto: IscsiProtocol) -> None:
         """The adapter's connection is gone (logout, drop, peer close)."""
         self.connections.discard(proto)
+        self.admission.closed(proto)
         if proto.conn is not None:
             self.session_registry.connection_closed(proto.conn)
 

@@ -103,6 +103,12 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             local_ip = local_ip[7:]  # an IPv4 client on a dual-stack socket
         self.peer = f"[{peer_ip}]:{peer_port}" if ":" in peer_ip else f"{peer_ip}:{peer_port}"
         self.engine.connections.add(self)
+        verdict = self.engine.admission.admit(self, peer_ip)
+        if verdict is False:
+            transport.abort()  # too many connections in login from this address
+            return
+        if isinstance(verdict, IscsiProtocol):
+            verdict.close(hard=True)  # the oldest connection still in login makes room
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
         self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth,
                                   backoff=self.engine.auth_backoff, peer=self.peer, peer_ip=peer_ip)
@@ -244,6 +250,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             output=self.output,
         )
         self.conn = conn
+        self.engine.admission.login_over(self)
         r = self.reader
         r.header_digest = params.header_digest
         r.data_digest = params.data_digest

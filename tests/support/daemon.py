@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -70,8 +71,10 @@ class Daemon:
         log_level: str = "info",
         extra_args: Iterable[str] = (),
         env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the daemon with
         self.host = host
         self.port = port or free_port(host)
         self.api_port = api_port or free_port("127.0.0.1")
@@ -113,7 +116,7 @@ class Daemon:
         env.pop("PYSCSI_TARGET_STATE_DIR", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=_pdeathsig)
+                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=self._preexec)
         try:
             alive = self.alive
             wait_port(self.host, self.port, timeout=timeout, alive=alive)
@@ -124,6 +127,11 @@ class Daemon:
                 raise RuntimeError(f"daemon did not come up: {e}\n--- log tail ---\n{self.log_tail()}") from e
             raise
         return self
+
+    def _preexec(self) -> None:
+        _pdeathsig()
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
