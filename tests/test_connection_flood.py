@@ -18,8 +18,6 @@ import time
 from support import rawclient as R
 from support.daemon import Daemon
 
-NATIVE = "/api/pyscsi/v1"
-
 
 class ApiSampler(threading.Thread):
     """GETs the target list every ``interval`` s, recording each latency or failure."""
@@ -94,13 +92,7 @@ def test_api_answers_and_logins_pass_during_a_connection_flood(daemon_factory) -
 def test_soft_fd_limit_raised_so_a_thousand_luns_take_logins(daemon_factory) -> None:  # type: ignore[no-untyped-def]
     d = daemon_factory(nofile=(1024, 8192))
     assert "open-file limit raised from 1024 to 8192" in d.log_text()
-    doc = d.rest("GET", "config/", prefix=NATIVE)
-    (ext0,), (map0,) = doc["extents"], doc["lun_maps"]
-    for i in range(1, 1000):
-        e = dict(ext0, id=ext0["id"] + i, name=f"lun{i}", path=f"lun{i}.img", filesize="1MB", serial="", naa="")
-        doc["extents"].append(e)
-        doc["lun_maps"].append(dict(map0, id=map0["id"] + i, extent=e["id"], lunid=i))
-    d.rest("PUT", "config/", doc, prefix=NATIVE, timeout=300)
+    d.add_luns(999)
     clients = []
     try:
         for _ in range(10):

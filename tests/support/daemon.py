@@ -37,6 +37,7 @@ BASE_IQN = "iqn.2026-11.org.pyscsi-target"
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "pyscsi-test-admin-pw"
 FREENAS = "/api/v1.0/services/iscsi"
+NATIVE = "/api/pyscsi/v1"
 
 # A log line is "<asctime> <LEVEL> <logger>: <message>"; these levels (or a traceback) fail a clean run.
 _BAD_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)|^\s*\w+Error: ")
@@ -250,6 +251,21 @@ class Daemon:
         tg = self.target_group(name)
         self.rest("PUT", f"targetgroup/{tg['id']}/", {"iscsi_target_authtype": auth_type,
                                                      "iscsi_target_authgroup": auth_group})
+
+    def add_luns(self, count: int, filesize: str = "1MB") -> None:
+        """Map ``count`` more sparse file extents (LUN 1, 2, ...) on the demo target in one
+        configuration import (a thousand take about a second)."""
+        doc = self.rest("GET", "config/", prefix=NATIVE)
+        ext0, map0 = doc["extents"][0], doc["lun_maps"][0]
+        next_ext = max(e["id"] for e in doc["extents"]) + 1
+        next_map = max(m["id"] for m in doc["lun_maps"]) + 1
+        first_lun = max(m["lunid"] for m in doc["lun_maps"]) + 1
+        for i in range(count):
+            e = dict(ext0, id=next_ext + i, name=f"lun{first_lun + i}", path=f"lun{first_lun + i}.img",
+                     filesize=filesize, serial="", naa="")
+            doc["extents"].append(e)
+            doc["lun_maps"].append(dict(map0, id=next_map + i, extent=e["id"], lunid=first_lun + i))
+        self.rest("PUT", "config/", doc, prefix=NATIVE, timeout=300)
 
     def set_discovery_auth(self, method: str, group: int | None) -> None:
         pg = self.rest("GET", "portal/")[0]
