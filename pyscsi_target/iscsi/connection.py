@@ -100,6 +100,7 @@ _ATTRS = tuple(TaskAttr)  # task attribute codes 0..4, looked up without an enum
 def _offset(part: tuple[int, bytearray]) -> int:
     return part[0]
 
+
 # The largest ExpectedDataTransferLength we gather write data for: the SCSI layer's MAXIMUM
 # TRANSFER LENGTH (scsi.task contract), so the two cannot drift apart.
 MAX_WRITE_BUFFER = MAX_TRANSFER_BYTES
@@ -729,8 +730,8 @@ class Connection:
         ):
             # A reset ends every task of every initiator on the target (a cold one every
             # session too): refused unless the target allows it (RFC 7143 11.6.1 response 6).
-            _REFUSALS.log(log, logging.INFO, self.peer, "%s: %s from %s refused (not allowed on %s)", self.peer,
-                          TmfFunction(fn).name, s.initiator_name, s.target.iqn if s.target else "?")
+            _REFUSALS.log(log, logging.INFO, self.peer.rpartition(":")[0], "%s: %s from %s refused (not allowed on %s)",
+                          self.peer, TmfFunction(fn).name, s.initiator_name, s.target.iqn if s.target else "?")
             resp = TmfResponse.AUTHORIZATION_FAILED
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             cold = fn == TmfFunction.TARGET_COLD_RESET
