@@ -71,3 +71,55 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one() -> None:
         assert raise_fd_limit()[0] == raise_fd_limit()[1]  # at the hard limit: nothing to do
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_listener_survives_emfile_and_accepts_when_descriptors_free_up() -> None:
+    import asyncio
+    import errno
+    import socket
+
+    from pyscsi_target.server import portal_groups
+
+    class Flaky:
+        """A listening socket whose accept() fails with EMFILE a few times."""
+
+        def __init__(self, real: socket.socket, failures: int) -> None:
+            self.real, self.failures = real, failures
+
+        def fileno(self) -> int:
+            return self.real.fileno()
+
+        def accept(self) -> tuple[socket.socket, object]:
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EMFILE, "Too many open files")
+            return self.real.accept()
+
+    async def main() -> None:
+        served: list[object] = []
+        adm = Admission(gauge=FdGauge(limit=1 << 20, reserve=0))
+        lst = portal_groups.Listener("127.0.0.1", 0, 1, adm)
+        await lst.start(lambda _l: Proto(served))
+        real = lst.sockets[0]
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(real.fileno())
+        flaky = Flaky(real, failures=3)
+        loop.add_reader(real.fileno(), lst._readable, flaky)  # type: ignore[arg-type]
+        client = socket.create_connection(("127.0.0.1", lst.port))
+        for _ in range(100):
+            if served:
+                break
+            await asyncio.sleep(0.05)
+        assert served and adm.accept_errors == 3  # paused 0.1 s after each EMFILE, then accepted it
+        client.close()
+        await lst.stop()
+
+    class Proto(asyncio.Protocol):
+        def __init__(self, served: list[object]) -> None:
+            self.served = served
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.served.append(transport)
+            transport.close()
+
+    asyncio.run(main())
