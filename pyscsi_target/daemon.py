@@ -22,8 +22,10 @@ from .cluster.member import ClusterMember, GatewayOptions
 from .cluster.rados import ClusterSettings
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
+from .iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from .isns import IsnsClient, default_entity_id, desired_state
 from .jobs import SanitizeJobs
+from .server.admission import raise_fd_limit
 from .server.engine import Engine
 from .systemd import Notifier
 from .values import format_listen
@@ -44,6 +46,7 @@ class DaemonOptions:
     demo: bool = False
     ceph: ClusterSettings = field(default_factory=ClusterSettings)  # RBD extents' defaults
     gateway: GatewayOptions | None = None  # one gateway of a cluster (serve --cluster)
+    write_budget: int = DEFAULT_WRITE_BUDGET  # bytes of WRITE data all sessions may hold at once
 
 
 def _status_line(engine: Engine, service: ConfigService, api_url: str) -> str:
@@ -73,7 +76,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
     store = ConfigStore(opts.state_dir)
-    engine = Engine(opts.state_dir, pr_store=store.pr_store, ceph=opts.ceph)
+    raise_fd_limit()  # before the engine sizes its descriptor reserve from it
+    engine = Engine(opts.state_dir, pr_store=store.pr_store, ceph=opts.ceph, write_budget=opts.write_budget)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
     service.ceph = opts.ceph
     stop = asyncio.Event()

@@ -2,6 +2,9 @@
 words for.
 
 - ``GET sessions``: live sessions with their negotiated parameters (``Engine.sessions()``).
+- ``GET targets``, ``GET targets/{id}``, ``PATCH targets/{id}``: the settings of a target the
+  FreeNAS and Hitachi documents have no field for: ``allow_warm_reset`` / ``allow_cold_reset``
+  (TARGET WARM/COLD RESET from initiators, refused by default).
 - ``GET extents``: extents with what their files or devices measure now (size, allocation).
 - ``POST extents``: create a File extent with ``allocation`` sparse, preallocate or zero, or
   (``type`` RBD) an extent on a Ceph RBD image, made when missing, as a job (202 + ``Location``
@@ -100,6 +103,36 @@ async def list_sessions(request: web.Request) -> web.Response:
     snaps: list[dict[str, Any]] = sessions() if callable(sessions) else []
     model = request.app[SERVICE_KEY].model
     return json_response([tables.SESSION.serialize(model, s) for s in sorted(snaps, key=lambda s: s["tsih"])])
+
+
+def _target_id(request: web.Request) -> int | None:
+    text = request.match_info["id"]
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+async def list_targets(request: web.Request) -> web.Response:
+    model = request.app[SERVICE_KEY].model
+    return json_response([tables.TARGET.serialize(model, model.targets[k]) for k in sorted(model.targets)])
+
+
+async def get_target(request: web.Request) -> web.Response:
+    model = request.app[SERVICE_KEY].model
+    t = model.targets.get(_target_id(request) or 0)
+    if t is None:
+        return error(404, f"Target {request.match_info['id']} does not exist.")
+    return json_response(tables.TARGET.serialize(model, t))
+
+
+async def update_target(request: web.Request) -> web.Response:
+    body = await _body(request)
+    if isinstance(body, web.Response):
+        return body
+    service = request.app[SERVICE_KEY]
+    try:
+        t = await service.update_target(request.match_info["id"], tables.TARGET.to_model(body, drop_null=True))
+    except ConfigError as exc:
+        return _config_error(exc, tables.TARGET)
+    return json_response(tables.TARGET.serialize(service.model, t))
 
 
 async def list_extents(request: web.Request) -> web.Response:
@@ -233,9 +266,15 @@ async def put_config(request: web.Request) -> web.Response:
         if isinstance(flag, web.Response):
             return flag
     dry_run, force = (bool(f) for f in flags)
-    raw = await request.content.read(MAX_CONFIG + 1)
-    if len(raw) > MAX_CONFIG:
-        return error(413, f"A configuration larger than {MAX_CONFIG} bytes is refused.")
+    # StreamReader.read(n) returns what has arrived, not n bytes: gather to the end.
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_CONFIG:
+            return error(413, f"A configuration larger than {MAX_CONFIG} bytes is refused.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -307,10 +346,11 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
     doc.component("NativeError", obj({"error": {"type": "string"},
                                       "fields": {"type": "object", "additionalProperties": True}}, ("error",)))
     session = doc.component("Session", tables.SESSION.output_schema())
+    target = doc.component("NativeTarget", tables.TARGET.output_schema())
     job = doc.component("Job", tables.JOB.output_schema())
     usage = doc.component("ExtentUsage", tables.EXTENT_USAGE.output_schema())
     job_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-    extent_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    object_id: Schema = {"name": "id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
     accepted = Response("The job started", job, headers={"Location": {"schema": {"type": "string"}}})
     import_query = [_query(c.api, _query_schema(c.api, c.field.type.input_schema()))
                     for c in tables.EXTENT_IMPORT.columns if c.field and c is not tables.IMPORT_SIZE]
@@ -318,6 +358,17 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
         Operation("GET", f"{BASE}/sessions/", list_sessions, "native_list_sessions", TAG,
                   {200: Response("Live sessions", {"type": "array", "items": session}), **_errors(401)},
                   summary="Live iSCSI sessions with their negotiated parameters"),
+        Operation("GET", f"{BASE}/targets/", list_targets, "native_list_targets", TAG,
+                  {200: Response("Targets with their native settings", {"type": "array", "items": target}),
+                   **_errors(401)}),
+        Operation("GET", f"{BASE}/targets/{{id}}/", get_target, "native_get_target", TAG,
+                  {200: Response("The target's native settings", target), **_errors(401, 404)},
+                  path_params=(object_id,)),
+        Operation("PATCH", f"{BASE}/targets/{{id}}/", update_target, "native_update_target", TAG,
+                  {200: Response("The target's native settings, changed", target), **_errors(400, 401, 404)},
+                  summary="Allow or refuse TARGET WARM/COLD RESET from initiators",
+                  request=tables.TARGET.input_schema(create=False), request_required=True,
+                  path_params=(object_id,)),
         Operation("GET", f"{BASE}/extents/", list_extents, "native_list_extents", TAG,
                   {200: Response("Extents and their current size", {"type": "array", "items": usage}),
                    **_errors(401)}),
@@ -328,7 +379,7 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
         Operation("POST", f"{BASE}/extents/{{id}}/resize/", resize_extent, "native_resize_extent", TAG,
                   {202: accepted, **_errors(400, 401, 404, 409, 413)},
                   summary="Grow a File extent, allocating the new range (a job)",
-                  request=tables.EXTENT_RESIZE.input_schema(), request_required=True, path_params=(extent_id,)),
+                  request=tables.EXTENT_RESIZE.input_schema(), request_required=True, path_params=(object_id,)),
         Operation("POST", f"{BASE}/extents/import/", import_extent, "native_import_extent", TAG,
                   {200: Response("dry_run: the import would be accepted", {"type": "object"}),
                    201: Response("The image is imported (the finished job)", job),

@@ -17,6 +17,7 @@ from pyscsi_target.config.extents import ExtentFields as EX
 from pyscsi_target.config.fields import Choice, Field, Schema, Text
 from pyscsi_target.config.model import ConfigModel
 from pyscsi_target.config.rbd_images import image_usage
+from pyscsi_target.config.targets import TargetFields as TN
 from pyscsi_target.jobs import STATES, Job
 
 from .tables import Column, Table
@@ -51,6 +52,19 @@ SESSION = Table(
         snapshot("data_digest", {"type": "boolean"}),
         snapshot("params", {"type": "object", "additionalProperties": True,
                             "description": "the negotiated operational parameters (RFC 7143 section 13)"}),
+    ),
+)
+
+# A target's native settings: the FreeNAS and Hitachi views show the rest of it.
+TARGET = Table(
+    "NativeTarget",
+    (
+        attribute("id", {"type": "integer"}),
+        attribute("name", {"type": "string"}),
+        Column("iqn", show=lambda model, t: model.target_iqn(t), schema={"type": "string"}),
+        attribute("alias", NULLABLE_STR),
+        Column("allow_warm_reset", TN.allow_warm_reset, example=False),
+        Column("allow_cold_reset", TN.allow_cold_reset, example=False),
     ),
 )
 

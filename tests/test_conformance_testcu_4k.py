@@ -1,6 +1,13 @@
 """iscsi-test-cu ALL, multipath, against a thin file extent with 4096-byte logical blocks
 (issue 3, point 3): no test may fail.  Counts are printed for the closing note.
 
+The six ProutReserve.Access* tests check that a registrant may write with libiscsi's
+verify_write_works, which writes one "block" of 512 bytes whatever the LU's block size: here
+that is a partial-block WRITE, refused with INVALID FIELD IN COMMAND INFORMATION UNIT since
+issue 10 (it used to be answered GOOD with nothing written).  They are excused as a libiscsi
+defect only with that exact signature, once the refusal is proven and the same tests pass
+on a 512-byte LU (conformance_support.reverify_defects).
+
 Marked slow: with 4 KiB blocks the suite moves 8x the data of the 512-byte run (its transfers
 are counted in blocks) and takes 2-3.5 minutes here against about one."""
 

@@ -11,8 +11,10 @@ import pytest
 from pyscsi_target.iscsi import pdu as P
 from pyscsi_target.iscsi.connection import Connection, ConnState
 from pyscsi_target.iscsi.events import ABORT_TASKS, ANNOUNCE_DROP, LINK_LOST, PING, RequestLogout
-from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo
+from pyscsi_target.iscsi.params import LoginResult, SessionParams, TargetInfo, TargetResets
 from pyscsi_target.iscsi.session import Session
+from pyscsi_target.iscsi.write_budget import WriteBudget
+from pyscsi_target.scsi.command import data_out_view
 from pyscsi_target.scsi.task import Nexus, ScsiTask, TmfResult
 
 BS = 512
@@ -45,7 +47,7 @@ class FakeDevice:
         elif op == 0x2A:  # WRITE(10)
             lba, n = struct.unpack_from(">IxH", task.cdb, 2)
             task.xfer_len = n * BS
-            data = bytes(task.data_out or b"")[: n * BS]
+            data = bytes(data_out_view(task))[: n * BS]
             self.store[lba * BS : lba * BS + len(data)] = data
         elif op == 0x12:  # INQUIRY
             alloc = struct.unpack_from(">H", task.cdb, 3)[0]
@@ -103,7 +105,8 @@ class FakeDevice:
 
 
 class Harness:
-    def __init__(self, **params: Any) -> None:
+    def __init__(self, budget: WriteBudget | None = None, resets: TargetResets | None = None,
+                 **params: Any) -> None:
         self.params = SessionParams(**params)
         res = LoginResult(
             session_type="Normal", initiator_name="iqn.1994-05.com.example:i", initiator_alias=None,
@@ -112,7 +115,8 @@ class Harness:
         )
         self.dev = FakeDevice()
         nexus = Nexus(1, res.initiator_name, res.isid, IQN, 1)
-        self.session = Session(res, 1, nexus, self.dev, queue_depth=16)
+        self.session = Session(res, 1, nexus, self.dev, queue_depth=16,
+                               writes=budget.account() if budget is not None else None, resets=resets)
         self.events: list[str] = []
         self.conn = Connection(self.session, 1, 100, on_event=lambda e, c: self.events.append(e))
         self.reader = P.PDUReader(self.params.header_digest, self.params.data_digest, max_data=self.params.max_recv_dsl)
@@ -468,7 +472,7 @@ def test_abort_task_not_yet_received_then_discarded() -> None:
 @pytest.mark.parametrize("fn,name", [(2, "abort_task_set"), (4, "clear_task_set"), (5, "lun_reset"),
                                      (6, "warm"), (7, "cold"), (3, "clear_aca")])
 def test_tmf_functions(fn: int, name: str) -> None:
-    h = Harness()
+    h = Harness(resets=TargetResets(warm=True, cold=True))
     h.dev.hold = True
     c = h.cmd(bytes(6))
     h.send(c)
@@ -479,6 +483,20 @@ def test_tmf_functions(fn: int, name: str) -> None:
         h.dev.finish()
         assert h.output() == []  # the task was aborted
     assert ("cold_reset" in h.events) == (fn == 7)
+
+
+@pytest.mark.parametrize("fn", [6, 7])
+def test_target_resets_refused_unless_allowed(fn: int) -> None:
+    h = Harness(resets=TargetResets(warm=fn == 7, cold=fn == 6))  # the other one allowed only
+    h.dev.hold = True
+    c = h.cmd(bytes(6))
+    h.send(c)
+    (rsp,) = h.send(tmf(h, fn))
+    assert rsp.response == P.TmfResponse.AUTHORIZATION_FAILED
+    assert h.dev.tmf == [] and h.events == []  # nothing reset, nothing closed
+    h.dev.finish()
+    (done,) = h.output()
+    assert done.itt == c.itt and done.status == 0  # the task went on
 
 
 def test_lun_reset_unknown_lun() -> None:
@@ -521,7 +539,7 @@ def test_bidi_command_residuals() -> None:
     h = Harness(initial_r2t=True, immediate_data=True)
 
     def run(task: ScsiTask) -> None:
-        assert task.bidi_read_len == 100 and bytes(task.data_out or b"") == b"x" * 512
+        assert task.bidi_read_len == 100 and bytes(data_out_view(task)) == b"x" * 512
         task.xfer_len = 512
         task.data_in = [b"r" * 64]
         task.data_in_len = 64
@@ -681,7 +699,7 @@ def test_fuzzed_pdus_never_crash_and_keep_window_accounting() -> None:
         h.output()
         s = h.session
         assert s.active == sum(1 for c in s.tasks.values() if c.counted) >= 0, seed
-        assert s.write_buffered == sum(len(c.buf) for c in s.tasks.values() if c.buf is not None), seed
+        assert s.writes.used == sum(c.reserved for c in s.tasks.values()), seed
 
 
 def test_oversized_unknown_opcode_rejected() -> None:
@@ -694,17 +712,14 @@ def test_oversized_unknown_opcode_rejected() -> None:
     assert not h.conn.closing
 
 
-def test_write_buffer_budget_gives_task_set_full(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyscsi_target.iscsi import connection as C
-
-    monkeypatch.setattr(C, "MAX_SESSION_WRITE_BUFFERS", 3 * BS)
-    h = Harness(initial_r2t=True, immediate_data=False)
+def test_write_buffer_budget_gives_task_set_full() -> None:
+    h = Harness(initial_r2t=True, immediate_data=False, budget=WriteBudget(3 * BS, floor=0))
     a = h.cmd(rw10(0x2A, 0, 2), write=True, edtl=2 * BS)
     (r2t,) = h.send(a)
     (rsp,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))
     assert isinstance(rsp, P.ScsiResponse) and rsp.status == 0x28 and not rsp.data
     out = h.send(data_out(a.itt, r2t.ttt, 0, 0, bytes(2 * BS), True))
-    assert out[0].status == 0 and h.session.write_buffered == 0
+    assert out[0].status == 0 and h.session.writes.used == 0
     (r2t2,) = h.send(h.cmd(rw10(0x2A, 8, 2), write=True, edtl=2 * BS))  # budget free again
     assert isinstance(r2t2, P.R2T)
 

@@ -442,6 +442,47 @@ def test_keepalive_pings_idle_and_drops_dead(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+async def _tmf(c: Client, fn: int, lun: int = 0) -> int:
+    t = P.TaskMgmtRequest(function=fn, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn, lun=P.int_to_lun(lun))
+    t.immediate = True
+    await c.send(t)
+    r = await c.recv()
+    assert isinstance(r, P.TaskMgmtResponse) and r.itt == t.itt
+    return r.response
+
+
+def test_target_resets_refused_by_default(tmp_path: Path) -> None:
+    # TARGET WARM/COLD RESET would end every task (and, cold, every session) of every
+    # initiator: without the target's allow_*_reset they get "function authorization failed".
+    async def body(eng: Engine, port: int) -> None:
+        a = await Client.connect("127.0.0.1", port)
+        assert (await a.login(IQN)).status_class == 0
+        b = await Client.connect("127.0.0.1", port)
+        assert (await b.login(IQN, isid=0x400000000009)).status_class == 0
+        for c in (a, b):
+            for _ in range(4):  # each new nexus's POWER ON unit attention
+                (r,) = await c.scsi(bytes(6))
+                if r.status == 0:
+                    break
+        assert await _tmf(a, 6) == P.TmfResponse.AUTHORIZATION_FAILED
+        assert await _tmf(a, 7) == P.TmfResponse.AUTHORIZATION_FAILED
+        (r,) = await b.scsi(bytes(6))
+        assert r.status == 0  # no reset happened: no unit attention for the other nexus
+        assert eng.session_count(1) == 2
+        (r,) = await a.scsi(bytes(6))  # the asking session goes on too
+        assert r.status == 0
+        # Allowed later, live: the same sessions may now reset.
+        m = eng.model
+        m.targets[1].allow_warm_reset = True
+        await eng.apply(m)
+        assert await _tmf(a, 6) == 0
+        assert await _tmf(a, 7) == P.TmfResponse.AUTHORIZATION_FAILED
+        for cl in (a, b):
+            await cl.close()
+
+    run(tmp_path, body)
+
+
 def test_tmf_over_the_wire_and_cold_reset_drops(tmp_path: Path) -> None:
     async def body(eng: Engine, port: int) -> None:
         a = await Client.connect("127.0.0.1", port)
@@ -449,22 +490,13 @@ def test_tmf_over_the_wire_and_cold_reset_drops(tmp_path: Path) -> None:
         b = await Client.connect("127.0.0.1", port)
         assert (await b.login(IQN, isid=0x400000000009)).status_class == 0
 
-        async def tmf(c: Client, fn: int, lun: int = 0) -> int:
-            t = P.TaskMgmtRequest(function=fn, itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn,
-                                  lun=P.int_to_lun(lun))
-            t.immediate = True
-            await c.send(t)
-            r = await c.recv()
-            assert isinstance(r, P.TaskMgmtResponse) and r.itt == t.itt
-            return r.response
-
-        assert await tmf(a, 5) == 0  # LUN RESET
-        assert await tmf(a, 5, lun=9) == 2  # no such LUN
-        assert await tmf(a, 8) == 4  # TASK REASSIGN at ERL 0
-        assert await tmf(a, 6) == 0  # TARGET WARM RESET: sessions stay
+        assert await _tmf(a, 5) == 0  # LUN RESET
+        assert await _tmf(a, 5, lun=9) == 2  # no such LUN
+        assert await _tmf(a, 8) == 4  # TASK REASSIGN at ERL 0
+        assert await _tmf(a, 6) == 0  # TARGET WARM RESET: sessions stay
         (r,) = await b.scsi(bytes(6))
         assert r.status == 2  # a unit attention (power on / reset) is pending for the other nexus
-        assert await tmf(a, 7) == 0  # TARGET COLD RESET: then every connection goes
+        assert await _tmf(a, 7) == 0  # TARGET COLD RESET: then every connection goes
         assert await asyncio.wait_for(a.r.read(), 5) == b""
         assert await asyncio.wait_for(b.r.read(), 5) == b""
         for _ in range(50):
@@ -475,7 +507,7 @@ def test_tmf_over_the_wire_and_cold_reset_drops(tmp_path: Path) -> None:
         for cl in (a, b):
             await cl.close()
 
-    run(tmp_path, body)
+    run(tmp_path, body, allow_warm_reset=True, allow_cold_reset=True)
 
 
 def test_hundred_concurrent_sessions_do_io(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ case checks that too.
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -23,9 +24,13 @@ class Env:
     def __init__(self, d: Daemon, bg: BackgroundIO, chap_iqn: str, mutual_iqn: str, locked_iqn: str) -> None:
         self.d, self.bg = d, bg
         self.chap_iqn, self.mutual_iqn, self.locked_iqn = chap_iqn, mutual_iqn, locked_iqn
+        self._hosts = itertools.count(2)
 
     def client(self, **kw: object) -> R.RawClient:
-        return R.RawClient(self.d.host, self.d.port, **kw)  # type: ignore[arg-type]
+        # Each from its own loopback address: the CHAP failures of one case must not put the
+        # next case's correct login under the target's per-address backoff (issue 10).
+        n = next(self._hosts)
+        return R.RawClient(self.d.host, self.d.port, source=f"127.0.{n // 250}.{n % 250}", **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

@@ -10,31 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scsi_support import Harness, MemoryPrStore, Scsi, make_extent, nexus, pr_in, pr_out, rw10, rw16
+from test_scsi_support import Harness, MemoryPrStore, Scsi, make_extent, nexus, pr_in, pr_out, run, rw10, rw16
 
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.task import TaskAttr
 
 GOOD, CC, RC = 0x00, 0x02, 0x18
-
-
-def run(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-    """Run an async test body on a fresh loop with a Harness built from tmp_path."""
-
-    def wrapper(tmp_path: Path) -> None:
-        async def main() -> None:
-            h = Harness(tmp_path)
-            try:
-                await h.clear_ua(h.a)
-                await h.clear_ua(h.b)
-                await fn(h)
-            finally:
-                h.close()
-
-        asyncio.run(main())
-
-    wrapper.__name__ = fn.__name__
-    return wrapper
 
 
 def check(r: Any, key: int, code: tuple[int, int]) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyscsi_target.backstore.file import create_sparse
 from pyscsi_target.config.model import Extent
@@ -149,3 +151,22 @@ def pr_out(sa: int, key: int, sark: int, rtype: int = 0, flags: int = 0) -> tupl
 
 def pr_in(sa: int, alloc: int = 1024) -> bytes:
     return struct.pack(">BB5xHB", 0x5E, sa, alloc, 0)
+
+
+def run(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    """Run an async test body on a fresh loop with a Harness built from tmp_path."""
+
+    def wrapper(tmp_path: Path) -> None:
+        async def main() -> None:
+            h = Harness(tmp_path)
+            try:
+                await h.clear_ua(h.a)
+                await h.clear_ua(h.b)
+                await fn(h)
+            finally:
+                h.close()
+
+        asyncio.run(main())
+
+    wrapper.__name__ = fn.__name__
+    return wrapper

@@ -17,12 +17,13 @@ from support.net import free_port
 from support.rawclient import login_session
 
 from pyscsi_target.iscsi import connection
+from pyscsi_target.iscsi.write_budget import WriteBudget
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES
 
 
 def test_write_buffer_cap_follows_max_transfer() -> None:
     assert connection.MAX_WRITE_BUFFER == MAX_TRANSFER_BYTES
-    assert connection.MAX_SESSION_WRITE_BUFFERS >= MAX_TRANSFER_BYTES
+    assert WriteBudget().session_cap >= MAX_TRANSFER_BYTES  # one maximal WRITE always fits a session's share
 
 
 def test_report_target_port_groups_lists_unused_paths(tmp_path: Path) -> None:

@@ -1,14 +1,15 @@
-"""One writer thread per backstore, draining queued writes in batches (the default
-``Backstore.submit_write`` of every backstore whose writes block).
+"""One write queue per backstore, drained in batches by the shared writer workers (the
+default ``Backstore.submit_write`` of every backstore whose writes block).
 
 Why not the loop's executor: with a future and a pool-thread wake-up per 4 KiB write,
 the hand-off cost more than the write (ext4 refuses buffered RWF_NOWAIT writes, so every
 write leaves the loop), and six pool threads only queued up on the file's inode lock,
 which serialises buffered writes to one file anyway.  Here the loop appends to a list;
-the thread takes everything queued, writes it, and hands the whole batch back with one
-``call_soon_threadsafe``.  Writes needing durability (FUA, WCE=0) share one fdatasync
-issued after every write of the batch: group commit, each such write still reaching
-stable storage before its completion runs.
+a worker takes everything queued for the backstore, writes it, and hands the whole batch
+back with one ``call_soon_threadsafe``; one backstore's queue is run by one worker at a
+time, in order (batch_queue.py), and a few workers serve every backstore.  Writes needing
+durability (FUA, WCE=0) share one fdatasync issued after every write of the batch: group
+commit, each such write still reaching stable storage before its completion runs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
-from pyscsi_target.backstore.batch_thread import BatchThread
+from pyscsi_target.backstore.batch_queue import BatchQueue, writer_workers
 
 # Completion: called on the loop thread with None or the exception the write raised.
 Done = Callable[[BaseException | None], None]
@@ -37,9 +38,9 @@ class BlockingStorage(Protocol):
 Write = tuple[int, Sequence[Any], bool, Done]  # offset, buffers, sync, completion
 
 
-class WriteQueue(BatchThread[Write]):
+class WriteQueue(BatchQueue[Write]):
     def __init__(self, backstore: BlockingStorage, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(f"writer:{backstore.name}", loop)
+        super().__init__(f"writer:{backstore.name}", loop, writer_workers())
         self.backstore = backstore
 
     def submit(self, offset: int, data: Sequence[Any], sync: bool, done: Done) -> None:

@@ -25,6 +25,20 @@ def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
     return parse
 
 
+def _write_budget(text: str) -> int:
+    from ..scsi.task import MAX_TRANSFER_BYTES
+    from ..values import parse_size
+
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size < MAX_TRANSFER_BYTES:
+        raise argparse.ArgumentTypeError(f"at least {MAX_TRANSFER_BYTES >> 20}MB: one WRITE of the maximum "
+                                         "transfer length must fit")
+    return size
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run the target and its management API")
     s.set_defaults(handler=serve)
@@ -58,6 +72,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     gw.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS", help=argparse.SUPPRESS)
     gw.add_argument("--failover-timeout", type=float, default=4.0, metavar="SECONDS",
                     help="a gateway silent this long is taken over (default 4)")
+    s.add_argument("--write-buffer-budget", type=_write_budget, default=None, metavar="SIZE",
+                   help="memory all sessions together may reserve for WRITE data in flight (default 256MB; "
+                        "each session is guaranteed a share, a WRITE beyond it gets TASK SET FULL)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=list(FORMATS),
                    help="auto: journal when stderr is systemd's journal stream, else text; "
@@ -122,4 +139,6 @@ def serve(args: argparse.Namespace) -> int:
             keyring=str(args.ceph_keyring.resolve()) if args.ceph_keyring else None,
         ),
     )
+    if args.write_buffer_budget is not None:
+        opts.write_budget = args.write_buffer_budget
     return run(opts)

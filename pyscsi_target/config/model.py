@@ -80,6 +80,11 @@ class Target:
     # auth_group is the tag of the auth group holding the target's own credential.
     auth_required: bool = False
     auth_group: int | None = None
+    # TARGET WARM/COLD RESET task management from an initiator: refused ("function
+    # authorization failed") unless allowed here, as LIO does without its tmr_*_reset node
+    # attributes; one unauthenticated PDU must not end every session of the target.
+    allow_warm_reset: bool = False
+    allow_cold_reset: bool = False
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from pyscsi_target.config.errors import NO_QUOTES, ConflictError, Errors
-from pyscsi_target.config.fields import UNSET, Field, FieldSet, Integer, Nullable, Text
+from pyscsi_target.config.fields import UNSET, Boolean, Field, FieldSet, Integer, Nullable, Text
 from pyscsi_target.config.model import ConfigModel, Target
 from pyscsi_target.values import MAX_ISCSI_NAME, check_iscsi_name, parse_access_config
 
@@ -17,6 +17,9 @@ class TargetFields(FieldSet):
     comment = Field("comment", Text())
     access_config = Field("access_config", Text(max_len=8192))
     virtual_server_id = Field("virtual_server_id", Integer(lo=0, hi=255))
+    # Native settings (not in the FreeNAS or Hitachi documents): target resets from initiators.
+    allow_warm_reset = Field("allow_warm_reset", Boolean())
+    allow_cold_reset = Field("allow_cold_reset", Boolean())
 
 
 def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) -> Target:
@@ -49,6 +52,8 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
         except ValueError as exc:
             errs.add("access_config", str(exc))
     F.virtual_server_id.assign(t, fields, errs)
+    F.allow_warm_reset.assign(t, fields, errs)
+    F.allow_cold_reset.assign(t, fields, errs)
     errs.raise_if_any()
     for other in model.targets.values():
         if other.id == t.id:

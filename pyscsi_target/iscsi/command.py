@@ -61,21 +61,25 @@ FAIL_UNEXPECTED_UNSOLICITED = Failure(CHECK_CONDITION, build_sense(ABORTED_COMMA
 FAIL_INCORRECT_DATA_AMOUNT = Failure(CHECK_CONDITION, build_sense(ABORTED_COMMAND, NOT_ENOUGH_UNSOLICITED_DATA))
 FAIL_DATA_CRC = Failure(CHECK_CONDITION, build_sense(ABORTED_COMMAND, PROTOCOL_SERVICE_CRC_ERROR))
 FAIL_TRANSFER_TOO_LONG = Failure(CHECK_CONDITION, build_sense(ILLEGAL_REQUEST, INVALID_FIELD_IN_CDB))
-FAIL_TASK_SET_FULL = Failure(TASK_SET_FULL, None)  # no room for its write buffer
+FAIL_TASK_SET_FULL = Failure(TASK_SET_FULL, None)  # the write budget has no room for its data
 SENSE_INTERNAL_FAILURE = build_sense(HARDWARE_ERROR, INTERNAL_TARGET_FAILURE)
 
 
 class Seq:
-    """One Data-Out sequence: the unsolicited burst or the answer to one R2T."""
+    """One Data-Out sequence: the unsolicited burst or the answer to one R2T.
 
-    __slots__ = ("start", "end", "next_offset", "exp_datasn", "ttt")
+    Its buffer is allocated when its first data arrives (or with the command, for immediate
+    data): memory follows the data actually received, burst by burst."""
 
-    def __init__(self, start: int, end: int, ttt: int) -> None:
+    __slots__ = ("start", "end", "next_offset", "exp_datasn", "ttt", "buf")
+
+    def __init__(self, start: int, end: int, ttt: int, buf: bytearray | None = None) -> None:
         self.start = start
         self.end = end
         self.next_offset = start
         self.exp_datasn = 0
         self.ttt = ttt
+        self.buf = buf
 
 
 class Cmd:
@@ -83,7 +87,7 @@ class Cmd:
 
     __slots__ = (
         "itt", "cmdsn", "lun", "raw_lun", "cdb", "attr", "read", "write", "edtl", "bidi_len",
-        "immediate", "buf", "received", "seqs", "next_r2t_offset", "r2tsn", "datasn",
+        "immediate", "parts", "reserved", "received", "seqs", "next_r2t_offset", "r2tsn", "datasn",
         "failed", "state", "counted", "aborted", "task", "conn", "t0",
     )
 
@@ -101,7 +105,9 @@ class Cmd:
         self.edtl = pdu.edtl
         self.bidi_len = (pdu.bidi_read_length() or 0) if (self.read and self.write) else 0
         self.immediate = pdu.immediate
-        self.buf: bytearray | None = None
+        # The write data received, one buffer per completed burst: (offset, buffer).
+        self.parts: list[tuple[int, bytearray]] = []
+        self.reserved = 0  # write-buffer bytes reserved from the session's WriteAccount
         self.received = 0  # Data-Out bytes accounted for (immediate + sequences closed)
         self.seqs: dict[int, Seq] = {}  # TTT (RESERVED_TAG: unsolicited) -> open sequence
         self.next_r2t_offset = 0

@@ -12,15 +12,16 @@ Data path choices (issue 5):
 - Data-In, R2T and SCSI Response headers are packed by encoders.py; no PDU objects on
   that path.
 - Read payload goes out as memoryview slices of the SCSI layer's buffers (no copy).
-- Write payload is copied once, from the receive buffer into one bytearray per command
-  allocated at the command's arrival (ExpectedDataTransferLength).
+- Write payload is copied once, from the receive buffer into one bytearray per burst (the
+  unsolicited burst, then each R2T's), allocated when the burst's first data arrives; the
+  SCSI layer gets the bursts' buffers as they are and the backstore writes from them.
+- A write command reserves its ExpectedDataTransferLength from the session's share of the
+  daemon-wide write budget when it arrives (write_budget.py), or ends with TASK SET FULL.
 - Status rides in the final Data-In (phase collapse) unless there is sense data.
 
 Seams for what comes later, free while unused: every input passes ``handle`` and every
 PDU sent passes ``WireOutput.emit`` (fault injection and capture wrap one or the other,
-per connection); a command's write buffer is allocated and counted in ``_setup_cmd``
-against the session's budget (MAX_SESSION_WRITE_BUFFERS), where a daemon-wide budget or
-per-burst allocation would go.
+per connection).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import logging
 from collections.abc import Callable
 from enum import Enum
 
+from ..log_limit import LogLimit
 from ..scsi.sense import CHECK_CONDITION
-from ..scsi.task import MAX_TRANSFER_BYTES, ScsiTask, TaskAttr, TmfResult
+from ..scsi.task import MAX_TRANSFER_BYTES, DataOutPayload, ScsiTask, TaskAttr, TmfResult
 from . import encoders
 from . import violations as V
 from .command import (
@@ -85,6 +87,7 @@ from .stats import clock_ns
 from .text import TextHandler
 
 log = logging.getLogger(__name__)
+_REFUSALS = LogLimit(10.0)  # refused target resets, one line per peer per 10 s
 
 _TMF_MAP = {
     TmfResult.COMPLETE: TmfResponse.COMPLETE,
@@ -95,11 +98,14 @@ _TMF_MAP = {
 }
 _ATTRS = tuple(TaskAttr)  # task attribute codes 0..4, looked up without an enum call
 
-# The largest ExpectedDataTransferLength we preallocate a write buffer for: the SCSI layer's
-# MAXIMUM TRANSFER LENGTH (scsi.task contract), so the two cannot drift apart.  And the most
-# write-buffer memory one session may hold at once (always room for one maximal command).
+
+def _offset(part: tuple[int, bytearray]) -> int:
+    return part[0]
+
+
+# The largest ExpectedDataTransferLength we gather write data for: the SCSI layer's MAXIMUM
+# TRANSFER LENGTH (scsi.task contract), so the two cannot drift apart.
 MAX_WRITE_BUFFER = MAX_TRANSFER_BYTES
-MAX_SESSION_WRITE_BUFFERS = max(256 * 1024 * 1024, MAX_WRITE_BUFFER)
 
 
 class ConnState(Enum):
@@ -434,7 +440,8 @@ class Connection:
     # --- SCSI Command -------------------------------------------------------------------
 
     def _setup_cmd(self, pdu: ScsiCommand) -> Cmd | None:
-        """Create the command and take its immediate data (the one copy)."""
+        """Create the command, reserve its write data's memory and take its immediate data
+        (the one copy)."""
         s = self.session
         if pdu.itt == RESERVED_TAG or pdu.itt in s.tasks:
             # A reserved or duplicate ITT is an invalid field (RFC 7143 11.17.1).
@@ -459,31 +466,37 @@ class Connection:
         edtl = cmd.edtl
         if edtl > MAX_WRITE_BUFFER:
             cmd.fail(FAIL_TRANSFER_TOO_LONG)
-        elif s.write_buffered + edtl > MAX_SESSION_WRITE_BUFFERS:
-            # Write buffers are allocated up front; a session may not pin unbounded memory.
-            cmd.fail(FAIL_TASK_SET_FULL)
+        elif s.writes.take(edtl):
+            # The whole command is admitted at once, so it can always receive all its data;
+            # memory is only allocated burst by burst as the data comes.
+            cmd.reserved = edtl
         else:
-            cmd.buf = bytearray(edtl)
-            s.write_buffered += edtl
+            cmd.fail(FAIL_TASK_SET_FULL)
         if dlen:
             if not self.immediate_data:
                 cmd.fail(FAIL_UNEXPECTED_UNSOLICITED)
             elif dlen > edtl or dlen > self.first_burst:
                 cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
-            elif cmd.buf is not None:
-                cmd.buf[:dlen] = pdu.data
-        cmd.received = min(dlen, edtl)
-        cmd.next_r2t_offset = cmd.received
+        received = cmd.received = min(dlen, edtl)
+        cmd.next_r2t_offset = received
+        end = received
         if not pdu.final:
             # Unsolicited Data-Out follows, up to FirstBurstLength in all.
             end = min(edtl, self.first_burst)
-            if self.initial_r2t or end <= cmd.received:
+            if self.initial_r2t or end <= received:
                 cmd.fail(FAIL_UNEXPECTED_UNSOLICITED)
                 # Take what comes anyway so its Data-Out is not an unknown task.
-                end = max(end, cmd.received)
-            if end > cmd.received:
-                cmd.seqs[RESERVED_TAG] = Seq(cmd.received, end, RESERVED_TAG)
-                cmd.next_r2t_offset = end
+                end = max(end, received)
+        buf = None
+        if received and cmd.failed is None:
+            buf = bytearray(end)  # the unsolicited burst, immediate data first
+            buf[:received] = pdu.data
+        if end > received:
+            cmd.seqs[RESERVED_TAG] = seq = Seq(0, end, RESERVED_TAG, buf)
+            seq.next_offset = received
+            cmd.next_r2t_offset = end
+        elif buf is not None:
+            cmd.parts.append((0, buf))
         return cmd
 
     def _activate(self, cmd: Cmd) -> None:
@@ -533,9 +546,16 @@ class Connection:
         nexus, device = s.nexus, s.device
         assert nexus is not None and device is not None  # a discovery session rejects SCSI commands
         attr = _ATTRS[cmd.attr] if cmd.attr < len(_ATTRS) else TaskAttr.SIMPLE
-        data_out: Payload | None = None
+        data_out: DataOutPayload | None = None
         if cmd.write:
-            data_out = memoryview(cmd.buf) if cmd.buf is not None else b""
+            parts = cmd.parts
+            if len(parts) == 1:
+                data_out = memoryview(parts[0][1])
+            elif parts:
+                parts.sort(key=_offset)
+                data_out = [memoryview(b) for _off, b in parts]
+            else:
+                data_out = b""
         task = ScsiTask(
             nexus,
             cmd.lun,
@@ -698,8 +718,12 @@ class Connection:
             cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
             seq.exp_datasn = (pdu.datasn + 1) & SERIAL_MASK
         else:
-            if cmd.buf is not None and n:
-                cmd.buf[pdu.offset : pdu.offset + n] = pdu.data  # the one copy of write data
+            if n:
+                buf = seq.buf
+                if buf is None:
+                    buf = seq.buf = bytearray(seq.end - seq.start)  # the burst's memory, as its data comes
+                pos = pdu.offset - seq.start
+                buf[pos : pos + n] = pdu.data  # the one copy of write data
             seq.next_offset += n
             seq.exp_datasn += 1
         if pdu.final:
@@ -708,6 +732,8 @@ class Connection:
                 self.reject(RejectReason.PROTOCOL_ERROR, pdu, V.DATA_OUT_SHORT_BURST)
                 cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
             del cmd.seqs[seq.ttt]
+            if seq.buf is not None and cmd.failed is None:
+                cmd.parts.append((seq.start, seq.buf))
             cmd.received += seq.end - seq.start
             if cmd.state == ACTIVE:
                 if cmd.failed is None:
@@ -772,6 +798,14 @@ class Connection:
             resp = _TMF_MAP.get(r, TmfResponse.REJECTED)
         elif fn == TmfFunction.CLEAR_ACA:
             resp = _TMF_MAP.get(dev.clear_aca(nexus, lun), TmfResponse.REJECTED)
+        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET) and not (
+            s.resets.cold if fn == TmfFunction.TARGET_COLD_RESET else s.resets.warm
+        ):
+            # A reset ends every task of every initiator on the target (a cold one every
+            # session too): refused unless the target allows it (RFC 7143 11.6.1 response 6).
+            _REFUSALS.log(log, logging.INFO, self.peer.rpartition(":")[0], "%s: %s from %s refused (not allowed on %s)",
+                          self.peer, TmfFunction(fn).name, s.initiator_name, s.target.iqn if s.target else "?")
+            resp = TmfResponse.AUTHORIZATION_FAILED
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             cold = fn == TmfFunction.TARGET_COLD_RESET
             peers = list(s.peers())

@@ -51,7 +51,11 @@ What the machine does:
   TargetAlias when set); the first operational-stage response (or the final one)
   declares our MaxRecvDataSegmentLength;
 - ``policy.complete_login(result)`` is called just before the final response (T=1,
-  NSG=3) and its TSIH is put there.
+  NSG=3) and its TSIH is put there;
+- CHAP guessing: with an ``AuthBackoff`` the CHAP response of an initiator name or source
+  address that failed repeatedly is refused unevaluated (0x0201) while it backs off
+  (auth_backoff.py); every login failure is logged with the peer's address, one line per
+  address per 10 s at most (the next says how many were held back).
 """
 
 from __future__ import annotations
@@ -60,8 +64,10 @@ import logging
 import secrets
 from collections.abc import Callable
 
+from ..log_limit import LogLimit
 from ..values import MAX_ISCSI_NAME, LoginStatus, acceptable_peer_name, check_iscsi_name
 from . import violations as V
+from .auth_backoff import AuthBackoff, login_keys
 from .chap import ChapError, ChapServer
 from .negotiation import (
     KEYS,
@@ -77,6 +83,8 @@ from .params import ChapCredential, LoginPolicy, LoginReject, LoginResult, Targe
 from .pdu import PDU, LoginRequest, LoginResponse, NumberedRequest, ScsiCommand
 
 log = logging.getLogger(__name__)
+_FAILURES = LogLimit(10.0)  # login failure lines, per peer address
+_BACKOFFS = LogLimit(10.0)  # "backing off" lines, per peer address
 
 LOGIN_DSL = 8192  # RFC 7143 6.1/13.12: data segments during login use the default 8192
 MAX_LOGIN_TEXT = 64 * 1024  # total request text accepted over one login
@@ -108,8 +116,12 @@ class LoginMachine:
 
     def __init__(self, policy: LoginPolicy, *, values: TargetValues | None = None,
                  cmdsn_window: int = 32,
-                 random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> None:
+                 random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+                 backoff: AuthBackoff | None = None, peer: str = "", peer_ip: str = "") -> None:
         self.policy = policy
+        self.backoff = backoff  # CHAP failure backoff shared by every login of the daemon
+        self.peer = peer  # "address:port", for the log
+        self.peer_ip = peer_ip
         self.values = values or TargetValues()
         self.cmdsn_window = max(1, cmdsn_window)
         self._random = random_bytes
@@ -164,7 +176,7 @@ class LoginMachine:
         except ChapError as e:
             return [self._fail(pdu, LoginStatus.AUTHENTICATION_FAILURE, f"CHAP: {e}", rule=V.LOGIN_AUTH_FAILED)]
         except Exception as e:  # a bug or a misbehaving policy must not kill the server
-            log.exception("login: internal error")
+            log.exception("%s: login: internal error", self.peer or "?")
             return [self._fail(pdu, LoginStatus.TARGET_ERROR, f"internal error: {type(e).__name__}")]
 
     def oversized(self, pdu: PDU, length: int) -> list[LoginResponse]:
@@ -386,10 +398,33 @@ class LoginMachine:
                 self._chap = ChapServer(self._credentials, mutual_required=self._auth_cfg == "CHAP Mutual",
                                         random_bytes=self._random)
         if sec:  # CHAP_* keys
-            if self._chap is None:
+            chap = self._chap
+            if chap is None:
                 raise LoginReject(LoginStatus.AUTHENTICATION_FAILURE,
                                   f"{next(iter(sec))} sent but CHAP was not negotiated", rule=V.LOGIN_AUTH_FAILED)
-            out += self._chap.step(sec)
+            backoff = self.backoff
+            if backoff is None or chap.algorithm is None or chap.done or "CHAP_R" not in sec:
+                out += chap.step(sec)
+                return out
+            # The response step: where a secret is guessed.
+            keys = login_keys(self.initiator_name, self.peer_ip)
+            pause = backoff.wait(keys)
+            if pause > 0:
+                backoff.refused()
+                log.debug("%s: CHAP response not checked (backing off %.1fs)", self.peer, pause)
+                raise ChapError(f"user {sec.get('CHAP_N', '')[:64]!r}: response not checked, backing off "
+                                f"{pause:.1f}s after repeated failures")
+            try:
+                out += chap.step(sec)
+            except ChapError:
+                pause = backoff.failed(keys)
+                log.debug("%s: CHAP response checked and refused", self.peer)
+                if pause > 0:
+                    _BACKOFFS.log(log, logging.WARNING, self.peer_ip or None, "%s: repeated CHAP failures (initiator "
+                                  "%s): its CHAP responses are not checked for %.0fs", self.peer or "?",
+                                  self.initiator_name, pause)
+                raise
+            backoff.succeeded(keys)
         return out
 
     def _auth_complete(self) -> bool:
@@ -468,8 +503,9 @@ class LoginMachine:
         self.status = status
         self.reason = reason
         self.rule = V.login_rule(status, rule)
-        log.warning("login rejected (status %#06x) initiator %s: %s%s", status, self.initiator_name or "?", reason,
-                    f" [{self.rule}]" if self.rule is not None else "")
+        _FAILURES.log(log, logging.WARNING, self.peer_ip or None, "%s: login rejected (status %#06x) "
+                      "initiator %s: %s%s", self.peer or "?", status, self.initiator_name or "?", reason,
+                      f" [{self.rule}]" if self.rule is not None else "")
         req = pdu if isinstance(pdu, LoginRequest) else None
         cmdsn = pdu.cmdsn if isinstance(pdu, LoginRequest | ScsiCommand | NumberedRequest) else 0
         if self._isid is None and req is not None:

@@ -64,6 +64,16 @@ class SessionParams:
 
 
 @dataclass
+class TargetResets:
+    """Which target-wide resets the target's initiators may ask for (TARGET WARM / COLD RESET
+    task management).  The engine keeps one per target and changes it in place, so a live
+    session follows the configuration."""
+
+    warm: bool = False
+    cold: bool = False
+
+
+@dataclass
 class TargetInfo:
     """What the engine tells the login machine about one target node."""
 

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING, TypedDict
 
 from ..scsi.task import Nexus
 from .command import Cmd
-from .params import LoginResult, SessionParams, TargetInfo
+from .params import LoginResult, SessionParams, TargetInfo, TargetResets
 from .pdu import NumberedRequest
 from .scsi_layer import ScsiLayer
 from .stats import IoStats, SessionCounters
 from .violations import Violations
+from .write_budget import WriteAccount, WriteBudget
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -63,6 +64,7 @@ class SessionInfo(TypedDict):
     exp_cmdsn: int
     max_cmdsn: int
     tasks: int
+    write_reserved: int
     peer: str | None
     header_digest: bool
     data_digest: bool
@@ -81,6 +83,8 @@ class Session:
         queue_depth: int = DEFAULT_QUEUE_DEPTH,
         peers: Callable[[], Iterable[Session]] | None = None,
         io_stats: dict[int, IoStats] | None = None,
+        writes: WriteAccount | None = None,
+        resets: TargetResets | None = None,
     ) -> None:
         self.tsih = tsih
         self.isid = result.isid
@@ -97,7 +101,11 @@ class Session:
         self.exp_cmdsn = result.cmdsn & SERIAL_MASK
         self.max_cmdsn = (self.exp_cmdsn + queue_depth - 1) & SERIAL_MASK
         self.active = 0  # non-immediate SCSI commands accepted and not yet finished
-        self.write_buffered = 0  # bytes of write buffers held by commands in progress
+        # Write-buffer memory this session may reserve: its share of the daemon's budget (a
+        # session built alone, in a unit test, gets a budget of its own).
+        self.writes = writes if writes is not None else WriteBudget().account()
+        # The target's reset permissions (shared with the engine); refused when not given.
+        self.resets = resets if resets is not None else TargetResets()
         self.held: dict[int, Held] = {}  # CmdSN -> what arrived early (not yet in order)
         self.tasks: dict[int, Cmd] = {}  # ITT -> command in progress
         self.discard_cmdsn: set[int] = set()  # ABORT TASK arrived before the command
@@ -161,10 +169,11 @@ class Session:
         """A command finished (answered, failed or aborted): its slot and buffer are free."""
         if self.tasks.get(cmd.itt) is cmd:
             del self.tasks[cmd.itt]
-        if cmd.buf is not None:
-            # Our accounting only: a SCSI layer still writing holds its own view of it.
-            self.write_buffered -= len(cmd.buf)
-            cmd.buf = None
+        if cmd.reserved:
+            # Our accounting only: a SCSI layer still writing holds its own view of the buffers.
+            self.writes.give(cmd.reserved)
+            cmd.reserved = 0
+            cmd.parts = []
         if cmd.counted:
             cmd.counted = False
             self.active -= 1
@@ -192,6 +201,7 @@ class Session:
             "exp_cmdsn": self.exp_cmdsn,
             "max_cmdsn": self.max_cmdsn,
             "tasks": len(self.tasks),
+            "write_reserved": self.writes.used,
             "peer": conn.peer if conn else None,
             "header_digest": self.params.header_digest,
             "data_digest": self.params.data_digest,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pyscsi_target.scsi.sense import short_data_out
 from pyscsi_target.scsi.task import ScsiTask
 
 if TYPE_CHECKING:  # annotations only: lu.py imports this module
@@ -63,6 +64,50 @@ def set_data_in(task: ScsiTask, data: bytes | bytearray, alloc: int) -> None:
 
 
 def data_out_view(task: ScsiTask) -> memoryview:
-    """The Data-Out payload as bytes (empty when the initiator sent none)."""
+    """The Data-Out payload as one run of bytes (empty when the initiator sent none).
+
+    A payload gathered in several buffers is joined here (a copy): parameter lists and the
+    other small payloads; medium writes take ``data_out_parts`` instead."""
     d = task.data_out
-    return memoryview(d).cast("B") if d is not None else memoryview(b"")
+    if d is None:
+        return memoryview(b"")
+    if isinstance(d, list):
+        return memoryview(d[0] if len(d) == 1 else b"".join(d)).cast("B")
+    return memoryview(d).cast("B")
+
+
+def data_out_len(task: ScsiTask) -> int:
+    """How many Data-Out bytes the initiator sent."""
+    d = task.data_out
+    if d is None:
+        return 0
+    if isinstance(d, list):
+        return sum(len(b) for b in d)
+    return memoryview(d).nbytes
+
+
+def data_out_parts(task: ScsiTask, nbytes: int) -> list[memoryview]:
+    """The first ``nbytes`` of the Data-Out (at most what was sent) as views of the
+    transport's buffers, without a copy: what a medium write hands the backstore."""
+    d = task.data_out
+    if d is None or nbytes <= 0:
+        return []
+    bufs = d if isinstance(d, list) else [memoryview(d)]
+    out: list[memoryview] = []
+    for b in bufs:
+        v = b.cast("B") if b.format != "B" or b.ndim != 1 else b
+        if len(v) >= nbytes:
+            out.append(v[:nbytes])
+            return out
+        out.append(v)
+        nbytes -= len(v)
+    return out
+
+
+def data_out_needed(task: ScsiTask, nbytes: int) -> memoryview:
+    """The first ``nbytes`` of the Data-Out, or INVALID FIELD IN COMMAND INFORMATION UNIT
+    when the initiator's expected data transfer length is shorter than the CDB needs."""
+    data = data_out_view(task)
+    if len(data) < nbytes:
+        raise short_data_out()
+    return data[:nbytes]

@@ -2,7 +2,7 @@
 SANITIZE) kept in a StateStore without blocking the event loop.
 
 The state itself changes in memory on the loop, as the command runs; ``StateWriter.save``
-queues the new value and one dedicated thread commits the queue to the store in order.
+queues the new value and a thread of its own commits the queue to the store in order.
 The command's completion is the ``done`` callback, run on the loop once its value (or a
 later value of the same key) is committed: an acknowledged PERSISTENT RESERVE OUT is on
 stable storage, and acknowledgements come in the order the changes were made.
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Protocol
 
-from pyscsi_target.backstore.batch_thread import BatchThread
+from pyscsi_target.backstore.batch_queue import BatchQueue
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class _Commit:
         self.waiters: list[Committed] = []
 
 
-class StateWriter(BatchThread[_Commit]):
+class StateWriter(BatchQueue[_Commit]):
     """Reads a StateStore at once and commits to it in order on its own thread."""
 
     def __init__(self, store: StateStore) -> None:

@@ -8,7 +8,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, set_data_in, usage
+from pyscsi_target.scsi.command import Command, F, data_out_needed, set_data_in, usage
 from pyscsi_target.scsi.registry import ITKey
 from pyscsi_target.scsi.reservations import ALL_REGISTRANTS, TYPES, Reservation
 
@@ -112,7 +112,6 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
     rtype = cdb[2] & 0x0F
     plen = struct.unpack_from(">I", cdb, 5)[0]
     task.xfer_len = plen
-    data = memoryview(task.data_out or b"")[:plen]
     if sa > 0x07:
         raise S.invalid_cdb(1, 4)
     if sa == 0x07:
@@ -120,8 +119,7 @@ def prout(lu: LogicalUnit, task: ScsiTask) -> None:
             raise S.param_list_length_error()
     elif plen != 24:
         raise S.param_list_length_error()
-    if len(data) < plen:
-        raise S.param_list_length_error()
+    data = data_out_needed(task, plen)
     # The rest acts on the reservation state: where that state is shared (several gateways)
     # the change runs on a fresh copy and commits atomically (reservations.py ``change``).
     lu.pr.change(task, lambda: _prout(lu, task, sa, scope, rtype, data))

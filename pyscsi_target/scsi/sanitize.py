@@ -17,7 +17,7 @@ from collections.abc import Callable
 from functools import partial
 
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, data_out_view, usage
+from pyscsi_target.scsi.command import Command, F, data_out_needed, usage
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.task import ScsiTask
 
@@ -66,9 +66,7 @@ def sanitize(lu: LogicalUnit, task: ScsiTask) -> None:
         return
     if plen < 5 or plen > lu.block_size + 4:
         raise S.invalid_cdb(7)  # header plus a 1..block-size pattern
-    data = data_out_view(task)[:plen]
-    if len(data) < plen:
-        raise S.param_list_length_error()
+    data = data_out_needed(task, plen)
     invert = bool(data[0] & 0x80)
     count = data[0] & 0x1F
     patlen = _U16.unpack_from(data, 2)[0]

@@ -12,7 +12,15 @@ import struct
 from pyscsi_target.backstore.base import first_difference
 from pyscsi_target.scsi import lu as lumod
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, data_out_view, set_data_in, usage
+from pyscsi_target.scsi.command import (
+    Command,
+    F,
+    data_out_len,
+    data_out_needed,
+    data_out_parts,
+    set_data_in,
+    usage,
+)
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.task import ScsiTask
 
@@ -66,24 +74,31 @@ def write(lu: LogicalUnit, task: ScsiTask) -> None:
         return
     if lu.avail_threshold:
         lu.check_threshold()
-    lu.write(task, lba, [payload], cdb[0] != 0x0A and bool(cdb[1] & 0x08))
+    lu.write(task, lba, payload, cdb[0] != 0x0A and bool(cdb[1] & 0x08))
 
 
-def _write_payload(lu: LogicalUnit, task: ScsiTask, lba: int, n: int, len_byte: int) -> memoryview | None:
-    """The checks every write-type command shares; returns the Data-Out blocks to act on.
+def _write_payload(lu: LogicalUnit, task: ScsiTask, lba: int, n: int, len_byte: int) -> list[memoryview] | None:
+    """The checks every write-type command shares; returns the Data-Out blocks to act on
+    (views of the transport's buffers, no copy).
 
-    Only whole blocks the initiator really sent count (EDTL may be below the transfer
-    length).  None when there are none: the task is then already complete."""
+    What the initiator sent is written or the command fails (SAM-5 5.4.3 with FCP-4's
+    rules for a Data-Out shorter than the CDB asks for): whole blocks below the transfer
+    length are written, as the initiator's expected length said (GOOD, overflow residual);
+    a Data-Out ending inside a block would leave that block half written, so the command
+    writes nothing and answers INVALID FIELD IN COMMAND INFORMATION UNIT, as LIO does.
+    None when there is nothing to write: the task is then already complete."""
     _check_xfer(lu, n, len_byte)
     lu.check_range(lba, n)
+    task.xfer_len = nbytes = n << lu.block_shift  # before any error: the residual is reported with it
+    sent = data_out_len(task)
+    if sent < nbytes and sent & (lu.block_size - 1):
+        raise S.short_data_out()
     lu.writable(task)
-    task.xfer_len = n << lu.block_shift
-    data = data_out_view(task)
-    blocks = min(n, len(data) >> lu.block_shift)
+    blocks = min(n, sent >> lu.block_shift)
     if blocks == 0:
         lu.done(task)
         return None
-    return data[: blocks << lu.block_shift]
+    return data_out_parts(task, blocks << lu.block_shift)
 
 
 # --- VERIFY / WRITE AND VERIFY ----------------------------------------------------------
@@ -111,10 +126,8 @@ def verify(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    data = data_out_view(task)
-    if len(data) < task.xfer_len:
-        raise S.param_list_length_error()
-    expected = data[: n * bs] if bytchk == 1 else None
+    data = data_out_needed(task, task.xfer_len)
+    expected = data if bytchk == 1 else None
 
     def check(buf: bytearray) -> None:
         if expected is not None:
@@ -142,11 +155,11 @@ def write_and_verify(lu: LogicalUnit, task: ScsiTask) -> None:
     written = _write_payload(lu, task, lba, n, 7)
     if written is None:
         return
-    blocks = len(written) >> lu.block_shift
+    blocks = sum(len(p) for p in written) >> lu.block_shift
 
     def verify_back() -> None:
         def check(buf: bytearray) -> None:
-            off = first_difference(written, buf)
+            off = _first_difference_parts(written, buf)
             if off >= 0:
                 raise S.miscompare(off)
             lu.done(task)
@@ -154,7 +167,19 @@ def write_and_verify(lu: LogicalUnit, task: ScsiTask) -> None:
         lu.read(task, lba, blocks, then=check)
 
     # Verification reads what reached the medium, so the write is made durable first.
-    lu.write(task, lba, [written], True, then=verify_back)
+    lu.write(task, lba, written, True, then=verify_back)
+
+
+def _first_difference_parts(parts: list[memoryview], actual: bytearray) -> int:
+    """first_difference of the concatenation of ``parts`` against ``actual``."""
+    view = memoryview(actual)
+    pos = 0
+    for p in parts:
+        off = first_difference(p, view[pos : pos + len(p)])
+        if off >= 0:
+            return pos + off
+        pos += len(p)
+    return -1
 
 
 # --- PRE-FETCH / SYNCHRONIZE CACHE ------------------------------------------------------
@@ -223,9 +248,7 @@ def unmap(lu: LogicalUnit, task: ScsiTask) -> None:
         return
     if plen < 8:
         raise S.param_list_length_error()
-    data = data_out_view(task)[:plen]
-    if len(data) < plen:
-        raise S.param_list_length_error()
+    data = data_out_needed(task, plen)
     bddl = _U16.unpack_from(data, 2)[0]
     count = min(bddl, plen - 8) // 16
     if count > lumod.MAX_UNMAP_DESCRIPTORS:
@@ -284,15 +307,14 @@ def write_same(lu: LogicalUnit, task: ScsiTask) -> None:
     bsz = lu.block_size
     task.xfer_len = 0 if ndob else bsz
     lu.writable(task)
-    if not ndob and task.expected_len != bsz:
-        # The Data-Out buffer of WRITE SAME is exactly one logical block.
+    if not ndob and task.expected_len > bsz:
+        # The Data-Out buffer of WRITE SAME is exactly one logical block (a shorter one is
+        # refused below, by data_out_needed).
         raise S.invalid_cdb(7 if not sixteen else 10)
     if n == 0:
         lu.done(task)
         return
-    pattern = bytes(bsz) if ndob else bytes(data_out_view(task)[:bsz])
-    if len(pattern) < bsz:
-        raise S.param_list_length_error()
+    pattern = bytes(bsz) if ndob else bytes(data_out_needed(task, bsz))
     zero = not any(pattern)
     shift = lu.block_shift
     bs = lu.backstore
@@ -373,14 +395,12 @@ def compare_and_write(lu: LogicalUnit, task: ScsiTask) -> None:
     bsz = lu.block_size
     task.xfer_len = 2 * n * bsz
     lu.writable(task)
-    if task.expected_len != task.xfer_len:
-        raise S.invalid_cdb(13)
+    if task.expected_len > task.xfer_len:
+        raise S.invalid_cdb(13)  # more than the blocks to compare and write
     if n == 0:
         lu.done(task)
         return
-    data = data_out_view(task)
-    if len(data) < 2 * n * bsz:
-        raise S.param_list_length_error()
+    data = data_out_needed(task, 2 * n * bsz)
     verify_part = bytes(data[: n * bsz])
     write_part = bytes(data[n * bsz : 2 * n * bsz])
     off = lba << lu.block_shift
@@ -408,7 +428,7 @@ def orwrite(lu: LogicalUnit, task: ScsiTask) -> None:
     payload = _write_payload(lu, task, lba, n, 10)
     if payload is None:
         return
-    mask = bytes(payload)
+    mask = b"".join(payload)
     off = lba << lu.block_shift
     bs = lu.backstore
     sync = bool(cdb[1] & 0x08) or not lu.modes.wce
@@ -445,10 +465,7 @@ def write_atomic16(lu: LogicalUnit, task: ScsiTask) -> None:
     if n == 0:
         lu.done(task)
         return
-    data = data_out_view(task)
-    if len(data) < task.xfer_len:
-        raise S.invalid_cdb(12)  # an atomic write is all or nothing
-    payload = bytes(data[: task.xfer_len])
+    payload = bytes(data_out_needed(task, task.xfer_len))  # an atomic write is all or nothing
     off = lba << lu.block_shift
     bs = lu.backstore
     sync = bool(cdb[1] & 0x08) or not lu.modes.wce

@@ -163,6 +163,13 @@ def param_list_length_error() -> CheckCondition:
     return CheckCondition(ILLEGAL_REQUEST, PARAMETER_LIST_LENGTH_ERROR)
 
 
+def short_data_out() -> CheckCondition:
+    """The initiator's Data-Out (its expected data transfer length) holds less than the CDB
+    needs: INVALID FIELD IN COMMAND INFORMATION UNIT (SAM-5 5.4.3: the mismatch is in the
+    transport's command IU, not in the CDB)."""
+    return CheckCondition(ILLEGAL_REQUEST, INVALID_FIELD_IN_INFORMATION_UNIT)
+
+
 def lba_out_of_range() -> CheckCondition:
     return CheckCondition(ILLEGAL_REQUEST, LBA_OUT_OF_RANGE)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, set_data_in, usage
+from pyscsi_target.scsi.command import Command, F, data_out_needed, set_data_in, usage
 from pyscsi_target.scsi.inquiry import standard_inquiry, threshold_exponent, vpd_page
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.task import ScsiTask
@@ -109,10 +109,10 @@ def mode_select(lu: LogicalUnit, task: ScsiTask) -> None:
     if plen == 0:
         lu.done(task)
         return
-    data = memoryview(task.data_out or b"")[:plen]
     hlen = 8 if ten else 4
-    if len(data) < plen or plen < hlen:
+    if plen < hlen:
         raise S.param_list_length_error()
+    data = data_out_needed(task, plen)
     if ten:
         bdlen = struct.unpack_from(">H", data, 6)[0]
         long_lba = data[4] & 0x01

@@ -53,6 +53,10 @@ class Nexus:
         return f"{self.target_name},t,0x{self.portal_group_tag:04x}"
 
 
+#: A command's Data-Out payload: one buffer, or several in offset order (ScsiTask.data_out).
+DataOutPayload = bytes | bytearray | memoryview | list[memoryview]
+
+
 class ScsiTask:
     """One SCSI command in flight.
 
@@ -66,10 +70,18 @@ class ScsiTask:
     Data-In buffers may hold fewer bytes than ``data_in_len`` (a READ reads only what the
     initiator will accept), never fewer than min(data_in_len, expected_len).
 
+    Data-Out: ``data_out`` is the whole payload the initiator sent (``expected_len``
+    bytes), gathered before submit: one buffer, or a list of buffers in offset order (a
+    transport that gathers each burst in its own buffer hands them over as they are, so
+    that the one copy of write data is the one the backstore writes from).  Handlers
+    read it through scsi/command.py's helpers.
+
     Residuals: for Data-In the transport sends min(data_in_len, expected_len) bytes and
     derives over/underflow from data_in_len.  For Data-Out the SCSI layer sets
     ``xfer_len`` to the bytes the CDB asked for and the transport derives the residual
-    from it against ``expected_len``.
+    from it against ``expected_len``.  Data the initiator sent is either used or the
+    command fails: a handler that cannot use a short Data-Out (less than the CDB needs,
+    a partial logical block) answers INVALID FIELD IN COMMAND INFORMATION UNIT.
     """
 
     __slots__ = (
@@ -87,7 +99,7 @@ class ScsiTask:
         tag: int,
         attr: TaskAttr = TaskAttr.SIMPLE,
         expected_len: int = 0,
-        data_out: memoryview | bytearray | bytes | None = None,
+        data_out: DataOutPayload | None = None,
         on_done: Callable[[ScsiTask], None] | None = None,
         bidi_read_len: int = 0,
     ) -> None:

@@ -15,7 +15,7 @@ import struct
 from dataclasses import dataclass
 
 from pyscsi_target.scsi import sense as S
-from pyscsi_target.scsi.command import Command, F, data_out_view, set_data_in, usage
+from pyscsi_target.scsi.command import Command, F, data_out_needed, set_data_in, usage
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.task import ScsiTask
 
@@ -61,9 +61,9 @@ def extended_copy(lu: LogicalUnit, task: ScsiTask) -> None:
     if plen == 0:
         lu.done(task)
         return
-    data = data_out_view(task)[:plen]
-    if plen < 16 or len(data) < plen:
+    if plen < 16:
         raise S.param_list_length_error()
+    data = data_out_needed(task, plen)
     list_id = data[0]
     list_id_usage = (data[1] >> 3) & 0x03
     tdl = struct.unpack_from(">H", data, 2)[0]

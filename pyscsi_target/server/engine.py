@@ -18,14 +18,19 @@ from pathlib import Path
 
 from ..cluster.rados import ClusterSettings
 from ..config import model as M
+from ..iscsi.auth_backoff import AuthBackoff
 from ..iscsi.connection import Connection
+from ..iscsi.params import TargetResets
 from ..iscsi.session import SessionInfo
 from ..iscsi.stats import IoStats
+from ..iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
+from ..iscsi.write_budget import WriteBudget
 from ..scsi.device import ScsiDevice
 from ..scsi.lu import LogicalUnit
 from ..scsi.persistence import StateStore
 from ..scsi.registry import ScsiRegistry
 from ..workbench import Workbench
+from .admission import Admission
 from .initiator_access import PortalPolicy
 from .logical_units import LogicalUnits
 from .portal_groups import EngineError, Listener, Portals
@@ -74,6 +79,7 @@ class TargetRuntime:
     iqn: str
     device: ScsiDevice
     luns: dict[int, LogicalUnit] = field(default_factory=dict)  # lun -> LogicalUnit as last given to the device
+    resets: TargetResets = field(default_factory=TargetResets)  # shared with its sessions, set on apply
     # The transport's I/O counters per LUN (iscsi/stats.py), shared by the target's sessions.
     # An entry outlives its LUN's unmapping so the target's totals never go backwards.
     io_stats: dict[int, IoStats] = field(default_factory=dict)
@@ -93,6 +99,7 @@ class Engine:
         login_timeout: float = 30.0,
         tune_allocator: bool = True,
         ceph: ClusterSettings | None = None,
+        write_budget: int = DEFAULT_WRITE_BUDGET,
     ) -> None:
         if tune_allocator:
             tune_malloc()
@@ -102,13 +109,17 @@ class Engine:
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
         self.model = M.ConfigModel()
-        self.portals = Portals(lambda listener: IscsiProtocol(self, listener))
+        # Who may connect: descriptors kept for the API, caps on connections still in login.
+        self.admission = Admission()
+        self.portals = Portals(lambda listener: IscsiProtocol(self, listener), self.admission)
         self._targets: dict[int, TargetRuntime] = {}
         self._by_iqn: dict[str, TargetRuntime] = {}
         self._removed: dict[str, None] = {}  # lower-case IQNs of removed targets, oldest first
         self.scsi = ScsiRegistry()  # devices, LUs and I_T nexuses, for the SCSI layer
         self.logical_units = LogicalUnits(self.scsi, pr_store, ceph)
-        self.session_registry = SessionRegistry(queue_depth, self._close_connection)
+        self.write_budget = WriteBudget(write_budget)
+        self.auth_backoff = AuthBackoff()  # CHAP failures by initiator name and address (counters for /metrics)
+        self.session_registry = SessionRegistry(queue_depth, self._close_connection, self.write_budget)
         self.connections: set[IscsiProtocol] = set()
         self.workbench = Workbench(self)  # fault injection, captures, strict mode
         self._lock = asyncio.Lock()
@@ -159,6 +170,7 @@ class Engine:
             tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
+            rt.resets.warm, rt.resets.cold = t.allow_warm_reset, t.allow_cold_reset
             # Compare LU identity, not extent ids: a reopened extent is a new LogicalUnit.
             if luns.keys() != rt.luns.keys() or any(rt.luns[k] is not v for k, v in luns.items()):
                 rt.device.set_luns(luns)
@@ -225,6 +237,7 @@ class Engine:
     def connection_closed(self, proto: IscsiProtocol) -> None:
         """The adapter's connection is gone (logout, drop, peer close)."""
         self.connections.discard(proto)
+        self.admission.closed(proto)
         if proto.conn is not None:
             self.session_registry.connection_closed(proto.conn)
 

@@ -112,7 +112,7 @@ class PortalPolicy:
             rt = engine.target_by_iqn(result.target.iqn)
             if rt is None:  # removed while this login was under way
                 raise LoginReject(LoginStatus.TARGET_REMOVED, f"target {result.target.iqn!r} was removed")
-            port = TargetPort(rt.iqn, rt.device, self.portal_group_tag, self.read_only, rt.io_stats)
+            port = TargetPort(rt.iqn, rt.device, self.portal_group_tag, self.read_only, rt.resets, rt.io_stats)
         self.session = engine.session_registry.bind(result, port)
         return self.session.tsih
 

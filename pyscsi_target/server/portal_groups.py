@@ -4,20 +4,33 @@ Each listen address of a portal group ("IP:PORT" in the model) is bound by one
 ``Listener``; ``Portals.apply`` binds what the model adds and closes what it drops.  An
 address that cannot be bound does not stop the others: they are reported together in
 one ``EngineError`` once every other address has been tried.
+
+A listener accepts connections itself, one at a time, rather than through the loop's
+server: the loop's accepts every pending connection in one go and, out of descriptors,
+silently drops them (libuv's EMFILE handling), the REST API's included.  Here each accept
+first asks the engine's ``Admission`` (admission.py) whether a descriptor may be spent;
+when not, or when accept() fails with EMFILE/ENFILE, the listener stops reading for a
+moment and the connections wait in the kernel's backlog.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Callable
 
 from ..config import model as M
 from ..values import format_listen, parse_listen
+from .admission import Admission
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 1024  # connections the kernel queues while we do not accept (somaxconn may cap it)
+ACCEPT_BATCH = 64  # accepts per readiness event, so one busy portal cannot hold the loop
+PAUSE = 0.1  # seconds before accepting again when descriptors are short
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class EngineError(OSError):
@@ -27,44 +40,131 @@ class EngineError(OSError):
 
 
 class Listener:
-    """One listening socket of a portal group."""
+    """One listening address of a portal group (one socket, or two for a wildcard host)."""
 
-    def __init__(self, host: str, port: int, pg_id: int) -> None:
+    def __init__(self, host: str, port: int, pg_id: int, admission: Admission | None = None) -> None:
         self.host = host
         self.port = port  # 0 in the model: the port the kernel chose, once started
         self.pg_id = pg_id
-        self.server: asyncio.AbstractServer | None = None
+        self.admission = admission
+        self.sockets: list[socket.socket] = []
+        self._factory: Callable[[Listener], asyncio.BaseProtocol] | None = None
+        self._starting: set[asyncio.Task[None]] = set()
+        self._resume: dict[int, asyncio.TimerHandle] = {}
 
     async def start(self, protocol_factory: Callable[[Listener], asyncio.BaseProtocol]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            self.server = await loop.create_server(
-                lambda: protocol_factory(self),
-                self.host or None,
-                self.port,
-                reuse_address=True,
-                family=socket.AF_INET6 if ":" in self.host else socket.AF_UNSPEC,
-            )
+            self.sockets = _bind(self.host, self.port)
         except OSError as e:
             raise EngineError(f"cannot listen on {format_listen(self.host, self.port)}: {e.strerror or e}") from e
-        if self.port == 0 and self.server.sockets:
-            self.port = self.server.sockets[0].getsockname()[1]
+        if self.port == 0 and self.sockets:
+            self.port = self.sockets[0].getsockname()[1]
+        self._factory = protocol_factory
+        for sock in self.sockets:
+            loop.add_reader(sock.fileno(), self._readable, sock)
         log.info("listening on %s (portal group %d)", format_listen(self.host, self.port), self.pg_id)
 
+    def _readable(self, sock: socket.socket) -> None:
+        adm = self.admission
+        for _ in range(ACCEPT_BATCH):
+            if adm is not None and not adm.may_accept():
+                self._pause(sock)
+                return
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    if adm is not None:
+                        adm.accept_failed(exc)
+                    self._pause(sock)
+                    return
+                if exc.errno == errno.ECONNABORTED:
+                    continue  # the peer gave up while queued
+                log.warning("accept on %s: %s", format_listen(self.host, self.port), exc)
+                return
+            if adm is not None:
+                adm.accepted()
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.get_running_loop().create_task(self._connect(conn))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        factory = self._factory
+        assert factory is not None
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: factory(self), conn)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure must not stop the portal
+            log.warning("cannot serve a connection on %s: %s", format_listen(self.host, self.port), exc)
+            conn.close()
+            if self.admission is not None:
+                self.admission.gauge.closed()
+
+    def _pause(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        fd = sock.fileno()
+        loop.remove_reader(fd)
+        self._resume[fd] = loop.call_later(PAUSE, self._unpause, sock)
+
+    def _unpause(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        self._resume.pop(fd, None)
+        if fd >= 0:
+            asyncio.get_running_loop().add_reader(fd, self._readable, sock)
+
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
-            self.server = None
+        loop = asyncio.get_running_loop()
+        for timer in self._resume.values():
+            timer.cancel()
+        self._resume.clear()
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        if self.sockets:
             log.info("stopped listening on %s", format_listen(self.host, self.port))
+        self.sockets = []
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` ("" or a wildcard: every family it resolves to)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
+    infos = socket.getaddrinfo(host or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    out: list[socket.socket] = []
+    seen = set()
+    try:
+        for af, kind, proto, _canon, addr in infos:
+            if (af, addr) in seen:
+                continue
+            seen.add((af, addr))
+            sock = socket.socket(af, kind, proto)
+            out.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(out) > 1:  # a wildcard's second family: the port the first got
+                addr = (addr[0], out[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in out:
+            sock.close()
+        raise
+    return out
 
 
 class Portals:
     """Every bound portal, keyed by the (host, port) the model names."""
 
-    def __init__(self, protocol_factory: Callable[[Listener], asyncio.BaseProtocol]) -> None:
+    def __init__(self, protocol_factory: Callable[[Listener], asyncio.BaseProtocol],
+                 admission: Admission | None = None) -> None:
         self._factory = protocol_factory
+        self.admission = admission
         self.listeners: dict[tuple[str, int], Listener] = {}
 
     async def apply(self, model: M.ConfigModel, enabled: bool, tags: frozenset[int] | None = None) -> None:
@@ -87,7 +187,7 @@ class Portals:
             if lst is not None:
                 lst.pg_id = pg_id
                 continue
-            lst = Listener(key[0], key[1], pg_id)
+            lst = Listener(key[0], key[1], pg_id, self.admission)
             try:
                 await lst.start(self._factory)
             except EngineError as e:

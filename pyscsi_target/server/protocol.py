@@ -110,8 +110,15 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self.peer = f"[{peer_ip}]:{peer_port}" if ":" in peer_ip else f"{peer_ip}:{peer_port}"
         self.peer_addr, self.local_addr = (peer_ip, peer_port), (local_ip, local_port)
         self.engine.connections.add(self)
+        verdict = self.engine.admission.admit(self, peer_ip)
+        if verdict is False:
+            transport.abort()  # too many connections in login from this address
+            return
+        if isinstance(verdict, IscsiProtocol):
+            verdict.close(hard=True)  # the oldest connection still in login makes room
         self.policy = self.engine.make_policy(self.listener, peer_ip, local_ip, local_port)
-        self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth)
+        self.login = LoginMachine(self.policy, cmdsn_window=self.engine.queue_depth,
+                                  backoff=self.engine.auth_backoff, peer=self.peer, peer_ip=peer_ip)
         self._last_rx = self.loop.time()
         self._timer = self.loop.call_later(self.engine.login_timeout, self._login_timeout)
         self.engine.workbench.connection_made(self)
@@ -258,6 +265,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             output=self.output,
         )
         self.conn = conn
+        self.engine.admission.login_over(self)
         r = self.reader
         r.header_digest = params.header_digest
         r.data_digest = params.data_digest

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 from ..iscsi.connection import Connection
 from ..iscsi.events import ABORT_TASKS, ANNOUNCE_DROP
-from ..iscsi.params import LoginReject, LoginResult
+from ..iscsi.params import LoginReject, LoginResult, TargetResets
 from ..iscsi.scsi_layer import ScsiLayer
 from ..iscsi.session import Session, SessionInfo
 from ..iscsi.stats import IoStats, SessionCounters
+from ..iscsi.write_budget import WriteBudget
 from ..scsi.task import Nexus
 from ..values import LoginStatus
 
@@ -36,6 +37,7 @@ class TargetPort:
     device: ScsiLayer
     portal_group_tag: int
     read_only: bool  # the access config admitted this initiator read-only
+    resets: TargetResets  # the target's reset permissions (the engine's, updated in place)
     io_stats: dict[int, IoStats] = field(default_factory=dict)  # the target's per-LUN counters
 
 
@@ -44,8 +46,11 @@ def _isid_key(initiator_name: str, isid: int, target_iqn: str) -> tuple[str, int
 
 
 class SessionRegistry:
-    def __init__(self, queue_depth: int, close_connection: Callable[[Connection], None]) -> None:
+    def __init__(self, queue_depth: int, close_connection: Callable[[Connection], None],
+                 write_budget: WriteBudget | None = None) -> None:
         self.queue_depth = queue_depth
+        # Every Normal session's write buffers come out of this one daemon-wide budget.
+        self.write_budget = write_budget if write_budget is not None else WriteBudget()
         self._close_connection = close_connection  # the adapter flushes and closes the socket
         self.by_tsih: dict[int, Session] = {}
         self._by_isid: dict[tuple[str, int, str], Session] = {}
@@ -81,8 +86,9 @@ class SessionRegistry:
                 log.info("reinstating session of %s isid %012x", result.initiator_name, result.isid)
                 self.close(old, announce=False)
         tsih = self._new_tsih()
-        nexus = device = None
+        nexus = device = resets = None
         if port is not None:
+            resets = port.resets
             nexus = Nexus(
                 nexus_id=next(self._nexus_ids),
                 initiator_name=result.initiator_name,
@@ -95,7 +101,8 @@ class SessionRegistry:
             device.add_nexus(nexus)
         s = Session(result, tsih, nexus, device, queue_depth=self.queue_depth,
                     peers=functools.partial(self.of_target, target_iqn),
-                    io_stats=port.io_stats if port is not None else None)
+                    io_stats=port.io_stats if port is not None else None,
+                    writes=self.write_budget.account() if port is not None else None, resets=resets)
         self.by_tsih[tsih] = s
         self.started[result.session_type] = self.started.get(result.session_type, 0) + 1
         if result.session_type == "Normal":
@@ -128,6 +135,7 @@ class SessionRegistry:
             return
         s.closed = True
         self._retired.add(s.counters)
+        s.writes.close()
         if self.by_tsih.get(s.tsih) is s:
             del self.by_tsih[s.tsih]
         key = _isid_key(s.initiator_name, s.isid, s.target.iqn if s.target else "")

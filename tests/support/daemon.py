@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ BASE_IQN = "iqn.2026-11.org.pyscsi-target"
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "pyscsi-test-admin-pw"
 FREENAS = "/api/v1.0/services/iscsi"
+NATIVE = "/api/pyscsi/v1"
 
 # A log line is "<asctime> <LEVEL> <logger>: <message>"; these levels (or a traceback) fail a clean run.
 _BAD_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL)\b|Traceback \(most recent call last\)|^\s*\w+Error: ")
@@ -70,8 +72,10 @@ class Daemon:
         log_level: str = "info",
         extra_args: Iterable[str] = (),
         env: dict[str, str] | None = None,
+        nofile: tuple[int, int] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.nofile = nofile  # (soft, hard) RLIMIT_NOFILE to start the daemon with
         self.host = host
         self.port = port or free_port(host)
         self.api_port = api_port or free_port("127.0.0.1")
@@ -113,7 +117,7 @@ class Daemon:
         env.pop("PYSCSI_TARGET_STATE_DIR", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=_pdeathsig)
+                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=self._preexec)
         try:
             alive = self.alive
             wait_port(self.host, self.port, timeout=timeout, alive=alive)
@@ -124,6 +128,11 @@ class Daemon:
                 raise RuntimeError(f"daemon did not come up: {e}\n--- log tail ---\n{self.log_tail()}") from e
             raise
         return self
+
+    def _preexec(self) -> None:
+        _pdeathsig()
+        if self.nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, self.nofile)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -242,6 +251,21 @@ class Daemon:
         tg = self.target_group(name)
         self.rest("PUT", f"targetgroup/{tg['id']}/", {"iscsi_target_authtype": auth_type,
                                                      "iscsi_target_authgroup": auth_group})
+
+    def add_luns(self, count: int, filesize: str = "1MB") -> None:
+        """Map ``count`` more sparse file extents (LUN 1, 2, ...) on the demo target in one
+        configuration import (a thousand take about a second)."""
+        doc = self.rest("GET", "config/", prefix=NATIVE)
+        ext0, map0 = doc["extents"][0], doc["lun_maps"][0]
+        next_ext = max(e["id"] for e in doc["extents"]) + 1
+        next_map = max(m["id"] for m in doc["lun_maps"]) + 1
+        first_lun = max(m["lunid"] for m in doc["lun_maps"]) + 1
+        for i in range(count):
+            e = dict(ext0, id=next_ext + i, name=f"lun{first_lun + i}", path=f"lun{first_lun + i}.img",
+                     filesize=filesize, serial="", naa="")
+            doc["extents"].append(e)
+            doc["lun_maps"].append(dict(map0, id=next_map + i, extent=e["id"], lunid=first_lun + i))
+        self.rest("PUT", "config/", doc, prefix=NATIVE, timeout=300)
 
     def set_discovery_auth(self, method: str, group: int | None) -> None:
         pg = self.rest("GET", "portal/")[0]

@@ -102,12 +102,15 @@ def isid_random() -> bytes:
 
 class RawClient:
     def __init__(self, host: str, port: int, *, timeout: float = 10.0, initiator: str = INITIATOR,
-                 isid: bytes | None = None) -> None:
+                 isid: bytes | None = None, source: str | None = None) -> None:
         self.host, self.port = host, port
         self.timeout = timeout
         self.initiator = initiator
         self.isid = isid or isid_random()
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # ``source``: the local address to connect from (e.g. another 127.0.0.x, so that the
+        # target's per-address CHAP backoff sees another host).
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = P.PDUReader(max_data=P.MAX_DSL)
         self.header_digest = False
@@ -414,6 +417,44 @@ class RawClient:
                 return res
             else:
                 raise ProtocolViolation(f"unexpected PDU for a SCSI command: {pdu!r}")
+
+    def scsi_many(self, cmds: list[tuple[bytes, int, bytes]], *, lun: int = 0,
+                  timeout: float | None = None) -> list[ScsiResult]:
+        """Run several commands at once (all sent, then answered in any order, R2Ts served as
+        they come): ``cmds`` is [(cdb, read_len, data)], the results come in the same order."""
+        first = min(self.max_xmit, int(self.params.get("FirstBurstLength", "65536")))
+        immediate_ok = self.params.get("ImmediateData", "Yes") == "Yes"
+        sent: dict[int, tuple[int, P.ScsiCommand, bytes, bytearray]] = {}
+        wire = []
+        for i, (cdb, read_len, data) in enumerate(cmds):
+            cmd = self.scsi_pdu(cdb, lun=lun, read_len=read_len, write_len=len(data),
+                                immediate_data=data[:first] if immediate_ok else b"")
+            sent[cmd.itt] = (i, cmd, data, bytearray(read_len))
+            wire.append(self.encode(cmd))
+        self.send_bytes(b"".join(wire))
+        results: list[ScsiResult | None] = [None] * len(cmds)
+        while any(r is None for r in results):
+            pdu = self.recv(timeout)
+            entry = sent.get(getattr(pdu, "itt", -1))
+            if entry is None:
+                raise ProtocolViolation(f"PDU for no command of ours: {pdu!r}")
+            i, cmd, data, buf = entry
+            if isinstance(pdu, P.R2T):
+                self.send_data_out(cmd, data, pdu.offset, pdu.desired_length, ttt=pdu.ttt)
+            elif isinstance(pdu, P.DataIn):
+                buf[pdu.offset : pdu.offset + len(pdu.data)] = bytes(pdu.data)
+                if pdu.has_status:
+                    results[i] = ScsiResult(pdu.status, bytes(buf), residual=pdu.residual,
+                                            underflow=bool(pdu.underflow), overflow=bool(pdu.overflow))
+            elif isinstance(pdu, P.ScsiResponse):
+                sense = b""
+                if len(pdu.data) >= 2:
+                    sense = bytes(pdu.data[2 : 2 + struct.unpack_from(">H", pdu.data)[0]])
+                results[i] = ScsiResult(pdu.status, bytes(buf), sense, pdu.response, pdu.residual,
+                                        bool(pdu.underflow), bool(pdu.overflow))
+            else:
+                raise ProtocolViolation(f"unexpected PDU for a SCSI command: {pdu!r}")
+        return [r for r in results if r is not None]
 
     def clear_unit_attentions(self, lun: int = 0, tries: int = 8) -> None:
         """TEST UNIT READY until GOOD: consumes POWER ON/RESET and similar UAs of a new nexus."""
