@@ -358,12 +358,12 @@ class LoginMachine:
             if target is None:
                 raise LoginReject(LoginStatus.NOT_FOUND, f"target {tname[:MAX_ISCSI_NAME]!r} not found",
                                   rule=V.LOGIN_TARGET_NOT_FOUND)
+            self.target = target
             if target.strict:
                 self._strict_identity(name, tname)
             if not self.policy.initiator_allowed(target, name):
                 raise LoginReject(LoginStatus.AUTHORIZATION_FAILURE,
                                   f"initiator {name!r} may not log in to {target.iqn}", rule=V.LOGIN_NOT_AUTHORIZED)
-            self.target = target
             self._identity["TargetName"] = tname
             method, creds = target.auth_method, target.credentials
             if self._tsih_req == 0:
@@ -503,8 +503,12 @@ class LoginMachine:
         self.status = status
         self.reason = reason
         self.rule = V.login_rule(status, rule)
-        _FAILURES.log(log, logging.WARNING, self.peer_ip or None, "%s: login rejected (status %#06x) "
-                      "initiator %s: %s%s", self.peer or "?", status, self.initiator_name or "?", reason,
+        # Rate-limited per address (anyone can fail logins at will), except on a strict target,
+        # whose developer wants every rule broken in the log.
+        strict = self.target is not None and self.target.strict
+        _FAILURES.log(log, logging.WARNING, None if strict else self.peer_ip or None,
+                      "%s: login rejected (status %#06x) initiator %s: %s%s",
+                      self.peer or "?", status, self.initiator_name or "?", reason,
                       f" [{self.rule}]" if self.rule is not None else "")
         req = pdu if isinstance(pdu, LoginRequest) else None
         cmdsn = pdu.cmdsn if isinstance(pdu, LoginRequest | ScsiCommand | NumberedRequest) else 0
