@@ -19,7 +19,8 @@ from yarl import URL
 
 from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
-from pyscsi_target.config.store import ConfigStore, admin_credentials
+from pyscsi_target.config.store import ConfigStore, admin_credentials, is_disk_full
+from pyscsi_target.log_limit import RateLimitedLog
 
 from . import freenas, hnas, native, openapi
 from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
@@ -27,6 +28,7 @@ from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_K
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
 log = logging.getLogger(__name__)
+_full_log = RateLimitedLog(log)
 
 REALM = "pyscsi-target"
 # Everything under these prefixes needs credentials, except the public paths: a resource
@@ -49,6 +51,19 @@ def _unauthorized(request: web.Request) -> web.Response:
         else {"error": "Authentication credentials were not provided or are invalid."}
     )
     return json_response(body, 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
+
+
+def _insufficient_storage(request: web.Request, exc: BaseException) -> web.Response:
+    """507 (RFC 4918 11.5): the state disk is full, the change was not saved (nothing half
+    done: the transaction rolled back); the same request succeeds once space returns."""
+    _full_log.log(logging.ERROR, "full", "the state disk is full: %s %s refused with 507 (%s)",
+                  request.method, request.path, exc)
+    msg = "Insufficient storage: the disk holding the configuration database is full; the change was not saved."
+    if _is_v9(request):
+        return hnas.error_response(msg, 507)
+    if request.path.startswith(native.BASE):
+        return native.error(507, msg)
+    return json_response({"error": msg}, 507)
 
 
 def _check_password(app: web.Application, user: str, password: str) -> bool:
@@ -122,7 +137,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                 return hnas.not_found()
             return json_response({"errorCode": hnas.ERR_GENERIC, "errorMsg": exc.reason}, exc.status, headers)
         return json_response({"error": exc.reason}, exc.status, headers)
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):
+            return _insufficient_storage(request, exc)
         log.exception("unhandled error serving %s %s", request.method, request.path)
         if _is_v9(request):
             return hnas.server_error("Internal error")

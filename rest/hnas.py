@@ -150,7 +150,12 @@ def not_found(reason: str = "The iSCSI target does not exist") -> web.Response:
 
 
 def server_error(message: str) -> web.Response:
-    return json_response({"errorCode": 0, "errorDetail": error_detail(message), "errorMsg": message}, 500)
+    return error_response(message, 500)
+
+
+def error_response(message: str, status: int) -> web.Response:
+    """The body of a failure on the server's side (500, 507)."""
+    return json_response({"errorCode": 0, "errorDetail": error_detail(message), "errorMsg": message}, status)
 
 
 def _config_error(exc: ConfigError) -> web.Response:

@@ -56,9 +56,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def api_key_create(args: argparse.Namespace) -> int:
+    from ..config.store import StateDbError
     from ..config.store import api_key_create as create
 
-    print(create((args.state_dir or default_state_dir()).resolve(), args.virtual_server or []))
+    try:
+        print(create((args.state_dir or default_state_dir()).resolve(), args.virtual_server or []))
+    except StateDbError as exc:
+        print(f"pyscsi-target: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
