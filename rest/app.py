@@ -36,6 +36,9 @@ REALM = "pyscsi-target"
 PROTECTED_PREFIXES = ("/api/", "/v9/")
 PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 MAX_BODY = 1 << 20  # 1 MiB: every legitimate body is tiny; larger ones get 413
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Writes whose body is not JSON: a raw disk image (``pyscsi-target extent import``).
+BINARY_BODY_PATHS = frozenset({f"{native.BASE}/extents/import"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,17 +56,53 @@ def _unauthorized(request: web.Request) -> web.Response:
     return json_response(body, 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
 
 
+def _write_refusal(request: web.Request) -> tuple[int, str] | None:
+    """Why a write must not run, if it must not: a browser sending it from another site
+    (cached Basic credentials would otherwise do the foreign page's bidding), or a body that
+    is not JSON (a cross-site form can send text/plain without a CORS preflight; JSON
+    cannot).  Non-browser clients send neither Origin nor Sec-Fetch-Site, and JSON bodies."""
+    if request.method not in WRITE_METHODS:
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        return 403, f"Cross-site requests may not change the configuration (Sec-Fetch-Site: {site[:40]})."
+    origin = request.headers.get("Origin")
+    if origin is not None and not _same_origin(request, origin):
+        return 403, f"Cross-origin requests may not change the configuration (Origin: {origin[:80]})."
+    if request.body_exists and not _json_media_type(request.content_type):
+        if request.content_type == "application/octet-stream" and request.path.rstrip("/") in BINARY_BODY_PATHS:
+            return None
+        return 415, "Send the request body as application/json (Content-Type: application/json)."
+    return None
+
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    try:
+        return URL(origin).origin() == request.url.origin()
+    except ValueError:  # "null" (a sandboxed page, a file: URL) or garbage: not ours
+        return False
+
+
+def _json_media_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def _error(request: web.Request, status: int, message: str) -> web.Response:
+    """An error in the body shape of the API the request is for."""
+    if _is_v9(request):
+        return hnas.error_response(message, status)
+    if request.path.startswith(native.BASE):
+        return native.error(status, message)
+    return json_response({"error": message}, status)
+
+
 def _insufficient_storage(request: web.Request, exc: BaseException) -> web.Response:
     """507 (RFC 4918 11.5): the state disk is full, the change was not saved (nothing half
     done: the transaction rolled back); the same request succeeds once space returns."""
     _full_log.log(logging.ERROR, "full", "the state disk is full: %s %s refused with 507 (%s)",
                   request.method, request.path, exc)
-    msg = "Insufficient storage: the disk holding the configuration database is full; the change was not saved."
-    if _is_v9(request):
-        return hnas.error_response(msg, 507)
-    if request.path.startswith(native.BASE):
-        return native.error(507, msg)
-    return json_response({"error": msg}, 507)
+    return _error(request, 507, "Insufficient storage: the disk holding the configuration database is full; "
+                                "the change was not saved.")
 
 
 def _check_password(app: web.Application, user: str, password: str) -> bool:
@@ -126,6 +165,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if allowed is None:
             return _unauthorized(request)
         request[ALLOWED_VS_KEY] = allowed
+        refusal = _write_refusal(request)
+        if refusal is not None:
+            return _error(request, *refusal)
     try:
         return await handler(request)
     except web.HTTPException as exc:

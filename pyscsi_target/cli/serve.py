@@ -40,7 +40,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--extent-root", action="append", type=Path, default=None, metavar="DIR",
                    help="directory file extents may live under (repeatable; default STATE_DIR/extents)")
     s.add_argument("--demo", action="store_true",
-                   help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
+                   help="on a new (empty) state dir, add a 1 GiB sparse demo LUN, target 'demo', "
+                        "open to every initiator")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", default="auto", choices=list(FORMATS),
                    help="auto: journal when stderr is systemd's journal stream, else text; "
