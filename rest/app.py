@@ -12,6 +12,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
+from math import ceil
 from pathlib import Path
 
 from aiohttp import web
@@ -23,12 +24,14 @@ from pyscsi_target.config.store import ConfigStore, admin_credentials, is_disk_f
 from pyscsi_target.log_limit import RateLimitedLog
 
 from . import freenas, hnas, native, openapi
-from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
+from .auth_throttle import AuthThrottle
+from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, THROTTLE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
 log = logging.getLogger(__name__)
 _full_log = RateLimitedLog(log)
+_auth_log = RateLimitedLog(log, interval=60.0)
 
 REALM = "pyscsi-target"
 # Everything under these prefixes needs credentials, except the public paths: a resource
@@ -54,6 +57,25 @@ def _unauthorized(request: web.Request) -> web.Response:
         else {"error": "Authentication credentials were not provided or are invalid."}
     )
     return json_response(body, 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
+
+
+def _presented_credentials(request: web.Request) -> bool:
+    h = request.headers
+    return "Authorization" in h or "X-Api-Key" in h or "X-Subsystem-User" in h
+
+
+def _auth_failed(request: web.Request, throttle: AuthThrottle, peer: str) -> web.Response:
+    """401, logged with the peer (at most one line per peer and interval, with the count of
+    the rest).  Only a request that presented credentials counts towards the back-off: a
+    client's first, credential-less request (a browser's, for the challenge) is no guess."""
+    if _presented_credentials(request):
+        n = throttle.failed(peer)
+        _auth_log.log(logging.WARNING, peer, "API authentication failed from %s: %s %s (%d failure(s) in a row)",
+                      peer, request.method, request.path, n)
+    else:
+        _auth_log.log(logging.INFO, ("none", peer), "API request without credentials from %s: %s %s",
+                      peer, request.method, request.path)
+    return _unauthorized(request)
 
 
 def _write_refusal(request: web.Request) -> tuple[int, str] | None:
@@ -87,13 +109,16 @@ def _json_media_type(mimetype: str) -> bool:
     return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
 
 
-def _error(request: web.Request, status: int, message: str) -> web.Response:
+def _error(request: web.Request, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     """An error in the body shape of the API the request is for."""
     if _is_v9(request):
-        return hnas.error_response(message, status)
-    if request.path.startswith(native.BASE):
-        return native.error(status, message)
-    return json_response({"error": message}, status)
+        resp = hnas.error_response(message, status)
+    elif request.path.startswith(native.BASE):
+        resp = native.error(status, message)
+    else:
+        resp = json_response({"error": message}, status)
+    resp.headers.update(headers or {})
+    return resp
 
 
 def _insufficient_storage(request: web.Request, exc: BaseException) -> web.Response:
@@ -161,9 +186,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
     protected = request.path.startswith(PROTECTED_PREFIXES) and request.path not in PUBLIC_PATHS
     if protected:
+        throttle = request.app[THROTTLE_KEY]
+        peer = request.remote or "unknown"
+        wait = throttle.retry_after(peer)
+        if wait > 0:  # before the credentials are even looked at: guessing costs time
+            return _error(request, 429, f"Too many failed logins from {peer}: try again in {ceil(wait)} s.",
+                          {"Retry-After": str(ceil(wait))})
         allowed = authenticate(request)
         if allowed is None:
-            return _unauthorized(request)
+            return _auth_failed(request, throttle, peer)
+        throttle.succeeded(peer)
         request[ALLOWED_VS_KEY] = allowed
         refusal = _write_refusal(request)
         if refusal is not None:
@@ -232,6 +264,7 @@ def make_app(
     app[STORE_KEY] = store
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
     app[MONITOR_KEY] = monitor or SpaceMonitor(lambda: service.model, lambda: service.extent_roots)
+    app[THROTTLE_KEY] = AuthThrottle()  # its counters are the metrics of failed logins
     app.on_startup.append(_start_monitor)
     app.on_cleanup.append(_stop_monitor)
     app.on_response_prepare.append(_on_prepare)
