@@ -91,13 +91,15 @@ def run(target: str, *, seconds: int = 60, runs: int = -1, quiet: bool = True,
     progress = _PROGRESS.findall(out)
     inputs = int(done[-1][0]) if done else (int(progress[-1]) if progress else 0)
     cov = _COV.findall(out)
-    new_crashes = sorted(set(os.listdir(crashes)) - before)
+    new_crashes = sorted(n for n in set(os.listdir(crashes)) - before if not n.endswith(".log"))
     summary: dict[str, object] = {
         "target": target, "inputs": inputs, "seconds": round(time.time() - started, 1),
         "cov": int(cov[-1][0]) if cov else 0, "ft": int(cov[-1][1]) if cov else 0,
         "exit": proc.returncode, "crashes": new_crashes, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    (work / "last-run.log").write_bytes(out[-200_000:])
     for name in new_crashes:
+        (crashes / f"{name}.log").write_bytes(out[-20_000:])  # the traceback libFuzzer printed
         data = (crashes / name).read_bytes()
         kept = (keep or CORPUS / target) / f"crash-{hashlib.sha1(data).hexdigest()}"
         kept.write_bytes(data)

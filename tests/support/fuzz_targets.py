@@ -47,6 +47,9 @@ METHODS = ("None", "CHAP", "CHAP Mutual", "Auto")
 LU_BYTES = 1 << 20
 BLOCK = 512
 MAX_PDUS = 64  # per input: bounds the work one input can ask for
+# Executor work (COMPARE AND WRITE, WRITE SAME, UNMAP) on a loaded machine can take a while;
+# a task still open after this long is a hang (libFuzzer's own -timeout is 10 s).
+SETTLE_SECONDS = 5.0
 
 
 class Invariant(AssertionError):
@@ -226,7 +229,8 @@ class ScsiWorld:
     def settle(self) -> None:
         """Let what the input started finish (executor work of exclusive commands)."""
         async def drain() -> None:
-            for _ in range(200):
+            deadline = self.loop.time() + SETTLE_SECONDS
+            while self.loop.time() < deadline:
                 await asyncio.sleep(0)
                 if not self.lu.tasks and not self.lu.excl_active and not self.lu.excl_waiters:
                     return
