@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 from pyscsi_target.backstore.base import Backstore, Buffer
 from pyscsi_target.iscsi import pdu as P
+from pyscsi_target.iscsi.chap import chap_digest
 from pyscsi_target.iscsi.connection import Connection
 from pyscsi_target.iscsi.login import LoginMachine
 from pyscsi_target.iscsi.negotiation import encode_pairs
@@ -255,6 +256,7 @@ def scsi(data: bytes) -> None:
     w = world()
     nexus = w.nexus()
     w.device.add_nexus(nexus)
+    w.lu.ua.clear()  # not every input has to spend its first command on POWER ON RESET
     done: dict[int, int] = {}
 
     def finished(task: ScsiTask) -> None:
@@ -305,6 +307,8 @@ def connection(data: bytes) -> None:
                       statsn=1, params=params)
     nexus = w.nexus()
     session = Session(res, 1, nexus, w.device, queue_depth=16)
+    w.device.add_nexus(nexus)  # as the session registry does (server/sessions.py)
+    w.lu.ua.clear()
     conn = Connection(session, 1, 1, policy=_policy("None"))
     frames = _frames(data[1:], params.header_digest, params.data_digest, params.max_recv_dsl)
 
@@ -392,12 +396,81 @@ def _scsi_seed() -> list[bytes]:
     return out
 
 
+def _chap_login_seed(method: str, mutual: bool) -> bytes:
+    """A whole CHAP login that succeeds against ``login``'s machine: the target's challenge
+    is deterministic there (random_bytes counts up), so the response can be computed."""
+    m = LoginMachine(_policy(method), random_bytes=lambda n: bytes(range(n)))
+    wire = []
+
+    def send(pdu: P.LoginRequest) -> dict[str, str]:
+        wire.append(pdu.to_bytes())
+        (rsp,) = m.receive(P.decode(pdu.to_bytes()))
+        return dict(P.parse_text(bytes(rsp.data)))
+
+    first = P.LoginRequest(isid=b"\x80\0\0\0\0\1", csg=0, nsg=1, itt=1)
+    first.data = encode_pairs([("InitiatorName", INITIATOR), ("SessionType", "Normal"), ("TargetName", TGT),
+                               ("AuthMethod", "CHAP,None")])
+    send(first)
+    second = P.LoginRequest(isid=b"\x80\0\0\0\0\1", csg=0, nsg=1, itt=1)
+    second.data = encode_pairs([("CHAP_A", "5")])
+    keys = send(second)
+    ident, challenge = int(keys["CHAP_I"]), bytes.fromhex(keys["CHAP_C"][2:])
+    answer = [("CHAP_N", CRED.user),
+              ("CHAP_R", "0x" + chap_digest(5, ident, CRED.secret.encode(), challenge).hex())]
+    if mutual:
+        answer += [("CHAP_I", "7"), ("CHAP_C", "0x" + bytes(range(16, 32)).hex())]
+    third = P.LoginRequest(isid=b"\x80\0\0\0\0\1", csg=0, nsg=1, transit=True, itt=1)
+    third.data = encode_pairs(answer)
+    send(third)
+    op = P.LoginRequest(isid=b"\x80\0\0\0\0\1", csg=1, nsg=3, transit=True, itt=1)
+    op.data = encode_pairs([("HeaderDigest", "CRC32C,None"), ("MaxRecvDataSegmentLength", "65536")])
+    wire.append(op.to_bytes())
+    return b"".join(wire)
+
+
+def _pr_seed() -> bytes:
+    """REGISTER, RESERVE, READ KEYS / RESERVATION, REGISTER AND MOVE-less PREEMPT, RELEASE, CLEAR."""
+    def out(sa: int, key: int, sark: int, rtype: int = 0, flags: int = 0) -> bytes:
+        cdb = struct.pack(">BBBxxIB", 0x5F, sa, rtype, 24, 0)
+        return _record(cdb, struct.pack(">QQ4xBxH", key, sark, flags, 0))
+
+    def pr_in(sa: int) -> bytes:
+        return _record(struct.pack(">BBxxxxxHB", 0x5E, sa, 256, 0))
+
+    return b"".join([out(0, 0, 0x11, flags=0x01), out(1, 0x11, 0, rtype=5), pr_in(0), pr_in(1), pr_in(2), pr_in(3),
+                     out(6, 0, 0x22), out(4, 0x22, 0x11, rtype=1), out(2, 0x22, 0, rtype=1), out(3, 0x22, 0)])
+
+
+def _xcopy_seed() -> bytes:
+    """EXTENDED COPY (LID1) of 8 blocks within the LU, then RECEIVE COPY RESULTS."""
+    target = bytes((0xE4, 0, 0, 0, 0x01, 0x03, 0, 8)) + bytes.fromhex("6589cfc000000001") + bytes(12)
+    target += bytes((0, 0, 2, 0))  # disk block length 512
+    segment = struct.pack(">BBHHH2xHQQ", 0x02, 0, 0x18, 0, 0, 8, 0, 64)
+    param = struct.pack(">BBHIII", 1, 0, len(target), 0, len(segment), 0) + target + segment
+    xcopy = struct.pack(">B9xIxB", 0x83, len(param), 0)
+    status = struct.pack(">BBB7xIxB", 0x84, 0x00, 1, 64, 0)  # COPY STATUS of list 1
+    operating = struct.pack(">BBB7xIxB", 0x84, 0x03, 0, 64, 0)  # OPERATING PARAMETERS
+    return _record(xcopy, param) + _record(status) + _record(operating)
+
+
+def _mode_select_seed() -> bytes:
+    """MODE SELECT(10) of the caching page (WCE off, then on) and the control page."""
+    caching = bytes((0x08, 0x12, 0x00)) + bytes(17)
+    control = bytes((0x0A, 0x0A, 0x02)) + bytes(9)
+    records = b""
+    for page in (caching, bytes((0x08, 0x12, 0x04)) + bytes(17), control):
+        param = bytes(8) + page
+        records += _record(struct.pack(">BBxxxxxHB", 0x55, 0x10, len(param), 0), param)
+    return records + _record(bytes((0x5A, 0, 0x08, 0, 0, 0, 0, 0, 64, 0)))
+
+
 def seeds(target: str) -> list[bytes]:
     if target == "pdu":
         return [b"\x00" + _ffp_seed(), b"\x03" + _ffp_seed(), b"\x00" + _login_seed("None", [])]
     if target == "login":
         return [b"\x00" + _login_seed("None", []), b"\x01" + _login_seed("CHAP", [("CHAP_A", "5")]),
-                b"\x02" + _login_seed("CHAP", [("CHAP_A", "5")])]
+                b"\x02" + _login_seed("CHAP", [("CHAP_A", "5")]), b"\x01" + _chap_login_seed("CHAP", False),
+                b"\x02" + _chap_login_seed("CHAP Mutual", True)]
     if target == "text":
         req = P.TextRequest(itt=1, data=encode_pairs([("SendTargets", "All")]))
         neg = P.TextRequest(itt=2, data=encode_pairs([("MaxRecvDataSegmentLength", "4096"), ("X-foo", "1")]))
@@ -405,5 +478,5 @@ def seeds(target: str) -> list[bytes]:
     if target == "connection":
         return [bytes((m,)) + _ffp_seed() for m in (0x02, 0x03, 0xF2)]
     if target == "scsi":
-        return _scsi_seed()
+        return [*_scsi_seed(), _pr_seed(), _xcopy_seed(), _mode_select_seed()]
     raise KeyError(target)
