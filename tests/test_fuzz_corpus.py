@@ -2,7 +2,7 @@
 
 - Every input of the repo corpus (tests/fuzz_corpus/TARGET/), crash files included, goes
   through its target again: a crash the campaign found stays fixed.
-- A short coverage-guided run of every target (atheris, 20 s each, under 2 minutes in
+- A short coverage-guided run of every target (atheris, 15 s each, under 2 minutes in
   all) finds no new failure.  The long campaign runs outside CI: ``PYTHONPATH=tests
   python3 -m support.fuzz campaign`` (tests/support/fuzz.py).
 """
@@ -36,6 +36,6 @@ def test_corpus_input_replays_cleanly(target: str, path: Path) -> None:
 @pytest.mark.parametrize("target", fuzz.TARGET_NAMES)
 def test_short_fuzz_run_finds_nothing(target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    summary = fuzz.run(target, seconds=20, keep=tmp_path)
+    summary = fuzz.run(target, seconds=15, keep=tmp_path)
     assert summary["crashes"] == [], summary
     assert summary["exit"] == 0 and int(summary["inputs"]) > 1000, summary  # type: ignore[call-overload]

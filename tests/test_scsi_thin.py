@@ -157,3 +157,33 @@ def test_space_taken_by_others_reports_threshold_first(tmp_path: Path, monkeypat
                 h.close()
 
         asyncio.run(body())
+
+
+def test_full_extent_root_over_iscsi(tmp_path: Path) -> None:
+    """What an initiator sees through the daemon: a thin LU on a full filesystem answers
+    07/27/07 (after the threshold's 06/38/07), and the daemon logs it once."""
+    from support.daemon import Daemon
+    from support.rawclient import login_session, write10
+
+    with small_fs(tmp_path / "extents", 4 * MIB) as root, \
+            Daemon(tmp_path / "state", demo=False, extra_args=["--extent-root", str(root)]) as d:
+        target = d.rest("POST", "target/", {"iscsi_target_name": "full"})
+        d.rest("POST", "targetgroup/", {"iscsi_target": target["id"], "iscsi_target_portalgroup": 1})
+        extent = d.rest("POST", "extent/", {"iscsi_target_extent_name": "thin", "iscsi_target_extent_path": "thin.img",
+                                            "iscsi_target_extent_filesize": "64MB",
+                                            "iscsi_target_extent_avail_threshold": 1})
+        d.rest("POST", "targettoextent/", {"iscsi_target": target["id"], "iscsi_extent": extent["id"]})
+        c = login_session(d.host, d.port, d.basename() + ":full")
+        try:
+            c.clear_unit_attentions()
+            senses = []
+            for i in range(48):
+                r = c.scsi(write10(i * CHUNK, CHUNK), data=b"\x77" * (CHUNK * 512))
+                if r.status == CC:
+                    senses.append((r.sense_key, *r.asc_ascq))
+            assert senses[0] == SOFT_THRESHOLD and set(senses[1:]) == {NO_SPACE} and len(senses) >= 8, senses
+        finally:
+            c.close()
+        log = d.log_text()
+        assert log.count("is full (No space left on device)") == 1, log[-3000:]
+        assert "MEDIUM" not in log and "Traceback" not in log
