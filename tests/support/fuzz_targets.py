@@ -233,10 +233,11 @@ class ScsiWorld:
             deadline = self.loop.time() + SETTLE_SECONDS
             while self.loop.time() < deadline:
                 await asyncio.sleep(0)
-                if not self.lu.tasks and not self.lu.excl_active and not self.lu.excl_waiters:
-                    return
+                lu = self.lu
+                if not lu.tasks and not lu.excl_active and not lu.excl_waiters and not lu.sanitizing:
+                    return  # (a SANITIZE with IMMED runs on after its task: wait for it too)
                 await asyncio.sleep(0.001)
-            raise Invariant(f"tasks never completed: {list(self.lu.tasks)}")
+            raise Invariant(f"tasks never completed: {list(self.lu.tasks)} (sanitizing: {self.lu.sanitizing})")
 
         self.loop.run_until_complete(drain())
 
