@@ -7,8 +7,9 @@
     PYTHONPATH=tests python3 -m support.fuzz seed              # (re)write the seed inputs
 
 Targets are in ``support.fuzz_targets``.  The repository keeps a small, minimised corpus
-in tests/fuzz_corpus/TARGET/ (the seeds, the inputs a campaign found that add coverage,
-and ``crash-*`` files: inputs that once failed, replayed by tests/test_fuzz_corpus.py).
+in tests/fuzz_corpus/TARGET/ (``seed-*``: hand-made valid conversations; ``cov-*``: the inputs
+a campaign found that reach code the seeds do not, minimised by ``merge``; ``crash-*``:
+inputs that once failed), all replayed by tests/test_fuzz_corpus.py.
 A run grows a working corpus under $XDG_CACHE_HOME/pyscsi-target/fuzz/TARGET (the repo
 corpus is read, never written, except by ``merge`` and ``seed``).  ``campaign`` runs every
 target in turn and appends each run's input count to stats.jsonl there; a crash stops
@@ -119,22 +120,26 @@ def campaign(seconds_per_target: int, rounds: int, targets: list[str]) -> None:
 
 
 def merge(target: str) -> None:
-    """Minimise the working corpus into the repo corpus (libFuzzer -merge=1 keeps the
-    inputs that add coverage); crash files stay."""
+    """Minimise the working corpus into the repo corpus: the seeds and crash files stay, and
+    libFuzzer's -merge=1 adds only the inputs that reach coverage they do not."""
     work = work_dir(target)
     fresh = work / "merged"
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir()
+    repo = CORPUS / target
+    kept = [p for p in repo.iterdir() if p.name.startswith(("seed-", "crash-"))]
+    for path in kept:
+        shutil.copy(path, fresh / path.name)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
-    subprocess.run([sys.executable, "-m", "support.fuzz", "_child", target, str(fresh), str(CORPUS / target),
+    subprocess.run([sys.executable, "-m", "support.fuzz", "_child", target, str(fresh), str(repo),
                     str(work / "corpus"), "-merge=1", f"-max_len={MAX_LEN}", "-timeout=10"], cwd=TESTS.parent,
                    env=env, check=True, capture_output=True)
-    repo = CORPUS / target
     for old in repo.iterdir():
-        if not old.name.startswith("crash-"):
+        if old not in kept:
             old.unlink()
     for new in fresh.iterdir():
-        shutil.copy(new, repo / new.name)
+        if not new.name.startswith(("seed-", "crash-")):  # an input the merge chose: named for why
+            shutil.copy(new, repo / f"cov-{new.name}")
 
 
 def coverage_report(include: str = "pyscsi_target/iscsi/*,pyscsi_target/scsi/*") -> None:
