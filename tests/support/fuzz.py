@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,8 +61,23 @@ def _fuzz_main(target: str, libfuzzer_args: list[str]) -> None:
     def one(data: bytes) -> None:
         fn(data)
 
-    atheris.Setup([sys.argv[0], *libfuzzer_args], one)
+    atheris.Setup([_self_command(target), *libfuzzer_args], one)
     atheris.Fuzz()
+
+
+def _self_command(target: str) -> str:
+    """An executable that runs this target's fuzzing process: libFuzzer's -merge runs its
+    argv[0] again as a child (with its own flags), and a .py module is no such program."""
+    path = work_dir(target) / "fuzz-child"
+    text = (f"#!/bin/sh\ncd {shlex.quote(str(TESTS.parent))} || exit 1\n"
+            f"PYTHONPATH={shlex.quote(str(TESTS))} exec {shlex.quote(sys.executable)} -m support.fuzz _child "
+            f"{target} \"$@\"\n")
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return str(path)
 
 
 _DONE = re.compile(rb"Done (\d+) runs in (\d+) second")
@@ -121,7 +137,7 @@ def campaign(seconds_per_target: int, rounds: int, targets: list[str]) -> None:
 
 def merge(target: str) -> None:
     """Minimise the working corpus into the repo corpus: the seeds and crash files stay, and
-    libFuzzer's -merge=1 adds only the inputs that reach coverage they do not."""
+    libFuzzer's -set_cover_merge=1 adds a small set of inputs reaching the coverage they do not."""
     work = work_dir(target)
     fresh = work / "merged"
     shutil.rmtree(fresh, ignore_errors=True)
@@ -132,7 +148,7 @@ def merge(target: str) -> None:
         shutil.copy(path, fresh / path.name)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     subprocess.run([sys.executable, "-m", "support.fuzz", "_child", target, str(fresh), str(repo),
-                    str(work / "corpus"), "-merge=1", f"-max_len={MAX_LEN}", "-timeout=10"], cwd=TESTS.parent,
+                    str(work / "corpus"), "-set_cover_merge=1", f"-max_len={MAX_LEN}", "-timeout=10"], cwd=TESTS.parent,
                    env=env, check=True, capture_output=True)
     for old in repo.iterdir():
         if old not in kept:
