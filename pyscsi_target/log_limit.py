@@ -1,57 +1,45 @@
-"""Rate-limited logging: a fault that repeats per command or per request (a full disk, a
-password guesser) must not flood the log, yet the first occurrence and the count of the
-rest must be there to read.
+"""Rate-limited log lines: what a peer can trigger at will must not flood the log.
 
-``RateLimitedLog.log(level, key, msg, ...)`` writes the first line of each ``key`` at once,
-then at most one line per ``interval`` seconds for that key; a line that passes after
-others were held back says how many were.  Keys are bounded (the oldest are forgotten), so
-an attacker varying the key (its source port, say) cannot grow the table without end.
+``LogLimit(interval)`` lets one line per key through every ``interval`` seconds and counts
+the ones it held back; the next line that passes says how many were suppressed, so the log
+stays truthful about volume without a line per event.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Hashable
 
-DEFAULT_INTERVAL = 10.0
-MAX_KEYS = 4096
+MAX_KEYS = 4096  # keys remembered (one per peer address, say); the oldest are forgotten
 
 
-class RateLimitedLog:
-    __slots__ = ("logger", "interval", "clock", "_last", "_held")
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        interval: float = DEFAULT_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.logger = logger
+class LogLimit:
+    def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
-        self.clock = clock
-        self._last: OrderedDict[object, float] = OrderedDict()  # key -> time of its last line
-        self._held: dict[object, int] = {}  # key -> lines held back since its last line
+        self._last: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
 
-    def log(self, level: int, key: object, msg: str, *args: Any) -> bool:
-        """Log ``msg % args`` unless ``key`` logged within the interval; True if written."""
-        if not self.logger.isEnabledFor(level):
-            return False
-        now = self.clock()
+    def log(self, logger: logging.Logger, level: int, key: Hashable, msg: str, *args: object) -> bool:
+        """Log ``msg % args`` unless a line with ``key`` passed less than ``interval`` ago;
+        True when it was logged.  A ``None`` key is never held back."""
+        if key is None:
+            logger.log(level, msg, *args)
+            return True
+        now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
-            self._held[key] = self._held.get(key, 0) + 1
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return False
-        held = self._held.pop(key, 0)
+        if last is None and len(self._last) >= MAX_KEYS:
+            oldest = next(iter(self._last))
+            del self._last[oldest]
+            self._suppressed.pop(oldest, None)
+        self._last.pop(key, None)
         self._last[key] = now
-        self._last.move_to_end(key)
-        while len(self._last) > MAX_KEYS:
-            old, _ = self._last.popitem(last=False)
-            self._held.pop(old, None)
+        held = self._suppressed.pop(key, 0)
         if held:
-            msg += " (%d similar message%s held back in the last %.0f s)"
-            args = (*args, held, "" if held == 1 else "s", now - last if last is not None else 0.0)
-        self.logger.log(level, msg, *args)
+            logger.log(level, msg + " (and %d more like it since the last one logged)", *args, held)
+        else:
+            logger.log(level, msg, *args)
         return True

@@ -21,7 +21,7 @@ from yarl import URL
 from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore, admin_credentials, is_disk_full
-from pyscsi_target.log_limit import RateLimitedLog
+from pyscsi_target.log_limit import LogLimit
 
 from . import freenas, hnas, native, openapi
 from .auth_throttle import AuthThrottle
@@ -30,8 +30,8 @@ from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_K
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
 log = logging.getLogger(__name__)
-_full_log = RateLimitedLog(log)
-_auth_log = RateLimitedLog(log, interval=60.0)
+_full_log = LogLimit()
+_auth_log = LogLimit(60.0)
 
 REALM = "pyscsi-target"
 # Everything under these prefixes needs credentials, except the public paths: a resource
@@ -70,10 +70,10 @@ def _auth_failed(request: web.Request, throttle: AuthThrottle, peer: str) -> web
     client's first, credential-less request (a browser's, for the challenge) is no guess."""
     if _presented_credentials(request):
         n = throttle.failed(peer)
-        _auth_log.log(logging.WARNING, peer, "API authentication failed from %s: %s %s (%d failure(s) in a row)",
+        _auth_log.log(log, logging.WARNING, peer, "API authentication failed from %s: %s %s (%d failure(s) in a row)",
                       peer, request.method, request.path, n)
     else:
-        _auth_log.log(logging.INFO, ("none", peer), "API request without credentials from %s: %s %s",
+        _auth_log.log(log, logging.INFO, ("none", peer), "API request without credentials from %s: %s %s",
                       peer, request.method, request.path)
     return _unauthorized(request)
 
@@ -124,7 +124,7 @@ def _error(request: web.Request, status: int, message: str, headers: dict[str, s
 def _insufficient_storage(request: web.Request, exc: BaseException) -> web.Response:
     """507 (RFC 4918 11.5): the state disk is full, the change was not saved (nothing half
     done: the transaction rolled back); the same request succeeds once space returns."""
-    _full_log.log(logging.ERROR, "full", "the state disk is full: %s %s refused with 507 (%s)",
+    _full_log.log(log, logging.ERROR, "full", "the state disk is full: %s %s refused with 507 (%s)",
                   request.method, request.path, exc)
     return _error(request, 507, "Insufficient storage: the disk holding the configuration database is full; "
                                 "the change was not saved.")

@@ -33,10 +33,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pyscsi_target.log_limit import RateLimitedLog
+from pyscsi_target.log_limit import LogLimit
 
 log = logging.getLogger(__name__)
-_warn = RateLimitedLog(log, interval=600.0)
+_warn = LogLimit(600.0)
 
 BACKUP_DIR = "backups"
 KEEP = 16
@@ -202,7 +202,7 @@ class AutoBackup:
             return
         exc = fut.exception()
         if exc is not None:
-            _warn.log(logging.WARNING, "backup", "backup of %s failed: %s (the earlier backups are kept)",
+            _warn.log(log, logging.WARNING, "backup", "backup of %s failed: %s (the earlier backups are kept)",
                       self.db_path, exc)
 
     def _take(self) -> None:

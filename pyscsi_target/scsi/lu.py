@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from pyscsi_target.backstore.base import Backstore, Buffer
-from pyscsi_target.log_limit import RateLimitedLog
+from pyscsi_target.log_limit import LogLimit
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.command import F
 from pyscsi_target.scsi.modepages import ModePages
@@ -43,7 +43,7 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 # A failing backstore fails every command that reaches it: one line per LU and fault, with
 # the count of the rest, instead of one per command.
-_io_log = RateLimitedLog(log)
+_io_log = LogLimit()
 # Out of space on the storage under a LU: SBC-3 4.7.3.6 (thin provisioning), as LIO maps
 # ENOSPC; a quota exceeded is the same condition seen from the storage.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -266,7 +266,7 @@ class LogicalUnit:
         """The sense for an error that is not a SCSI condition, logged at most once per
         interval per LU and kind."""
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
-            _io_log.log(logging.WARNING, (self.name, "space"),
+            _io_log.log(log, logging.WARNING, (self.name, "space"),
                         "LU %s: the storage under it is full (%s): writes fail with SPACE ALLOCATION FAILED",
                         self.name, exc.strerror)
             if self.check_threshold():
@@ -277,7 +277,7 @@ class LogicalUnit:
                     lst.remove(S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
                     return S.unit_attention(S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
             return S.CheckCondition(S.DATA_PROTECT, S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
-        _io_log.log(logging.ERROR, (self.name, type(exc)), "LU %s: command %02x failed: %r",
+        _io_log.log(log, logging.ERROR, (self.name, type(exc)), "LU %s: command %02x failed: %r",
                     self.name, task.cdb[0], exc)
         if isinstance(exc, OSError):
             return S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
