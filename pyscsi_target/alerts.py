@@ -1,19 +1,23 @@
 """Space alerts: the configuration's thresholds, watched off the I/O path.
 
-Two FreeNAS settings promise a warning when space runs short:
+Two FreeNAS settings promise a warning when space runs short.  Both name "the percentage
+of free space that should remain": the alert fires when the free share falls to N % or
+below, not when N % is in use.
 
-- ``iscsi_pool_avail_threshold`` (global): the share of the pool in use; the pool here is
-  the filesystem holding an extent root (each filesystem once);
-- an extent's ``avail_threshold``: the share of a thin File extent's capacity its file has
-  allocated - the same rule, measured the same way, as the THIN PROVISIONING SOFT THRESHOLD
-  REACHED unit attention the SCSI layer sends initiators (``LogicalUnit.check_threshold``).
-  A Disk extent's allocation is the device's own business and a block device reports none,
-  so its threshold is not watched (said once in the log).
+- ``iscsi_pool_avail_threshold`` (global): the pool here is the filesystem holding an
+  extent root (each filesystem once); its free share is what an unprivileged writer may
+  still use, as df counts it;
+- an extent's ``avail_threshold``: what a thin File extent can still allocate (its
+  unallocated capacity, capped by its filesystem's free space) against its capacity - the
+  same rule (``scsi/thin.py``) as the THIN PROVISIONING SOFT THRESHOLD REACHED unit
+  attention the SCSI layer sends initiators.  A Disk extent's allocation is the device's
+  own business and a block device reports none, so its threshold is not watched (said
+  once in the log).
 
 ``SpaceMonitor.check`` measures (statvfs/stat, in a worker thread) and updates an
 ``AlertBoard``, the one object the API (``/api/v1.0/system/alert/``), the log and metrics
 read: an alert is raised once per crossing (logged as a warning), and cleared (logged) when
-the usage is back under the threshold, the threshold is removed or its object is gone.
+the free space is back above the threshold, the threshold is removed or its object is gone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pyscsi_target.config.model import ConfigModel
+from pyscsi_target.scsi.thin import available, reached
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +110,13 @@ class PoolUsage:
     avail: int  # bytes an unprivileged writer may still use
 
     @property
-    def percent(self) -> int:
+    def percent_free(self) -> int:
         total = self.used + self.avail
-        return -(-self.used * 100 // total) if total else 0  # rounded up, as df does
+        return self.avail * 100 // total if total else 0  # rounded down: df's Use% rounds up
+
+    def reached(self, threshold: int) -> bool:
+        total = self.used + self.avail
+        return total > 0 and self.avail * 100 <= total * threshold
 
 
 @dataclass(frozen=True)
@@ -116,10 +125,14 @@ class ExtentUsage:
     name: str
     allocated: int  # bytes the file has allocated
     size: int  # the extent's capacity in bytes
+    free: int  # bytes its filesystem may still give
+
+    @property
+    def available(self) -> int:
+        return available(self.size, self.allocated, self.free)
 
     def reached(self, threshold: int) -> bool:
-        # The SCSI layer's rule (LogicalUnit.check_threshold): allocated >= capacity * N // 100.
-        return self.size > 0 and self.allocated >= self.size * threshold // 100
+        return reached(self.size, self.allocated, self.free, threshold)
 
 
 @dataclass(frozen=True)
@@ -151,10 +164,11 @@ def _measure(plan: Plan) -> tuple[list[PoolUsage], list[ExtentUsage]]:
     for extent_id, name, path, _ in plan.files:
         try:
             st = os.stat(path)
+            fs = os.statvfs(path)
         except OSError as exc:
             log.debug("extent %s (%s): %s", name, path, exc)
             continue
-        files.append(ExtentUsage(extent_id, name, st.st_blocks * 512, st.st_size))
+        files.append(ExtentUsage(extent_id, name, st.st_blocks * 512, st.st_size, fs.f_bavail * fs.f_frsize))
     return pools, files
 
 
@@ -207,13 +221,13 @@ class SpaceMonitor:
             threshold = plan.pool_threshold
             for p in pools:
                 key = f"pool:{p.root}"
-                if threshold is not None and p.percent >= threshold:
+                if threshold is not None and p.reached(threshold):
                     wanted.add(key)
                     self.board.raise_(
                         key,
                         WARNING,
-                        f"The filesystem holding extent root {p.root} is {p.percent}% used "
-                        f"({_mib(p.avail)} available), at or above the iSCSI pool threshold of {threshold}%.",
+                        f"The filesystem holding extent root {p.root} has {p.percent_free}% free space "
+                        f"({_mib(p.avail)} available), at or below the iSCSI pool threshold of {threshold}%.",
                     )
             thresholds = {extent_id: t for extent_id, _, _, t in plan.files}
             for f in files:
@@ -224,12 +238,12 @@ class SpaceMonitor:
                     self.board.raise_(
                         key,
                         WARNING,
-                        f'iSCSI extent "{f.name}" has allocated {_mib(f.allocated)} of its {_mib(f.size)}, '
-                        f"at or above its space threshold of {t}%.",
+                        f'iSCSI extent "{f.name}" can allocate {_mib(f.available)} more of its {_mib(f.size)}, '
+                        f"at or below its free space threshold of {t}%.",
                     )
             for alert in self.board.active():
                 if alert.key not in wanted:
-                    self.board.clear(alert.key, "back under the threshold, or no longer watched")
+                    self.board.clear(alert.key, "free space back above the threshold, or no longer watched")
             return self.board.active()
 
     # --- the periodic task ------------------------------------------------------------------

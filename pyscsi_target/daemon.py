@@ -20,8 +20,9 @@ from pathlib import Path
 from .api_endpoint import ApiEndpoint, local_url
 from .cluster.member import ClusterMember, GatewayOptions
 from .cluster.rados import ClusterSettings
+from .config.backups import AutoBackup
 from .config.service import ConfigService
-from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
+from .config.store import ADMIN_PASSWORD_FILE, ConfigStore, StateDbError
 from .iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from .isns import IsnsClient, default_entity_id, desired_state
 from .jobs import SanitizeJobs
@@ -32,6 +33,8 @@ from .values import format_listen
 
 log = logging.getLogger("pyscsi_target")
 
+# EX_CONFIG (sysexits.h): restarting cannot help; the unit's RestartPreventExitStatus= names it.
+EXIT_BAD_STATE = 78
 STATUS_INTERVAL = 10.0  # seconds between STATUS= refreshes (sent only when the text changes)
 
 
@@ -75,7 +78,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     notifier = Notifier.from_env()
     notifier.status("opening the state database")
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    store = ConfigStore(opts.state_dir)
+    store = ConfigStore(opts.state_dir)  # StateDbError if it exists but is empty or damaged
+    backups = AutoBackup(store.path)
     raise_fd_limit()  # before the engine sizes its descriptor reserve from it
     engine = Engine(opts.state_dir, pr_store=store.pr_store, ceph=opts.ceph, write_budget=opts.write_budget)
     service = ConfigService(store, engine, extent_roots=opts.extent_roots)
@@ -92,6 +96,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
         isns.update(desired_state(engine.model, engine.bound_portals(), entity_id=entity_id))
 
     engine.on_applied.append(publish_isns)
+    engine.on_applied.append(backups.changed)  # the first apply (start-up) takes one at once
     runner = None
     status_task: asyncio.Task[None] | None = None
     member = ClusterMember(opts.gateway, opts.ceph) if opts.gateway is not None else None
@@ -145,6 +150,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
         await engine.shutdown()
         if member is not None:
             await member.stop()  # after the LUs closed: the others take them over at once
+        await backups.close()
         store.close()
         await notifier.close()
     return 0
@@ -155,6 +161,10 @@ def run(opts: DaemonOptions) -> int:
 
     try:
         return uvloop.run(serve(opts))
+    except StateDbError as exc:  # one line, no traceback: the message says what to do
+        log.error("cannot start: %s", exc)
+        Notifier.from_env().status("cannot start: the state database is empty or damaged")
+        return EXIT_BAD_STATE
     except OSError as exc:  # a portal or the API address cannot be bound
         log.error("cannot start: %s", exc)
         Notifier.from_env().status(f"cannot start: {exc}")

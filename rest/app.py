@@ -12,6 +12,7 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
+from math import ceil
 from pathlib import Path
 
 from aiohttp import web
@@ -19,14 +20,18 @@ from yarl import URL
 
 from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
-from pyscsi_target.config.store import ConfigStore, admin_credentials
+from pyscsi_target.config.store import ConfigStore, admin_credentials, is_disk_full
+from pyscsi_target.log_limit import LogLimit
 
 from . import freenas, hnas, metrics, native, openapi, workbench
-from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, json_response
+from .auth_throttle import AuthThrottle
+from .common import ADMIN_KEY, ALLOWED_VS_KEY, MONITOR_KEY, SERVICE_KEY, STORE_KEY, THROTTLE_KEY, json_response
 
 DOC_KEY: web.AppKey[openapi.ApiDoc] = web.AppKey("openapi", openapi.ApiDoc)
 
 log = logging.getLogger(__name__)
+_full_log = LogLimit()
+_auth_log = LogLimit(60.0)
 
 REALM = "pyscsi-target"
 # Everything under these prefixes needs credentials, except the public paths: a resource
@@ -34,6 +39,9 @@ REALM = "pyscsi-target"
 PROTECTED_PREFIXES = ("/api/", "/v9/", "/metrics")
 PUBLIC_PATHS = frozenset({"/api/openapi.json"})
 MAX_BODY = 1 << 20  # 1 MiB: every legitimate body is tiny; larger ones get 413
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Writes whose body is not JSON: a raw disk image (``pyscsi-target extent import``).
+BINARY_BODY_PATHS = frozenset({f"{native.BASE}/extents/import"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +57,77 @@ def _unauthorized(request: web.Request) -> web.Response:
         else {"error": "Authentication credentials were not provided or are invalid."}
     )
     return json_response(body, 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
+
+
+def _presented_credentials(request: web.Request) -> bool:
+    h = request.headers
+    return "Authorization" in h or "X-Api-Key" in h or "X-Subsystem-User" in h
+
+
+def _auth_failed(request: web.Request, throttle: AuthThrottle, peer: str) -> web.Response:
+    """401, logged with the peer (at most one line per peer and interval, with the count of
+    the rest).  Only a request that presented credentials counts towards the back-off: a
+    client's first, credential-less request (a browser's, for the challenge) is no guess."""
+    if _presented_credentials(request):
+        n = throttle.failed(peer)
+        _auth_log.log(log, logging.WARNING, peer, "API authentication failed from %s: %s %s (%d failure(s) in a row)",
+                      peer, request.method, request.path, n)
+    else:
+        _auth_log.log(log, logging.INFO, ("none", peer), "API request without credentials from %s: %s %s",
+                      peer, request.method, request.path)
+    return _unauthorized(request)
+
+
+def _write_refusal(request: web.Request) -> tuple[int, str] | None:
+    """Why a write must not run, if it must not: a browser sending it from another site
+    (cached Basic credentials would otherwise do the foreign page's bidding), or a body that
+    is not JSON (a cross-site form can send text/plain without a CORS preflight; JSON
+    cannot).  Non-browser clients send neither Origin nor Sec-Fetch-Site, and JSON bodies."""
+    if request.method not in WRITE_METHODS:
+        return None
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site.lower() not in ("same-origin", "none"):
+        return 403, f"Cross-site requests may not change the configuration (Sec-Fetch-Site: {site[:40]})."
+    origin = request.headers.get("Origin")
+    if origin is not None and not _same_origin(request, origin):
+        return 403, f"Cross-origin requests may not change the configuration (Origin: {origin[:80]})."
+    if request.body_exists and not _json_media_type(request.content_type):
+        if request.content_type == "application/octet-stream" and request.path.rstrip("/") in BINARY_BODY_PATHS:
+            return None
+        return 415, "Send the request body as application/json (Content-Type: application/json)."
+    return None
+
+
+def _same_origin(request: web.Request, origin: str) -> bool:
+    try:
+        return URL(origin).origin() == request.url.origin()
+    except ValueError:  # "null" (a sandboxed page, a file: URL) or garbage: not ours
+        return False
+
+
+def _json_media_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def _error(request: web.Request, status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in the body shape of the API the request is for."""
+    if _is_v9(request):
+        resp = hnas.error_response(message, status)
+    elif request.path.startswith(native.BASE):
+        resp = native.error(status, message)
+    else:
+        resp = json_response({"error": message}, status)
+    resp.headers.update(headers or {})
+    return resp
+
+
+def _insufficient_storage(request: web.Request, exc: BaseException) -> web.Response:
+    """507 (RFC 4918 11.5): the state disk is full, the change was not saved (nothing half
+    done: the transaction rolled back); the same request succeeds once space returns."""
+    _full_log.log(log, logging.ERROR, "full", "the state disk is full: %s %s refused with 507 (%s)",
+                  request.method, request.path, exc)
+    return _error(request, 507, "Insufficient storage: the disk holding the configuration database is full; "
+                                "the change was not saved.")
 
 
 def _check_password(app: web.Application, user: str, password: str) -> bool:
@@ -107,10 +186,20 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     """Authentication for the two APIs and a JSON body for every error (never an HTML 500)."""
     protected = request.path.startswith(PROTECTED_PREFIXES) and request.path not in PUBLIC_PATHS
     if protected:
+        throttle = request.app[THROTTLE_KEY]
+        peer = request.remote or "unknown"
+        wait = throttle.retry_after(peer)
+        if wait > 0:  # before the credentials are even looked at: guessing costs time
+            return _error(request, 429, f"Too many failed logins from {peer}: try again in {ceil(wait)} s.",
+                          {"Retry-After": str(ceil(wait))})
         allowed = authenticate(request)
         if allowed is None:
-            return _unauthorized(request)
+            return _auth_failed(request, throttle, peer)
+        throttle.succeeded(peer)
         request[ALLOWED_VS_KEY] = allowed
+        refusal = _write_refusal(request)
+        if refusal is not None:
+            return _error(request, *refusal)
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -122,7 +211,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
                 return hnas.not_found()
             return json_response({"errorCode": hnas.ERR_GENERIC, "errorMsg": exc.reason}, exc.status, headers)
         return json_response({"error": exc.reason}, exc.status, headers)
-    except Exception:
+    except Exception as exc:
+        if is_disk_full(exc):
+            return _insufficient_storage(request, exc)
         log.exception("unhandled error serving %s %s", request.method, request.path)
         if _is_v9(request):
             return hnas.server_error("Internal error")
@@ -173,6 +264,7 @@ def make_app(
     app[STORE_KEY] = store
     app[ADMIN_KEY] = admin or admin_credentials(store.state_dir)
     app[MONITOR_KEY] = monitor or SpaceMonitor(lambda: service.model, lambda: service.extent_roots)
+    app[THROTTLE_KEY] = AuthThrottle()  # its counters are the metrics of failed logins
     app.on_startup.append(_start_monitor)
     app.on_cleanup.append(_stop_monitor)
     app.on_response_prepare.append(_on_prepare)

@@ -11,10 +11,13 @@ from pyscsi_target.alerts import SpaceMonitor
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore
 
+from .auth_throttle import AuthThrottle
+
 SERVICE_KEY: web.AppKey[ConfigService] = web.AppKey("service", ConfigService)
 STORE_KEY: web.AppKey[ConfigStore] = web.AppKey("store", ConfigStore)
 ADMIN_KEY: web.AppKey[tuple[str, str]] = web.AppKey("admin", tuple)
 MONITOR_KEY: web.AppKey[SpaceMonitor] = web.AppKey("space_monitor", SpaceMonitor)
+THROTTLE_KEY: web.AppKey[AuthThrottle] = web.AppKey("auth_throttle", AuthThrottle)
 # Virtual servers the request's credentials may use ([] = all).
 ALLOWED_VS_KEY: web.RequestKey[list[int]] = web.RequestKey("allowed_vs", list)
 

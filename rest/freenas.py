@@ -33,7 +33,7 @@ from pyscsi_target.config.transaction import (
 
 from . import freenas_tables as tables
 from .common import MONITOR_KEY, SERVICE_KEY, BadJSON, json_response, read_object
-from .openapi import ApiDoc, Operation, Response, crud_links, obj, ref
+from .openapi import ApiDoc, Operation, Response, common_errors, crud_links, obj, ref, with_common_errors
 from .tables import Table
 
 BASE = "/api/v1.0/services/iscsi"
@@ -362,12 +362,14 @@ async def get_v2_version(request: web.Request) -> web.Response:
 def errors(*codes: int) -> dict[int, Response]:
     table = {
         400: Response("Invalid values, invalid JSON or bad paging parameters", ref("FreeNASError")),
+        403: Response("A browser write from another site", ref("FreeNASError")),
         401: Response("Missing or wrong credentials", ref("FreeNASError")),
         404: Response("No object with this id", ref("FreeNASError")),
         409: Response("Uniqueness conflict or object in use", ref("FreeNASError")),
         413: Response("Request body too large"),
+        **common_errors(ref("FreeNASError")),
     }
-    return {c: table[c] for c in codes}
+    return {c: table[c] for c in with_common_errors(codes)}
 
 
 PAGING: tuple[Schema, ...] = (

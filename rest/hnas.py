@@ -24,7 +24,7 @@ from pyscsi_target.config.targets import TargetFields as TN
 from . import hnas_view
 from .common import ALLOWED_VS_KEY, SERVICE_KEY, BadJSON, json_response, read_object
 from .hnas_view import HnasTargetFields as HV
-from .openapi import ApiDoc, Operation, Response, crud_links, obj
+from .openapi import ApiDoc, Operation, Response, common_errors, crud_links, obj, with_common_errors
 from .tables import Column, Table, strict_type_error
 
 BASE = "/v9/storage/iscsi-targets"
@@ -150,7 +150,12 @@ def not_found(reason: str = "The iSCSI target does not exist") -> web.Response:
 
 
 def server_error(message: str) -> web.Response:
-    return json_response({"errorCode": 0, "errorDetail": error_detail(message), "errorMsg": message}, 500)
+    return error_response(message, 500)
+
+
+def error_response(message: str, status: int) -> web.Response:
+    """The body of a failure on the server's side (500, 507)."""
+    return json_response({"errorCode": 0, "errorDetail": error_detail(message), "errorMsg": message}, status)
 
 
 def _config_error(exc: ConfigError) -> web.Response:
@@ -286,12 +291,14 @@ def setup_routes(app: web.Application, doc: ApiDoc) -> None:
         table = {
             400: Response("Bad Request", bad),
             401: Response("Unauthorized - credentials or API key missing or invalid", denied),
-            403: Response("Forbidden - the API key does not cover this virtual server", denied),
+            403: Response("Forbidden - the API key does not cover this virtual server, or a browser write from "
+                          "another site", denied),
             404: Response("Not Found - a resource specified was not found", error),
             409: Response("Conflict - the name is already used or the target is in use", bad),
             413: Response("Request body too large"),
+            **common_errors(error),
         }
-        return {c: table[c] for c in codes}
+        return {c: table[c] for c in with_common_errors(codes)}
 
     sec: tuple[Schema, ...] = ({"basicAuth": []}, {"api_key": []}, {"x_subsystem_user": [], "x_subsystem_password": []})
     changed = obj({"iscsiTarget": target, "uri": _STR}, ["iscsiTarget", "uri"])

@@ -25,11 +25,21 @@ from pyscsi_target.config.transaction import AUTH_CREDENTIALS, TARGET_GROUPS, TA
 Fields = Mapping[str, object]
 
 
+# The shortest /v9 CHAP secret: 10 characters, the length of the HNAS document's own example
+# ("secret1234"), which must keep working as printed.  RFC 7143 (9.2.1, 12.1.3) asks for
+# random secrets of up to 128 bits and for IPsec below 96 random bits, and FreeNAS and the
+# Windows initiator require 12-16 characters; LIO (targetcli) and open-iscsi accept any
+# length.  No length makes a typed secret random, so the floor only keeps out the trivially
+# short (the 1-character secret that was accepted); the per-initiator CHAP back-off is what
+# stops guessing on the wire.
+HNAS_SECRET_MIN = 10
+
+
 class HnasTargetFields(FieldSet):
     """The /v9 settings that are not fields of the FreeNAS target."""
 
     enable_authentication = Field("enable_authentication", Boolean())
-    secret = Field("secret", Text(max_len=255))  # free-form, unlike FreeNAS's 12-16 rule
+    secret = Field("secret", Text(max_len=255, min_len=HNAS_SECRET_MIN))  # not FreeNAS's 12-16 rule
     regenerate_gun = Field("regenerate_gun", Boolean())
 
 
@@ -137,6 +147,8 @@ def _check_auth_fields(fields: Fields) -> None:
     secret = HnasTargetFields.secret.read(fields, errs)
     if isinstance(secret, str) and secret and re.search(r"\s", secret):
         errs.add("secret", "The secret cannot contain white space.")
+    elif isinstance(secret, str) and secret and len(secret) < HNAS_SECRET_MIN:
+        errs.add("secret", f"The secret must be at least {HNAS_SECRET_MIN} characters long.")
     errs.raise_if_any()
 
 

@@ -43,7 +43,7 @@ from pyscsi_target.jobs import RUNNING, SUCCEEDED, JobError, JobRegistry
 
 from . import native_tables as tables
 from .common import SERVICE_KEY, STORE_KEY, BadJSON, json_response, read_object
-from .openapi import ApiDoc, Operation, Response, obj, ref
+from .openapi import ApiDoc, Operation, Response, common_errors, obj, ref, with_common_errors
 from .tables import Table
 
 BASE = "/api/pyscsi/v1"
@@ -302,8 +302,10 @@ def _errors(*codes: int) -> dict[int, Response]:
         409: Response("Conflict (name or path in use, target in use, job not cancellable)", ref("NativeError")),
         411: Response("The image's length is missing", ref("NativeError")),
         413: Response("Request body too large", ref("NativeError")),
+        403: Response("A browser write from another site", ref("NativeError")),
+        **common_errors(ref("NativeError")),
     }
-    return {c: table[c] for c in codes}
+    return {c: table[c] for c in with_common_errors(codes)}
 
 
 def _query(name: str, schema: Schema, description: str = "") -> Schema:

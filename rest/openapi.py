@@ -149,3 +149,21 @@ def new_doc() -> ApiDoc:
             "x_subsystem_password": {"type": "apiKey", "in": "header", "name": "X-Subsystem-Password"},
         },
     )
+
+
+def common_errors(body: Schema) -> dict[int, Response]:
+    """The answers every API gives outside its handlers (rest/app.py), in its error ``body``."""
+    return {
+        415: Response("The write's body is not application/json", body),
+        429: Response("Too many failed logins from this address: retry after Retry-After seconds", body),
+        507: Response("The disk holding the configuration database is full: nothing was saved", body),
+    }
+
+
+def with_common_errors(codes: tuple[int, ...]) -> tuple[int, ...]:
+    """``codes`` plus what the middleware may answer: 429 wherever credentials are checked
+    (401), and for writes (a body, hence 413) 403 (cross-site), 415 and 507."""
+    extra: tuple[int, ...] = (429,) if 401 in codes else ()
+    if 413 in codes:
+        extra += (403, 415, 507)
+    return tuple(dict.fromkeys((*codes, *extra)))

@@ -1,6 +1,8 @@
 """Space thresholds do what they say: an alert (API, log, metrics counters) once per crossing,
 and for thin File LUs the THIN PROVISIONING SOFT THRESHOLD REACHED unit attention (06/38/07),
-once per crossing, re-armed when the allocation falls back under the threshold."""
+once per crossing, re-armed when the free space is back above the threshold.  A threshold
+is FreeNAS's "percentage of free space that should remain": it is reached when the free
+share falls to it or below."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 from support.daemon import Daemon
 from support.rawclient import login_session, tur, write10
 from support.rest_harness import FN, aio, harness
+from support.small_fs import fill, small_fs
 
 from pyscsi_target.alerts import AlertBoard, SpaceMonitor
 from pyscsi_target.config.model import ConfigModel, Extent, GlobalConfig
@@ -74,7 +77,7 @@ async def test_monitor_extent_and_pool_thresholds(tmp_path: Path, caplog: pytest
         [alert] = await monitor.check()
         assert alert.key == "extent:1" and alert.level == "WARNING"
         assert alert.message == (
-            'iSCSI extent "thin" has allocated 0.5 MiB of its 1.0 MiB, at or above its space threshold of 50%.'
+            'iSCSI extent "thin" can allocate 0.5 MiB more of its 1.0 MiB, at or below its free space threshold of 50%.'
         )
         await monitor.check()
         _punch(watched)
@@ -84,18 +87,43 @@ async def test_monitor_extent_and_pool_thresholds(tmp_path: Path, caplog: pytest
     assert sum(m.startswith("alert cleared") for m in lines) == 1
     assert sum("avail_threshold 10% is not watched" in m for m in lines) == 1  # a Disk: said once
 
-    # The pool: the filesystem holding the extent root, in use at or above the threshold.
+    # The pool: the filesystem holding the extent root, its free share at or below the threshold.
     st = os.statvfs(root)
-    used = (st.f_blocks - st.f_bfree) * 100
-    percent = -(-used // ((st.f_blocks - st.f_bfree) + st.f_bavail))
-    threshold = max(1, min(99, percent))
-    model.global_config = GlobalConfig(pool_avail_threshold=threshold)
+    free = st.f_bavail * 100 // ((st.f_blocks - st.f_bfree) + st.f_bavail)
+    assert 1 <= free <= 98, "the test needs a filesystem neither full nor empty"
+    model.global_config = GlobalConfig(pool_avail_threshold=free + 1)
     [alert] = await monitor.check()
-    assert alert.key == f"pool:{root}" and f"iSCSI pool threshold of {threshold}%" in alert.message
-    if percent < 99:
-        model.global_config.pool_avail_threshold = percent + 1
+    assert alert.key == f"pool:{root}" and f"iSCSI pool threshold of {free + 1}%" in alert.message
+    assert f"has {free}% free space" in alert.message
+    model.global_config.pool_avail_threshold = free  # rounded down: free is a bit above it
+    free_exact = st.f_bavail * 100 / ((st.f_blocks - st.f_bfree) + st.f_bavail)
+    if free_exact > free + 0.01:
         assert await monitor.check() == []
     assert monitor.board.crossings == {"extent": 1, "pool": 1}
+
+
+@aio
+async def test_thresholds_follow_freenas_meaning(tmp_path: Path) -> None:
+    """10 % means "warn when 10 % free remains", not "when 10 % is used": a tenth allocated
+    raises nothing, nine tenths do - on the extent and on a small pool alike."""
+    with small_fs(tmp_path / "pool", 8 * MIB) as root:
+        model = ConfigModel()
+        img = root / "e.img"
+        _file(img, 4 * MIB, 410 << 10)  # a tenth of the extent allocated
+        model.extents[1] = Extent(id=1, name="e", path=str(img), avail_threshold=10)
+        model.global_config = GlobalConfig(pool_avail_threshold=10)
+        monitor = SpaceMonitor(lambda: model, lambda: [root])
+        assert await monitor.check() == []
+        _file(img, 4 * MIB, 3700 << 10)  # nine tenths: 396 KiB left of 4 MiB
+        [alert] = await monitor.check()
+        assert alert.key == "extent:1" and "at or below its free space threshold of 10%" in alert.message
+        fill(root / "other.bin")  # the pool's free space gone: the extent can allocate nothing
+        alerts = await monitor.check()
+        assert [a.key for a in alerts] == ["extent:1", f"pool:{root}"]
+        assert "can allocate 0.0 MiB more" in alerts[0].message
+        os.unlink(root / "other.bin")
+        _punch(img)
+        assert await monitor.check() == []
 
 
 @aio

@@ -65,7 +65,7 @@ def populate(d: Daemon) -> None:
     d.rest("PUT", f"targetgroup/{t2['id']}/", {"iscsi_target_initiatorgroup": ig["id"],
                                                 "iscsi_target_authtype": "CHAP Mutual",
                                                 "iscsi_target_authgroup": 5})
-    d.rest("PUT", "globalconfiguration/", {"iscsi_pool_avail_threshold": 80})
+    d.rest("PUT", "globalconfiguration/", {"iscsi_pool_avail_threshold": 1})  # warn at 1 % free: quiet here
     d.rest("POST", "", {"alias": "HnasOne", "comment": "from /v9", "accessConfig": "127.0.0.1(rw); *(ro)",
                         "enableAuthentication": True, "secret": "hnas-secret"}, prefix=HN)
     hn = d.rest("GET", "", prefix=HN)["iscsiTargets"][-1]

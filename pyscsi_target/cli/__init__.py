@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import configuration as cfg
     from . import objects as o
-    from . import tree
+    from . import state_backup, tree
 
     ls = command(sub, "ls", lambda client, a: tree.run(client, long=a.long, as_json=a.json),
                  "show portal groups, targets, LUNs, extents, ACLs, auth and live sessions as a tree")
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "(e.g. a restore before the first start)")
     c.add_argument("--extent-root", action="append", metavar="DIR",
                    help="with --offline: the daemon's extent roots (default STATE_DIR/extents)")
+    state_backup.add_parsers(cf)
 
     from . import workbench
 

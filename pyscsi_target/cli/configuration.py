@@ -18,7 +18,7 @@ from ..api_endpoint import ApiEndpoint
 from ..config.errors import ConfigError
 from ..config.export import apply_import, export_config, plan_import
 from ..config.service import ConfigService
-from ..config.store import DB_NAME, ConfigStore
+from ..config.store import DB_NAME, ConfigStore, StateDbError
 from .client import NATIVE, ApiClient, ApiError, CliError, default_state_dir
 from .output import console, print_json
 
@@ -95,8 +95,15 @@ def _state_dir(args: argparse.Namespace) -> Path:
     return state
 
 
+def _open_store(state: Path) -> ConfigStore:
+    try:
+        return ConfigStore(state)
+    except StateDbError as exc:
+        raise CliError(str(exc)) from None
+
+
 def export_offline(args: argparse.Namespace) -> dict[str, Any]:
-    store = ConfigStore(_state_dir(args))
+    store = _open_store(_state_dir(args))
     try:
         return export_config(store.load(), store, redact=bool(args.redact))
     finally:
@@ -109,7 +116,7 @@ def import_offline(args: argparse.Namespace, doc: Any) -> dict[str, Any]:
     if ApiEndpoint.read(state) is not None:
         raise CliError(f"a daemon is running on {state}: import through it (without --offline)")
     roots = [Path(r).resolve() for r in args.extent_root] if args.extent_root else [state / "extents"]
-    store = ConfigStore(state)
+    store = _open_store(state)
     try:
         service = ConfigService(store, None, extent_roots=roots)
         try:

@@ -55,7 +55,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s.add_argument("--extent-root", action="append", type=Path, default=None, metavar="DIR",
                    help="directory file extents may live under (repeatable; default STATE_DIR/extents)")
     s.add_argument("--demo", action="store_true",
-                   help="add (if absent) a 1 GiB sparse demo LUN, target 'demo', open to every initiator")
+                   help="on a new (empty) state dir, add a 1 GiB sparse demo LUN, target 'demo', "
+                        "open to every initiator")
     ceph = s.add_argument_group("Ceph", "how RBD extents that leave these settings empty reach their cluster")
     ceph.add_argument("--ceph-conf", type=Path, default=None, metavar="FILE",
                       help="ceph.conf (default: librados' search, $CEPH_CONF then /etc/ceph/ceph.conf)")
@@ -90,9 +91,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def api_key_create(args: argparse.Namespace) -> int:
+    from ..config.store import StateDbError
     from ..config.store import api_key_create as create
 
-    print(create((args.state_dir or default_state_dir()).resolve(), args.virtual_server or []))
+    try:
+        print(create((args.state_dir or default_state_dir()).resolve(), args.virtual_server or []))
+    except StateDbError as exc:
+        print(f"pyscsi-target: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -30,6 +30,17 @@ _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _INT_RE = re.compile(r"\s*[-+]?\d{1,18}\s*")
 
 
+def utf8_text(text: str) -> str:
+    """``text``, if it can travel as UTF-8 (iSCSI text keys, the database, logs); ValueError
+    for a lone surrogate, which JSON's ``\\uD800`` escapes can carry but no encoding can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"Enter valid text: U+{ord(text[exc.start]):04X} (position {exc.start + 1}) "
+                         "is half of a surrogate pair, not a character.") from None
+    return text
+
+
 class Unset(enum.Enum):
     """What ``Field.read`` returns for a field that was not sent (or was refused)."""
 
@@ -68,7 +79,7 @@ class Text(FieldType[str]):
     def parse(self, value: object) -> str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
             raise ValueError("This field must be a string.")
-        text = value if isinstance(value, str) else str(value)
+        text = utf8_text(value) if isinstance(value, str) else str(value)
         if len(text) > self.max_len:
             raise ValueError(f"Ensure this value has at most {self.max_len} characters (it has {len(text)}).")
         if not self.allow_ctrl and _CTRL_RE.search(text):
@@ -214,9 +225,12 @@ class StringList(FieldType[list[object]]):
 
     def parse(self, value: object) -> list[object]:
         if isinstance(value, str):
-            return list(value.split())
+            return list(utf8_text(value).split())
         if not isinstance(value, list):
             raise ValueError(self.message)
+        for item in value:
+            if isinstance(item, str):
+                utf8_text(item)
         return list(value)
 
     def schema(self) -> Schema:

@@ -117,9 +117,14 @@ class ConfigService:
     # --- start-up ----------------------------------------------------------------------
 
     async def start(self, *, default_portals: Iterable[str] = ("0.0.0.0:3260",), demo: bool = False) -> None:
-        """Seed an empty state dir, optionally add the demo target, then apply to the engine."""
+        """Seed an empty state dir, optionally add the demo target, then apply to the engine.
+
+        The demo (a LUN open to every initiator on every portal group) is added only to a
+        state dir that was empty: on a restart, ``--demo`` must not re-export it on portal
+        groups the administrator created since, nor bring it back once deleted."""
         async with self._changes.lock:
-            if self.store.is_empty():
+            fresh = self.store.is_empty()
+            if fresh:
                 model = ConfigModel(global_config=GlobalConfig(basename=DEFAULT_BASENAME))
                 listen = [str(parse_listen(entry, allow_zero=True)) for entry in default_portals]
                 with self.store.transaction() as tx:
@@ -129,9 +134,11 @@ class ConfigService:
                     tx.sync(ConfigModel(), model)
                 self._changes.model = model
                 log.info("initialised a new configuration in %s", self.store.path)
-        if demo:
+        if demo and fresh:
             await self.ensure_demo()
         else:
+            if demo:
+                log.info("--demo: not added, the state dir %s already has a configuration", self.store.state_dir)
             await self._changes.apply_current()
 
     async def ensure_demo(self, size: int = DEMO_SIZE) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pyscsi_target.config.backups import list_backups, sqlite_problem
 from pyscsi_target.config.model import (
     AuthCredential,
     ConfigModel,
@@ -74,13 +76,70 @@ def _from_json(cls: type, row_id: int, text: str) -> Any:
     return cls(id=row_id, **kwargs)
 
 
+class StateDbError(Exception):
+    """The state database cannot be used as it is (empty, damaged, missing): the daemon
+    refuses to start rather than run on an empty or half-read configuration.  The message
+    is one line naming the file and the way out."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` (or an exception it came from) says the disk is full: SQLite's
+    SQLITE_FULL, or ENOSPC/EDQUOT from a file operation."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the cause chain is short; a cycle must not loop
+        if seen is None:
+            return False
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+            return True
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+_SQLITE_FULL = 13
+
+
+def way_out(state_dir: Path) -> str:
+    """What an administrator can do about a damaged or missing state database."""
+    cmd = f"pyscsi-target config restore --state-dir {state_dir}"
+    found = list_backups(state_dir)
+    if found:
+        return (f"restore the newest backup ({found[-1].name}) with `{cmd} latest`, "
+                f"or another of the {len(found)} in {found[-1].parent}")
+    return (f"restore a copy with `{cmd} FILE`, or move {state_dir / DB_NAME} away to start with an empty "
+            "configuration")
+
+
+def check_state_db(path: Path) -> None:
+    """Refuse a state database that exists but is empty or damaged (StateDbError).
+
+    A database that does not exist is fine only in a state dir that never had one: with
+    backups beside it, it was lost."""
+    state_dir = path.parent
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        if list_backups(state_dir):
+            raise StateDbError(f"state database {path} is missing but this state dir has backups of it: "
+                               f"{way_out(state_dir)}") from None
+        return
+    if size == 0:
+        raise StateDbError(f"state database {path} is empty (0 bytes; truncated?): {way_out(state_dir)}")
+    problem = sqlite_problem(path)
+    if problem:
+        raise StateDbError(f"state database {path} is damaged ({problem}): {way_out(state_dir)}")
+
+
 class ConfigStore:
-    """The state database.  ``ConfigStore(state_dir)`` creates the directory and schema."""
+    """The state database.  ``ConfigStore(state_dir)`` creates the directory and schema, or
+    checks the existing database (StateDbError if it is empty or damaged)."""
 
     def __init__(self, state_dir: Path | str) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.state_dir / DB_NAME
+        check_state_db(self.path)
         self._lock = threading.RLock()
         # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
@@ -125,11 +184,13 @@ class ConfigStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield StoreTransaction(self._db)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            else:
                 self._db.execute("COMMIT")
+            except BaseException:
+                # Also when COMMIT itself failed: SQLite leaves the transaction open after
+                # SQLITE_FULL, and every later BEGIN would fail until it is rolled back.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def is_empty(self) -> bool:
         """True when no configuration was ever saved (a fresh state dir)."""
@@ -138,6 +199,13 @@ class ConfigStore:
         return row is None
 
     def load(self) -> ConfigModel:
+        try:
+            return self._load()
+        except (ValueError, TypeError, KeyError) as exc:  # a row that is not this program's JSON
+            raise StateDbError(f"state database {self.path} holds a record that cannot be read ({exc!r}): "
+                               f"{way_out(self.state_dir)}") from exc
+
+    def _load(self) -> ConfigModel:
         with self._lock:
             model = ConfigModel()
             for kind, cls in KINDS.items():

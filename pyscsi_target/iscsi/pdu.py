@@ -370,6 +370,11 @@ class PDU(metaclass=_PDUType):
         hdr[0] = self.opcode | (0x40 if self.immediate else 0)
         hdr[4] = ahs_len >> 2
         hdr[5:8] = dsl.to_bytes(3, "big")
+        if self.ahs:
+            self._encode_ahs(hdr)
+        return hdr
+
+    def _encode_ahs(self, hdr: bytearray) -> None:
         off = BHS_LEN
         for typ, payload in self.ahs:
             # payload starts with the type's reserved byte; AHSLength counts it (RFC 7143 11.2.2).
@@ -377,7 +382,6 @@ class PDU(metaclass=_PDUType):
             hdr[off : off + 3] = struct.pack(">HB", seg_len, typ)
             hdr[off + 3 : off + 3 + seg_len] = payload
             off += 3 + seg_len + pad_len(3 + seg_len)
-        return hdr
 
     def ahs_len(self) -> int:
         return sum(3 + len(p) + pad_len(3 + len(p)) for _t, p in self.ahs)
@@ -655,6 +659,17 @@ class UnknownPDU(PDU):
 
     def raw_header(self) -> bytes:
         return self.bhs
+
+    def encode_header(self, ahs_len: int, dsl: int) -> bytearray:
+        """The header as received (its fields are unknown to this codec), with the AHS and
+        data segment it is sent with now."""
+        hdr = bytearray(self.bhs) + bytearray(ahs_len)
+        hdr[0] = self.raw_opcode | (0x40 if self.immediate else 0)
+        hdr[4] = ahs_len >> 2
+        hdr[5:8] = dsl.to_bytes(3, "big")
+        if self.ahs:
+            self._encode_ahs(hdr)
+        return hdr
 
 
 # The PDUs an initiator numbers with CmdSN besides SCSI commands (they wait for their turn).

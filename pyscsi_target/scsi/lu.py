@@ -15,6 +15,7 @@ default executor and complete from the future's done-callback.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections import deque
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from pyscsi_target.backstore.base import Backstore, Buffer, PathUnavailable
+from pyscsi_target.log_limit import LogLimit
 from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.alua import TARGET_PORT_UNAVAILABLE, Alua
 from pyscsi_target.scsi.command import F
@@ -31,6 +33,7 @@ from pyscsi_target.scsi.registry import ITKey, ScsiRegistry
 from pyscsi_target.scsi.reservations import PersistentReservations
 from pyscsi_target.scsi.settings import LuSettings
 from pyscsi_target.scsi.task import MAX_TRANSFER_BYTES, Nexus, ScsiTask, TaskAttr
+from pyscsi_target.scsi.thin import SoftThreshold
 
 if TYPE_CHECKING:  # annotations only: these modules import this one
     from pyscsi_target.scsi.command import Command
@@ -39,6 +42,12 @@ if TYPE_CHECKING:  # annotations only: these modules import this one
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
+# A failing backstore fails every command that reaches it: one line per LU and fault, with
+# the count of the rest, instead of one per command.
+_io_log = LogLimit()
+# Out of space on the storage under a LU: SBC-3 4.7.3.6 (thin provisioning), as LIO maps
+# ENOSPC; a quota exceeded is the same condition seen from the storage.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # PYSCSI_TRACE_SCSI=1 logs every completed command's status and sense (debugging aid).
 _TRACE = bool(os.environ.get("PYSCSI_TRACE_SCSI"))
 
@@ -70,7 +79,7 @@ class LogicalUnit:
         "excl_active", "excl_waiters", "insecure_tpc", "it_key", "lbppbe", "legacy_holder", "modes", "naa",
         "name", "nexuses", "num_blocks", "on_reset", "ordered_running", "pr", "read_only", "registry", "rpm",
         "sanitize_busy", "sanitize_failed", "sanitize_progress", "sanitizing", "serial", "settings", "state",
-        "stopped", "tasks", "threshold_armed", "ua", "writes_inflight", "xen",
+        "stopped", "tasks", "threshold", "ua", "writes_inflight", "xen",
     )
 
     def __init__(
@@ -113,7 +122,7 @@ class LogicalUnit:
         self.sanitize_progress = 0.0  # fraction done, for the progress indication
         self.sanitize_busy = False  # a sanitize step is in a worker thread (close waits for it)
         self.copy_results: dict[tuple[ITKey, int], CopyResult] = {}
-        self.threshold_armed = True
+        self.threshold = SoftThreshold()
         self.closed = False
         registry.lus[self.naa] = self
 
@@ -146,6 +155,8 @@ class LogicalUnit:
             if self.registry.lus.get(self.naa) is self:
                 del self.registry.lus[self.naa]
             self.registry.lus[settings.naa] = self
+        if settings.avail_threshold != self.avail_threshold:
+            self.threshold = SoftThreshold()  # sample at the next write against the new value
         self._apply_settings(settings)
         if (self.naa, self.serial, self.rpm, self.xen) != old_ident:
             self.add_ua_all(S.INQUIRY_DATA_HAS_CHANGED)
@@ -255,14 +266,32 @@ class LogicalUnit:
             task.data_in = []
             task.data_in_len = 0
         else:
-            log.error("LU %s: command %02x failed: %r", self.name, task.cdb[0], exc)
-            code = S.WRITE_ERROR if isinstance(exc, OSError) else S.INTERNAL_TARGET_FAILURE
-            key = S.MEDIUM_ERROR if isinstance(exc, OSError) else S.HARDWARE_ERROR
             task.status = S.CHECK_CONDITION
-            task.sense = self.sense_of(S.CheckCondition(key, code))
+            task.sense = self.sense_of(self._backstore_failure(task, exc))
             task.data_in = []
             task.data_in_len = 0
         self._finish(task)
+
+    def _backstore_failure(self, task: ScsiTask, exc: BaseException) -> S.CheckCondition:
+        """The sense for an error that is not a SCSI condition, logged at most once per
+        interval per LU and kind."""
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            _io_log.log(log, logging.WARNING, (self.name, "space"),
+                        "LU %s: the storage under it is full (%s): writes fail with SPACE ALLOCATION FAILED",
+                        self.name, exc.strerror)
+            if self.check_threshold():
+                # This crossing is new: the initiator hears of the threshold first (the UA
+                # ends this command unexecuted; its retry gets the allocation failure).
+                lst = self.ua.get(self.it_key(task.nexus))
+                if lst and S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED in lst:
+                    lst.remove(S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
+                    return S.unit_attention(S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
+            return S.CheckCondition(S.DATA_PROTECT, S.SPACE_ALLOCATION_FAILED_WRITE_PROTECT)
+        _io_log.log(log, logging.ERROR, (self.name, type(exc)), "LU %s: command %02x failed: %r",
+                    self.name, task.cdb[0], exc)
+        if isinstance(exc, OSError):
+            return S.CheckCondition(S.MEDIUM_ERROR, S.WRITE_ERROR)
+        return S.CheckCondition(S.HARDWARE_ERROR, S.INTERNAL_TARGET_FAILURE)
 
     def _finish(self, task: ScsiTask) -> None:
         k = (task.nexus.nexus_id, task.tag)
@@ -343,6 +372,8 @@ class LogicalUnit:
         except (IndexError, ValueError) as e:  # truncated CDB / malformed parameter data
             log.debug("malformed %s: %r", cmd.name, e)
             self.fail(task, S.invalid_cdb(0))
+        except OSError as e:  # the backstore failed inline (a page-cache write on a full disk)
+            self.fail(task, e)
         except Exception as e:  # noqa: BLE001 - never let a command take the daemon down
             log.exception("LU %s: %s crashed", self.name, cmd.name)
             self.fail(task, e)
@@ -551,27 +582,26 @@ class LogicalUnit:
 
     # --- thin provisioning threshold ------------------------------------------------------
 
-    def check_threshold(self) -> None:
-        """THIN PROVISIONING SOFT THRESHOLD REACHED once per crossing of avail_threshold.
+    def wrote(self, nbytes: int) -> None:
+        """Account a WRITE of ``nbytes`` against the soft threshold (scsi/thin.py): most
+        writes cost a subtraction and a clock read, not a system call."""
+        if self.threshold.due(nbytes):
+            self.check_threshold(nbytes)
 
-        avail_threshold is a percentage of the LU's capacity: when the backing file has
-        allocated that share of it, every I_T nexus gets the unit attention; it re-arms when
-        UNMAP brings the allocation back under the threshold.
-        """
+    def check_threshold(self, pending: int = 0) -> bool:
+        """Sample the allocation now; on a new crossing of avail_threshold, THIN
+        PROVISIONING SOFT THRESHOLD REACHED for every I_T nexus (True).  ``pending``: bytes
+        of a write about to land, counted against the next sample's budget."""
         if not self.avail_threshold or not self.backstore.thin:
-            return
+            return False
         try:
             used = self.backstore.allocated_bytes()
+            free = self.backstore.free_bytes()
         except OSError:
-            return
+            return False
         if used is None:  # a block device: nothing to measure the threshold against
-            return
-        limit = self.backstore.size * self.avail_threshold // 100
-        if used >= limit and self.threshold_armed:
-            self.threshold_armed = False
+            return False
+        if self.threshold.sample(self.backstore.size, used, free, self.avail_threshold, pending):
             self.add_ua_all(S.THIN_PROVISIONING_SOFT_THRESHOLD_REACHED)
-        elif used < limit:
-            self.threshold_armed = True
-
-
-
+            return True
+        return False

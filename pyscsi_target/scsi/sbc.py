@@ -73,7 +73,7 @@ def write(lu: LogicalUnit, task: ScsiTask) -> None:
     if payload is None:
         return
     if lu.avail_threshold:
-        lu.check_threshold()
+        lu.wrote(task.xfer_len)  # the bytes this WRITE may allocate, at most
     lu.write(task, lba, payload, cdb[0] != 0x0A and bool(cdb[1] & 0x08))
 
 

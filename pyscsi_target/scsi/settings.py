@@ -26,8 +26,8 @@ class LuSettings:
     # Xen compat mode: the T10 vendor designator (VPD 83h) carries the serial unpadded.
     xen: bool = False
     insecure_tpc: bool = True  # EXTENDED COPY may reach this LU from any nexus
-    # THIN PROVISIONING SOFT THRESHOLD REACHED when this percentage of the capacity is
-    # allocated; 0 = never.
+    # THIN PROVISIONING SOFT THRESHOLD REACHED when what the LU can still allocate falls to
+    # this percentage of its capacity (FreeNAS's "percentage of free space"); 0 = never.
     avail_threshold: int = 0
 
     def __post_init__(self) -> None:

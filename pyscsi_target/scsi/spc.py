@@ -12,6 +12,7 @@ from pyscsi_target.scsi.command import Command, F, data_out_needed, set_data_in,
 from pyscsi_target.scsi.inquiry import standard_inquiry, threshold_exponent, vpd_page
 from pyscsi_target.scsi.lu import LogicalUnit
 from pyscsi_target.scsi.task import ScsiTask
+from pyscsi_target.scsi.thin import available
 
 
 def inquiry(lu: LogicalUnit, task: ScsiTask) -> None:
@@ -185,11 +186,8 @@ def log_sense(lu: LogicalUnit, task: ScsiTask) -> None:
         # A block device cannot tell its allocation: its parameters are left out rather
         # than guessed (both are optional in SBC-3's logical block provisioning page).
         if used_bytes is not None:
-            used = used_bytes >> lu.block_shift
-            avail = max(0, lu.num_blocks - used)
-            if free_bytes is not None:
-                avail = min(avail, free_bytes >> lu.block_shift)
-            counts = [(0x0001, avail), (0x0002, used)]
+            avail = available(lu.backstore.size, used_bytes, free_bytes) >> lu.block_shift
+            counts = [(0x0001, avail), (0x0002, used_bytes >> lu.block_shift)]
         params = b""
         for code, value in counts:
             if code >= pointer and pc in (1, 3):  # cumulative values only
