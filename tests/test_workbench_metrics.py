@@ -113,8 +113,9 @@ def test_faults_fired_and_alerts(target: Daemon) -> None:
         assert [c.scsi(R.read10(0, 1), read_len=512).status for _ in range(3)] == [8, 8, 0]
         c.logout()
     clear_rules(target)
-    # Any filesystem holding the extent root is more than 1% used: the pool alert is raised.
-    target.rest("PUT", "globalconfiguration/", {"iscsi_pool_avail_threshold": 1})
+    # The pool alert fires when the free share is at or below N% (FreeNAS's meaning); no filesystem
+    # holding the extent root here is more than 99% free, so 99 raises it.
+    target.rest("PUT", "globalconfiguration/", {"iscsi_pool_avail_threshold": 99})
     target.rest("GET", "/api/v1.0/system/alert/", prefix="")
     body, after = scrape(target)
     assert value(after, "pyscsi_target_faults_fired_total", kind="status") == 2
