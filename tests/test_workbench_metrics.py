@@ -5,8 +5,11 @@ registered by other components."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
@@ -139,4 +142,26 @@ def test_registered_sources() -> None:
     assert "pyscsi_target_guard_blocked_clients 2.0" in text
     failures[("chap",)] = 4
     assert 'pyscsi_target_auth_failures_total{guard="chap"} 4.0' in m.exposition().decode()
+    assert promtool(body).returncode == 0
+
+
+def test_guard_counters_are_exposed(target: Daemon) -> None:
+    """The issue-10 guards' counters (REST and CHAP back-off, admission control, the write
+    budget) are metric families; a refused REST login counts."""
+    _, before = scrape(target)
+    status, _b, _h = fetch(target, "/api/v1.0/services/iscsi/target/", auth=False)
+    assert status == 401
+    wrong = urllib.request.Request(target.api_url + "/api/v1.0/services/iscsi/target/",
+                                   headers={"Authorization": "Basic " + base64.b64encode(b"admin:wrong").decode()})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=30)
+    assert refused.value.code == 401
+    body, after = scrape(target)
+    assert value(after, "pyscsi_target_rest_auth_failures_total") - value(
+        before, "pyscsi_target_rest_auth_failures_total") == 1
+    for name, labels in [("pyscsi_target_chap_responses_total", {"outcome": "failed"}),
+                         ("pyscsi_target_connections_refused_total", {"reason": "per_address"}),
+                         ("pyscsi_target_write_buffer_refused_total", {})]:
+        assert (name, tuple(sorted(labels.items()))) in after, name
+    assert value(after, "pyscsi_target_write_buffer_budget_bytes") > 0
     assert promtool(body).returncode == 0
