@@ -60,6 +60,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{row['title'][:44]:<44} | {_f(a.get('iops'), '11,.0f')} {_f(a.get('mbps'), '7.1f')} "
                      f"{_f(a.get('cpu_s_per_gb'), '7.2f')} | {_f(b.get('iops'), '10,.0f')} {_f(b.get('mbps'), '7.1f')} "
                      f"{_f(b.get('cpu_s_per_gb'), '7.2f')} | {_f(row.get('ratio'), '5.2f')}{err}")
+    kern = result.get("kernel") or {}
+    if kern:
+        lines.append("")
+        lines.extend(kernel_table(kern))
     derived = result.get("derived", {})
     if derived:
         lines.append("")
@@ -104,6 +108,38 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _lat(med: dict[str, Any]) -> str:
+    lat = med.get("read_lat_us") or med.get("write_lat_us") or {}
+    return f"{_f(lat.get('p50'), '6.0f')} {_f(lat.get('p99'), '7.0f')}"
+
+
+def kernel_table(kern: dict[str, Any]) -> list[str]:
+    """The kernel-initiator rows: guest MB/s, each target's CPU s/GB, clat p50/p99, and both ratios."""
+    cfg, guest = kern.get("config", {}), kern.get("guest", {})
+    lines = [f"kernel initiator: fio (libaio, direct=1) in a qemu guest ({guest.get('accel') or cfg.get('accel')}), "
+             f"open-iscsi over virtio-net on a tap link; {cfg.get('rounds')} rounds x {cfg.get('seconds')} s, "
+             "medians, alternating which target goes first."]
+    if (guest.get("accel") or cfg.get("accel")) == "tcg":
+        lines.append("NOTE: the guest runs under TCG and is CPU-bound, so its MB/s mostly measures the emulation; "
+                     "CPU s/GB (the target process's own CPU per GB moved) is the figure that ranks the targets.")
+    hdr = (f"{'kernel load':<40} | {'pyscsi MB/s':>11} {'CPUs/GB':>7} {'p50 us':>6} {'p99 us':>7} | "
+           f"{'tgtd MB/s':>9} {'CPUs/GB':>7} {'p50 us':>6} {'p99 us':>7} | {'MB/s':>5} {'CPU':>5}")
+    lines += [hdr, "-" * len(hdr)]
+    for row in kern.get("rows", []):
+        a, b = row["median"].get(A, {}), row["median"].get(B, {})
+        err = "" if row["ok"] else "  ERROR"
+        lines.append(f"{row['title'][:40]:<40} | {_f(a.get('mbps'), '11.1f')} {_f(a.get('cpu_s_per_gb'), '7.2f')} "
+                     f"{_lat(a)} | {_f(b.get('mbps'), '9.1f')} {_f(b.get('cpu_s_per_gb'), '7.2f')} {_lat(b)} | "
+                     f"{_f(row.get('ratio'), '5.2f')} {_f(row.get('cpu_ratio'), '5.2f')}{err}")
+    lines.append("ratios: MB/s = pyscsi-target / tgtd; CPU = tgtd CPU s/GB / pyscsi-target CPU s/GB "
+                 "(both > 1 when pyscsi-target is ahead)")
+    for name, disk in (guest.get("disks") or {}).items():
+        lines.append(f"  {name}: {disk}")
+    if kern.get("error"):
+        lines.append(f"  kernel rows: ERROR {kern['error']}")
+    return lines
+
+
 def chart(result: dict[str, Any], path: Path) -> str | None:
     """Grouped bars of median IOPS per load (log scale) with the ratio written above; returns an error or None."""
     try:
@@ -114,6 +150,8 @@ def chart(result: dict[str, Any], path: Path) -> str | None:
     except ImportError as e:
         return f"matplotlib not installed ({e}); pip install matplotlib"
     rows = result["loads"]
+    if not rows:
+        return "no libiscsi rows to chart"
     labels = [r["id"] for r in rows]
     av = [r["median"].get(A, {}).get("iops") or 0 for r in rows]
     bv = [r["median"].get(B, {}).get("iops") or 0 for r in rows]
