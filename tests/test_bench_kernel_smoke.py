@@ -54,4 +54,6 @@ def test_kernel_rows_run_against_both_targets(tmp_path: Path) -> None:
     assert set(disks) == {"pyscsi-target", "tgtd"}
     for text in disks.values():
         assert "max_recv_dlength=262144" in text and "initial_r2t=0" in text, disks
+    # Block Limits VPD: Linux sizes requests and readahead from our 1 MiB OPTIMAL TRANSFER LENGTH.
+    assert "max_sectors_kb=1024 " in disks["pyscsi-target"] and "optimal_io_size=1048576 " in disks["pyscsi-target"]
     assert "CPU s/GB" in r.stdout and "kernel load" in r.stdout
