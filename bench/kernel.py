@@ -16,7 +16,6 @@ CPU s/GB (higher is better for pyscsi-target: it spends that many times less CPU
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from support.guest import Guest, GuestOptions, TapNetwork
 from support.guest.vm import kvm_usable
 from support.tgtd import Lun, Tgtd
 
-from .targets import TGTD_PARAMS, GiB, copy_file, fill_file, proc_cpu_seconds
+from .targets import TGTD_PARAMS, GiB, copy_image, fill_file, proc_cpu_seconds
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "kernel_guest.sh"
@@ -141,7 +140,10 @@ class KernelBench:
         self.log(f"kernel: filling a {self.lun_bytes // MiB} MiB LUN image")
         fill_file(image, self.lun_bytes)
         tgtd_img = self.workdir / "kernel-tgtd.img"
-        shutil.copyfile(image, tgtd_img)
+        copy_image(image, tgtd_img)
+        state = self.workdir / "pyscsi-kernel"
+        # Daemon.add_target's file for LUN 0, in place before the extent opens it (same bytes as tgtd's).
+        copy_image(image, state / "extents" / "kbench-lun0.img")
         daemon: Daemon | None = None
         tgtd: Tgtd | None = None
         try:
@@ -153,11 +155,12 @@ class KernelBench:
                                 log_path=self.workdir / "kernel-tgtd.log").start()
                     for k, v in TGTD_PARAMS.items():
                         tgtd.adm("--mode", "target", "--op", "update", "--tid", "1", "--name", k, "--value", v)
-                    daemon = Daemon(self.workdir / "pyscsi-kernel", host=addr_a, port=PORT, demo=False,
+                    daemon = Daemon(state, host=addr_a, port=PORT, demo=False,
                                     log_level="warning").start()
                     iqn = daemon.add_target("kbench", luns=[(0, self.lun_bytes, 512)])
                     ext = daemon.rest("GET", "extent/")[0]["iscsi_target_extent_path"]
-                copy_file(image, Path(ext))
+                if Path(ext).resolve() != (state / "extents" / "kbench-lun0.img").resolve():
+                    raise RuntimeError(f"the LUN is {ext}, not the prepared image")
                 pids = {A: daemon.proc.pid if daemon.proc else 0, B: tgtd.pid}
                 targets = [(A, net.guest_portal(PORT, 0), iqn, 0), (B, net.guest_portal(PORT, 1), tgtd.iqn, 1)]
                 self._guest(net, targets, pids, out)

@@ -10,6 +10,7 @@ The daemon and tgtd helpers of the TEST engineer (tests/support/) start and stop
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,18 +58,13 @@ def fill_file(path: Path, size: int, seed: int = 20261122) -> None:
         os.fsync(f.fileno())
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy src over dst in place (dst may be open in a running target; the page cache keeps it coherent)."""
-    size = src.stat().st_size
-    with open(src, "rb") as s, open(dst, "r+b") as d:
-        off = 0
-        while off < size:
-            n = os.copy_file_range(s.fileno(), d.fileno(), size - off, off, off)
-            if n <= 0:
-                raise OSError(f"copy_file_range stalled at {off}")
-            off += n
-        d.truncate(size)
-        os.fsync(d.fileno())
+def copy_image(src: Path, dst: Path) -> None:
+    """A copy of ``src`` at ``dst``, made *before* a target opens it: a target may keep state about
+    its backing file (pyscsi-target's hole map), so nothing writes the file behind its back."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def free_tgtd_control_port() -> int:
@@ -137,8 +133,12 @@ def start_tgtd(workdir: Path, main_image: Path) -> System:
 
 
 def start_pyscsi(workdir: Path, main_image_src: Path) -> System:
-    """The daemon with its --demo LUN 0 (1 GiB), filled from ``main_image_src``, plus two sparse LUNs via REST."""
+    """The daemon with its --demo LUN 0 (1 GiB), filled from ``main_image_src``, plus two sparse LUNs via REST.
+
+    The demo LUN's file is put in place before the daemon starts (it adopts an existing demo.img)."""
     state = workdir / "pyscsi-state"
+    demo_file = state / "extents" / "demo.img"
+    copy_image(main_image_src, demo_file)
     d = Daemon(state, log_level="warning", demo=True)
     d.start()
     try:
@@ -146,7 +146,8 @@ def start_pyscsi(workdir: Path, main_image_src: Path) -> System:
         demo_maps = [m for m in d.rest("GET", "targettoextent/?limit=1000") if m["iscsi_target"] == tgt["id"]]
         ext = {e["id"]: e for e in d.rest("GET", "extent/?limit=1000")}
         demo_path = Path(ext[demo_maps[0]["iscsi_extent"]]["iscsi_target_extent_path"])
-        copy_file(main_image_src, demo_path)
+        if demo_path.resolve() != demo_file.resolve():
+            raise RuntimeError(f"the demo LUN is {demo_path}, not the prepared {demo_file}")
         luns = {"main": demo_maps[0]["iscsi_lunid"] or 0}
         for lun_id, (name, size) in enumerate((("sp1g", GiB), ("sp1t", TiB)), start=1):
             e = d.rest("POST", "extent/", {
