@@ -21,6 +21,7 @@ from .api_endpoint import ApiEndpoint, local_url
 from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore
 from .isns import IsnsClient, default_entity_id, desired_state
+from .isns.registration import DesiredState, Registration
 from .jobs import SanitizeJobs
 from .server.engine import Engine
 from .systemd import Notifier
@@ -80,6 +81,11 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     entity_id = default_entity_id(opts.state_dir)
 
     def publish_isns() -> None:  # every apply, whether or not every portal bound
+        if not engine.model.global_config.isns_servers.strip():
+            # No server to register with: skip building the registration (every target's portals),
+            # which would cost every change in proportion to the configuration's size.
+            isns.update(DesiredState((), Registration(entity_id)))
+            return
         isns.update(desired_state(engine.model, engine.bound_portals(), entity_id=entity_id))
 
     engine.on_applied.append(publish_isns)

@@ -50,6 +50,7 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
             errs.add("access_config", str(exc))
     F.virtual_server_id.assign(t, fields, errs)
     errs.raise_if_any()
+    iqn = model.target_iqn(t)
     for other in model.targets.values():
         if other.id == t.id:
             continue
@@ -57,6 +58,7 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
             raise ConflictError({"name": ["Target name already exists"]})
         if t.alias is not None and other.alias == t.alias:
             raise ConflictError({"alias": ["Alias already exists"]})
-        if model.target_iqn(other) == model.target_iqn(t):
+        # Equal IQNs contain the other's name: test that first, it spares building every IQN.
+        if other.name in iqn and model.target_iqn(other) == iqn:
             raise ConflictError({"name": ["Target name already exists"]})
     return t

@@ -22,6 +22,7 @@ from ..scsi.registry import ScsiRegistry
 from ..scsi.sanitize import resume_sanitize
 from ..scsi.settings import LuSettings
 from ..values import parse_size
+from .model_index import ModelIndex
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class LogicalUnits:
     def __init__(self, registry: ScsiRegistry, store: StateStore | None = None) -> None:
         self.registry = registry
         self.state = StateWriter(store) if store is not None else None
-        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
+        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}  # the extent as last applied (sealed)
+        self.failed: set[int] = set()  # wanted extents that could not be opened: retried every apply
 
     def get(self, extent_id: int) -> LogicalUnit | None:
         ent = self._lus.get(extent_id)
@@ -111,41 +113,49 @@ class LogicalUnits:
     def all(self) -> list[LogicalUnit]:
         return [lu for lu, _ext in self._lus.values()]
 
-    def apply(self, model: M.ConfigModel, detach: Callable[[LogicalUnit], None]) -> list[str]:
-        """Open, update and close LUs so that every mapped extent has one.  ``detach`` takes
-        an LU out of every target before it is closed.  Returns the extents that could not
-        be opened (logged; the others are served)."""
-        wanted: dict[int, M.Extent] = {}
-        for m in model.lun_maps.values():
-            if m.target in model.targets and m.extent in model.extents:
-                wanted[m.extent] = model.extents[m.extent]
-        for eid in list(self._lus):
-            lu, old = self._lus[eid]
-            new = wanted.get(eid)
-            if new is None or _needs_reopen(old, new):
-                del self._lus[eid]
-                detach(lu)
-                try:
-                    lu.close()
-                except Exception:  # noqa: BLE001 - the others must still be reconciled
-                    log.exception("closing LU %s", lu.name)
+    def apply(self, model: M.ConfigModel, index: ModelIndex, extent_ids: set[int],
+              detach: Callable[[LogicalUnit], None]) -> set[int]:
+        """Open, update and close the LUs of the extents ``extent_ids`` (those a change
+        touched; extents that could not be opened before are retried too) so that every
+        mapped extent has one.  ``detach`` takes an LU out of every target before it is
+        closed.  Returns the extents whose LU was opened, reopened or closed."""
+        changed: set[int] = set()
         errors = []
-        for eid, ext in wanted.items():
+        for eid in sorted(extent_ids | self.failed):
+            ext = model.extents.get(eid)
+            wanted = ext is not None and any(m.target in model.targets
+                                             for m in index.maps_by_extent.get(eid, {}).values())
             cur = self._lus.get(eid)
+            if cur is not None and (ext is None or not wanted or _needs_reopen(cur[1], ext)):
+                del self._lus[eid]
+                changed.add(eid)
+                detach(cur[0])
+                try:
+                    cur[0].close()
+                except Exception:  # noqa: BLE001 - the others must still be reconciled
+                    log.exception("closing LU %s", cur[0].name)
+                cur = None
+            if ext is None or not wanted:
+                self.failed.discard(eid)
+                continue
             if cur is None:
                 try:
                     lu = open_logical_unit(ext, self.registry, self.state)
                 except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
                     log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
                     errors.append(f"{ext.name}: {e}")
+                    self.failed.add(eid)
                     continue
-                self._lus[eid] = (lu, M.Extent(**vars(ext)))
-            elif vars(cur[1]) != vars(ext):
-                reconfigure(cur[0], ext)
-                self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
+                self.failed.discard(eid)
+                self._lus[eid] = (lu, ext)
+                changed.add(eid)
+            elif cur[1] is not ext:
+                if cur[1] != ext:
+                    reconfigure(cur[0], ext)
+                self._lus[eid] = (cur[0], ext)
         if errors:
             log.error("extents not served: %s", "; ".join(errors))
-        return errors
+        return changed
 
     async def close(self, drain: float = 2.0) -> None:
         """Close every LU (after up to ``drain`` seconds for running commands), then let

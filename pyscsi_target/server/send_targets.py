@@ -36,7 +36,7 @@ def send_targets(engine: Engine, policy: PortalPolicy, initiator_name: str, whic
         if t is None or parse_access_config(t.access_config).decide(policy.peer_ip) is None:
             continue
         addrs: list[str] = []
-        for tg in m.groups_of_target(t.id):
+        for tg in engine.groups_of(t.id):
             if not group_allows(m, tg, initiator_name, policy.peer_ip):
                 continue
             pg = m.portal_groups.get(tg.portal_group)
