@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                 log(f"kernel rows failed: {result['kernel']['error']}")
         if not args.no_scaling:
             result["scaling"] = run_scaling(["pyscsi-target", "tgtd"], workdir, session_steps=session_steps,
-                                            target_counts=target_counts, repeat=3 if quick else 5, log=log)
+                                            target_counts=target_counts, repeat=3 if quick else 5, log=log,
+                                            sequential=10 if quick else 100, storm_seconds=1.0 if quick else 5.0)
     except Exception as e:
         log(f"bench aborted: {type(e).__name__}: {e}")
         result["errors"].append(f"{type(e).__name__}: {e}")

@@ -102,6 +102,34 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '8.4f')} "
                          f"{_f(a.get('configure_s'), '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} "
                          f"{_f(b.get('configure_s'), '8.2f')} | {_f(ratio, '5.2f')}")
+        clients = next((p.get("clients") for m in tg.values() for p in m.get("points", [])), None)
+        if clients:
+            lines.append(f"(config s: the targets added since the previous row, by {clients} clients in parallel: "
+                         "REST keep-alive connections / tgtadm processes)")
+        seq = {n: m.get("sequential") or {} for n, m in tg.items()}
+        if any(seq.values()):
+            a, b = seq.get(A, {}), seq.get(B, {})
+            ma, mb = a.get("ms_per_target"), b.get("ms_per_target")
+            ref = a or b
+            where = f"({ref.get('added')} added at {ref.get('at_targets')} targets)"
+            lines.append(f"{'one client, one target at a time (ms/target)':<44} | {_f(ma, '14.2f')} {'':>17} | "
+                         f"{_f(mb, '12.2f')} {'':>17} | {_f(ma / mb if ma and mb else None, '5.2f')}  {where}")
+        storms = {n: m.get("storm") or {} for n, m in tg.items()}
+        if any(storms.values()):
+            lines += ["", f"{'configuration storm: INQUIRY latency (ms)':<44} | {'quiet med':>9} {'storm med':>9} "
+                          f"{'p99':>7} {'max':>7} {'changes/s':>9}"]
+            for name in (A, B):
+                st = storms.get(name) or {}
+                if not st:
+                    continue
+                q, w = st.get("quiet", {}), st.get("storm", {})
+                rate = st["changes"] / st["seconds"] if st.get("seconds") else None
+                label = name + (f" (ERROR {st['error']})" if st.get("error") else "")
+                lines.append(f"{label:<44} | {_f(q.get('median_ms'), '9.3f')} {_f(w.get('median_ms'), '9.3f')} "
+                             f"{_f(w.get('p99_ms'), '7.2f')} {_f(w.get('max_ms'), '7.2f')} {_f(rate, '9.1f')}")
+            st = storms.get(A) or {}
+            lines.append(f"(each change: a target created, exported, renamed/updated and deleted, by "
+                         f"{st.get('clients')} clients at {st.get('targets')} targets; 'max' is the longest I/O stall)")
         for n, m in tg.items():
             if not m.get("ok"):
                 lines.append(f"  {n}: ERROR {m.get('error')}")

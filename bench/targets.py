@@ -25,7 +25,10 @@ from support.daemon import Daemon, RestError  # noqa: E402
 from support.net import free_port, wait_port  # noqa: E402
 from support.tgtd import SOCKET_DIR, Lun, Tgtd  # noqa: E402
 
+from .storm import RestClient, in_parallel  # noqa: E402
+
 GiB = 1 << 30
+STORM_TIDS = 100000  # tgtd target ids of the storm's short-lived targets, above any grown one
 TiB = 1 << 40
 LUN_NAMES = ("main", "sp1g", "sp1t")
 
@@ -189,19 +192,35 @@ class PyscsiScaling:
         self.daemon.start()
         return time.perf_counter() - t0
 
-    def grow_to(self, n: int) -> float:
-        """Add targets (each with a target group on the default portal group) until there are ``n``; seconds."""
+    def client(self) -> RestClient:
+        assert self.daemon is not None
+        return RestClient(self.daemon.api_port)
+
+    def grow_to(self, n: int, clients: int = 1) -> float:
+        """Add targets (each with a target group on the default portal group) until there are ``n``,
+        over ``clients`` parallel REST connections; seconds."""
         d = self.daemon
         assert d is not None
         if self.portal_group is None:
             self.portal_group = d.rest("GET", "portal/")[0]["id"]
-        t0 = time.perf_counter()
-        while self.targets < n:
-            self.targets += 1
-            t = d.rest("POST", "target/", {"iscsi_target_name": f"bench{self.targets:05d}"})
-            d.rest("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": self.portal_group,
+        pg = self.portal_group
+
+        def add(c: RestClient, i: int) -> None:
+            t = c.call("POST", "target/", {"iscsi_target_name": f"bench{i:05d}"})
+            c.call("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": pg,
                                             "iscsi_target_authtype": "None"})
-        return time.perf_counter() - t0
+
+        secs = in_parallel(clients, list(range(self.targets + 1, n + 1)), add, self.client, RestClient.close)
+        self.targets = max(self.targets, n)
+        return secs
+
+    def change(self, c: RestClient, i: int) -> None:
+        """One step of the configuration storm: a target created, exported, renamed and deleted."""
+        t = c.call("POST", "target/", {"iscsi_target_name": f"storm{i:06d}"})
+        c.call("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": self.portal_group,
+                                        "iscsi_target_authtype": "None"})
+        c.call("PUT", f"target/{t['id']}/", {"iscsi_target_alias": f"storm alias {i}"})
+        c.call("DELETE", f"target/{t['id']}/")
 
     def stop(self) -> None:
         if self.daemon is not None:
@@ -251,15 +270,29 @@ class TgtdScaling:
         self.grow_to(n)
         return time.perf_counter() - t0
 
-    def grow_to(self, n: int) -> float:
-        t0 = time.perf_counter()
-        while self.targets < n:
-            self.targets += 1
-            tid = str(self.targets)
-            self._adm("--mode", "target", "--op", "new", "--tid", tid, "--targetname",
-                      f"iqn.2026-11.org.pyscsi-target.bench:t{self.targets:05d}")
-            self._adm("--mode", "target", "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
-        return time.perf_counter() - t0
+    def grow_to(self, n: int, clients: int = 1) -> float:
+        """Add targets bound to ALL until there are ``n``, over ``clients`` parallel tgtadm callers."""
+        def add(_c: None, i: int) -> None:
+            self._adm("--mode", "target", "--op", "new", "--tid", str(i), "--targetname",
+                      f"iqn.2026-11.org.pyscsi-target.bench:t{i:05d}")
+            self._adm("--mode", "target", "--op", "bind", "--tid", str(i), "--initiator-address", "ALL")
+
+        secs = in_parallel(clients, list(range(self.targets + 1, n + 1)), add, lambda: None)
+        self.targets = max(self.targets, n)
+        return secs
+
+    def client(self) -> None:
+        return None
+
+    def change(self, _c: None, i: int) -> None:
+        """One step of the configuration storm, as pyscsi-target's: new, bind, a parameter, delete."""
+        tid = str(STORM_TIDS + i)
+        self._adm("--mode", "target", "--op", "new", "--tid", tid, "--targetname",
+                  f"iqn.2026-11.org.pyscsi-target.bench:storm{i:06d}")
+        self._adm("--mode", "target", "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
+        self._adm("--mode", "target", "--op", "update", "--tid", tid, "--name", "MaxRecvDataSegmentLength",
+                  "--value", "65536")
+        self._adm("--mode", "target", "--op", "delete", "--force", "--tid", tid)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
