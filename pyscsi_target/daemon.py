@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,12 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
             if os.environ.get("PYSCSI_TARGET_ADMIN_PASSWORD")
             else str(opts.state_dir / ADMIN_PASSWORD_FILE),
         ).write(opts.state_dir)
+        # What exists now (modules, the API, the configuration and its runtime) lives as long as
+        # the daemon: out of the cyclic collector's way, so that a full collection scans only
+        # what was created since.  With 1000 targets a full collection otherwise held the event
+        # loop 20-45 ms, a stall every I/O in flight waited out.
+        gc.collect()
+        gc.freeze()
         log.info("pyscsi-target ready (state dir %s)", opts.state_dir)
         isns.start()
         # Every portal listens (engine.apply awaited the listeners) and so does the API.
