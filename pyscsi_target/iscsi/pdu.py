@@ -734,29 +734,55 @@ class PDUReader:
     """
 
     def __init__(self, header_digest: bool = False, data_digest: bool = False,
-                 max_data: int = 8192, bufsize: int = 256 * 1024) -> None:
+                 max_data: int = 8192, bufsize: int = 256 * 1024, max_bufsize: int = 256 * 1024) -> None:
         self.header_digest = header_digest
         self.data_digest = data_digest
         self.max_data = max_data  # our MaxRecvDataSegmentLength
+        # The receive buffer starts at ``bufsize`` and doubles (up to ``max_bufsize``) each time a
+        # receive fills all the room offered: a busy connection soon takes hundreds of PDUs per
+        # receive, an idle one keeps a small buffer (``shrink`` gives a grown one back).
+        self.bufsize = bufsize
+        self.max_bufsize = max(bufsize, max_bufsize)
         self._buf = bytearray(bufsize)
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._skip = 0  # bytes of an oversized data segment still to discard
+        self._offered = 0  # room handed out by the last get_buffer
+        self._grow = False
         self.broken = False
 
     # BufferedProtocol side
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._start == self._end:
             self._start = self._end = 0
-        free = len(self._buf) - self._end
-        if free < 4096 or (self._start and free < len(self._buf) // 4):
-            self._compact()
-        return self._view[self._end :]
+        size = len(self._buf)
+        if self._grow:
+            self._grow = False
+            self._compact(min(self.max_bufsize, 2 * size))
+        else:
+            free = size - self._end
+            if free < min(4096, size // 2) or (self._start and free < size // 4):
+                self._compact()
+        view = self._view[self._end :]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> Iterator[Framed]:
+        if nbytes and nbytes >= self._offered and len(self._buf) < self.max_bufsize:
+            self._grow = True  # the receive filled the room: more was probably waiting
         self._end += nbytes
         return self._parse()
+
+    def shrink(self, size: int) -> None:
+        """Make the buffer ``size`` bytes (it grows again when receives fill it), if nothing is
+        pending in it: an idle connection keeps little memory."""
+        if self._start == self._end and not self._skip and len(self._buf) > size:
+            # A fresh buffer: payload views of the old one handed out earlier stay valid.
+            self._buf = bytearray(size)
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
+            self._grow = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Framed]:
         out: list[Framed] = []

@@ -33,9 +33,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOGIN_MAX_DATA = 8192  # MaxRecvDataSegmentLength before negotiation (RFC 7143 13.12)
-# Initial receive buffer: holds hundreds of command PDUs per recv and keeps an idle
-# session small (issue 5: < 256 KiB each); the framer grows it for large Data-Out PDUs.
+# Receive buffer: 32 KiB during login (a rejected login PDU is read whole, so the close
+# after the reject is a FIN, not a reset that could discard the reject); 4 KiB in full
+# feature phase while idle (RSS per idle session, issue 14).  The framer doubles it whenever
+# a receive fills it, so a busy session soon takes hundreds of command PDUs per recv (up to
+# READ_BUFFER_MAX), and grows it for large Data-Out PDUs.
 READ_BUFFER = 32 * 1024
+IDLE_READ_BUFFER = 4 * 1024
+READ_BUFFER_MAX = 256 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 
 
@@ -71,7 +76,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def __init__(self, engine: Engine, listener: Listener) -> None:
         self.engine = engine
         self.listener = listener
-        self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER)
+        self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER, max_bufsize=READ_BUFFER_MAX)
         self.output = WireOutput()  # login responses, then everything the connection sends
         self.transport: StreamTransport | None = None
         self.conn: Connection | None = None
@@ -220,6 +225,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if not login.done or login.result is None:
             return False
         self._enter_ffp(login.result)
+        self.login = None  # its negotiation state is not needed any more (RSS per session)
+        self.reader.shrink(IDLE_READ_BUFFER)
         return True
 
     def _enter_ffp(self, result: LoginResult) -> None:
@@ -280,6 +287,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.close(abort_tasks=True, hard=True)
             return
         if idle >= self.engine.nop_interval and conn.ping_ttt is None:
+            self.reader.shrink(IDLE_READ_BUFFER)  # quiet for a NOP interval: give a grown buffer back
             conn.handle(PING)
             self._flush()
         delay = self.engine.nop_interval if conn.ping_ttt is None else self.engine.nop_timeout
