@@ -85,6 +85,8 @@ class FileBackstore(FdBackstore):
         super().read_into(buf, offset)
 
     def write_nowait(self, data: Sequence[Buffer], offset: int) -> bool:
+        if not self.nowait_write:  # the writer thread will write it (and mark it then)
+            return False
         self.holes.written(offset, offset + _nbytes(data))
         return super().write_nowait(data, offset)
 
