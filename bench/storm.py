@@ -5,7 +5,8 @@ deleting targets while one session sends INQUIRY after INQUIRY and times each).
 Both targets are driven alike: pyscsi-target through its FreeNAS v1.0 REST API (keep-alive HTTP,
 one connection per client), tgtd through tgtadm (one process per call, as tgt-admin does).  The
 probe is bench/iscsiraw.py's INQUIRY at QD1 on a session to the first target (LUN 0: our device's
-"no logical unit" answer, tgtd's controller LUN); its latency is the stall the storm causes.
+"no logical unit" answer, tgtd's controller LUN), in a process of its own; its latency is the
+stall the storm causes.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from support.daemon import ADMIN_PASSWORD, ADMIN_USER, FREENAS
@@ -70,39 +74,62 @@ def in_parallel(clients: int, items: list[int], work: Callable[[Any, int], None]
 
 
 class Probe:
-    """INQUIRY after INQUIRY on one session, in a thread; latencies in seconds."""
+    """INQUIRY after INQUIRY on one session, in a process of its own (so that the GIL of the
+    bench's client threads does not delay it): each INQUIRY's start (CLOCK_MONOTONIC, shared by
+    every process) and latency, in seconds."""
 
     def __init__(self, host: str, port: int, iqn: str) -> None:
-        self.session = iscsiraw.login(host, port, iqn, initiator="iqn.2026-11.org.pyscsi-target.bench:probe")
-        self.session.sock.settimeout(30)
-        self.latencies: list[float] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.storm", "probe", host, str(port), iqn],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=Path(__file__).resolve().parents[1], text=True)
+        self.samples: list[tuple[float, float]] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="inquiry-probe", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                status = self.session.inquiry(0)
-                self.latencies.append(time.perf_counter() - t0)
-                if status != 0:
-                    self.errors.append(f"INQUIRY status {status:#x}")
-                    return
-        except (OSError, iscsiraw.IscsiError) as e:
-            self.errors.append(f"{type(e).__name__}: {e}")
 
     def start(self) -> Probe:
-        self._thread.start()
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.stop()
+            raise RuntimeError(f"probe did not log in: {line.strip()} {self.errors}")
         return self
 
-    def mark(self) -> int:
-        return len(self.latencies)
-
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        self.session.logout()
+        try:
+            out, err = self.proc.communicate("stop\n", timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        try:
+            doc = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+        except ValueError:
+            doc = {}
+        self.samples = [(float(t), float(lat)) for t, lat in doc.get("samples", [])]
+        self.errors += doc.get("errors", []) + ([err.strip()[-300:]] if self.proc.returncode and err.strip() else [])
+
+    def between(self, t0: float, t1: float) -> list[float]:
+        return [lat for t, lat in self.samples if t0 <= t < t1]
+
+
+def _probe_main(host: str, port: int, iqn: str) -> None:
+    """The probe process: log in, say ready, INQUIRY until told to stop, print the samples."""
+    session = iscsiraw.login(host, port, iqn, initiator="iqn.2026-11.org.pyscsi-target.bench:probe")
+    session.sock.settimeout(30)
+    print("ready", flush=True)
+    samples: list[tuple[float, float]] = []
+    errors: list[str] = []
+    try:
+        while not select.select([sys.stdin], [], [], 0)[0]:
+            t0 = time.monotonic()
+            status = session.inquiry(0)
+            samples.append((t0, time.monotonic() - t0))
+            if status != 0:
+                errors.append(f"INQUIRY status {status:#x}")
+                break
+    except (OSError, iscsiraw.IscsiError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    finally:
+        session.logout()
+    print(json.dumps({"samples": samples, "errors": errors}))
 
 
 def _summary(lat: list[float]) -> dict[str, Any]:
@@ -110,7 +137,8 @@ def _summary(lat: list[float]) -> dict[str, Any]:
         return {"count": 0}
     s = sorted(lat)
     return {"count": len(s), "median_ms": round(statistics.median(s) * 1e3, 3),
-            "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3, 3), "max_ms": round(s[-1] * 1e3, 3)}
+            "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))] * 1e3, 3),
+            "p999_ms": round(s[min(len(s) - 1, int(len(s) * 0.999))] * 1e3, 3), "max_ms": round(s[-1] * 1e3, 3)}
 
 
 def storm(probe_target: tuple[str, int, str], change: Callable[[Any, int], None], make: Callable[[], Any],
@@ -120,9 +148,10 @@ def storm(probe_target: tuple[str, int, str], change: Callable[[Any, int], None]
     probe = Probe(*probe_target).start()
     out: dict[str, Any] = {"ok": True, "error": ""}
     try:
+        t_quiet = time.monotonic()
         time.sleep(1.0)
-        quiet_end = probe.mark()
-        deadline = time.monotonic() + seconds
+        t_storm = time.monotonic()
+        deadline = t_storm + seconds
         done = [0] * clients
 
         def worker(k: int) -> None:
@@ -136,19 +165,26 @@ def storm(probe_target: tuple[str, int, str], change: Callable[[Any, int], None]
             finally:
                 close(c)
 
-        t0 = time.perf_counter()
         with ThreadPoolExecutor(clients) as ex:
             for f in [ex.submit(worker, k) for k in range(clients)]:
                 f.result()
-        elapsed = time.perf_counter() - t0
-        storm_end = probe.mark()
-        out.update({"changes": sum(done), "seconds": round(elapsed, 2), "clients": clients,
-                    "quiet": _summary(probe.latencies[:quiet_end]),
-                    "storm": _summary(probe.latencies[quiet_end:storm_end])})
+        t_end = time.monotonic()
+        probe.stop()
+        out.update({"changes": sum(done), "seconds": round(t_end - t_storm, 2), "clients": clients,
+                    "quiet": _summary(probe.between(t_quiet, t_storm)),
+                    "storm": _summary(probe.between(t_storm, t_end))})
         if probe.errors:
             raise RuntimeError(f"probe: {probe.errors[0]}")
     except Exception as e:  # noqa: BLE001 - reported in the result
         out["ok"], out["error"] = False, f"{type(e).__name__}: {e}"
     finally:
-        probe.stop()
+        if probe.proc.poll() is None:
+            probe.stop()
     return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "probe":
+        _probe_main(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    else:
+        sys.exit("usage: python3 -m bench.storm probe HOST PORT IQN")
