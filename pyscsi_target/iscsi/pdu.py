@@ -751,6 +751,9 @@ class PDUReader:
         self._offered = 0  # room handed out by the last get_buffer
         self._grow = False
         self.broken = False
+        #: Bytes still missing to complete the PDU being received, as of the last parse (0: none
+        #: pending, or its header is not complete yet).  The adapter can wait for that much.
+        self.need = 0
 
     # BufferedProtocol side
     def get_buffer(self, sizehint: int = -1) -> memoryview:
@@ -820,12 +823,14 @@ class PDUReader:
         view = self._view
         hd = DIGEST_LEN if self.header_digest else 0
         dd = DIGEST_LEN if self.data_digest else 0
+        self.need = 0
         while True:
             if self._skip:
                 n = min(self._skip, self._end - self._start)
                 self._start += n
                 self._skip -= n
                 if self._skip:
+                    self.need = self._skip
                     return
             avail = self._end - self._start
             if avail < BHS_LEN or self.broken:
@@ -840,6 +845,7 @@ class PDUReader:
             total = hlen if oversized else hlen + dlen
             if avail < total:
                 self._ensure(total)
+                self.need = total - avail
                 return
             if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(view[s : s + BHS_LEN + ahs_len]):
                 self.broken = True
