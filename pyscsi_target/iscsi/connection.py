@@ -423,6 +423,10 @@ class Connection:
         elif s.write_buffered + edtl > MAX_SESSION_WRITE_BUFFERS:
             # Write buffers are allocated up front; a session may not pin unbounded memory.
             cmd.fail(FAIL_TASK_SET_FULL)
+        elif dlen == edtl and self.immediate_data and dlen <= self.first_burst:
+            # All the data came with the command (the usual WRITE): copied once, no zero-fill first.
+            cmd.buf = bytearray(pdu.data)
+            s.write_buffered += edtl
         else:
             cmd.buf = bytearray(edtl)
             s.write_buffered += edtl
@@ -431,7 +435,7 @@ class Connection:
                 cmd.fail(FAIL_UNEXPECTED_UNSOLICITED)
             elif dlen > edtl or dlen > self.first_burst:
                 cmd.fail(FAIL_INCORRECT_DATA_AMOUNT)
-            elif cmd.buf is not None:
+            elif cmd.buf is not None and dlen < edtl:
                 cmd.buf[:dlen] = pdu.data
         cmd.received = min(dlen, edtl)
         cmd.next_r2t_offset = cmd.received
