@@ -93,19 +93,20 @@ def table(result: dict[str, Any]) -> str:
     if tg:
         lines.append("")
         lines.append(f"{'targets configured (config s: adding them)':<44} | {'pyscsi start s':>14} {'disc. s':>8} "
-                     f"{'config s':>8} | {'tgtd start s':>12} {'disc. s':>8} {'config s':>8} | disc. ratio")
+                     f"{'config s':>8} | {'tgtd start s':>12} {'disc. s':>8} {'config s':>8} | disc. config")
         pts = {n: {p["targets"]: p for p in m.get("points", [])} for n, m in tg.items()}
         for n in sorted({k for v in pts.values() for k in v}):
             a, b = pts.get(A, {}).get(n, {}), pts.get(B, {}).get(n, {})
             da, db = a.get("discovery_s"), b.get("discovery_s")
-            ratio = da / db if da is not None and db else None
+            ca, cb = a.get("configure_s"), b.get("configure_s")
             lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '8.4f')} "
-                         f"{_f(a.get('configure_s'), '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} "
-                         f"{_f(b.get('configure_s'), '8.2f')} | {_f(ratio, '5.2f')}")
+                         f"{_f(ca, '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} {_f(cb, '8.2f')} | "
+                         f"{_f(da / db if da is not None and db else None, '5.2f')} "
+                         f"{_f(ca / cb if ca and cb else None, '6.2f')}")
         clients = next((p.get("clients") for m in tg.values() for p in m.get("points", [])), None)
         if clients:
-            lines.append(f"(config s: the targets added since the previous row, by {clients} clients in parallel: "
-                         "REST keep-alive connections / tgtadm processes)")
+            lines.append(f"(config s: the targets added since the previous row, by {clients} clients in parallel: REST "
+                         "keep-alive connections / tgtadm processes; ratios pyscsi-target / tgtd, lower is better)")
         seq = {n: m.get("sequential") or {} for n, m in tg.items()}
         if any(seq.values()):
             a, b = seq.get(A, {}), seq.get(B, {})
@@ -117,7 +118,9 @@ def table(result: dict[str, Any]) -> str:
         storms = {n: m.get("storm") or {} for n, m in tg.items()}
         if any(storms.values()):
             lines += ["", f"{'configuration storm: INQUIRY latency (ms)':<44} | {'quiet med':>9} {'storm med':>9} "
-                          f"{'p99':>7} {'max':>7} {'changes/s':>9}"]
+                          f"{'p99':>7} {'max':>7} {'changes/s':>9} | max ratio"]
+            ma = (storms.get(A) or {}).get("storm", {}).get("max_ms")
+            mb = (storms.get(B) or {}).get("storm", {}).get("max_ms")
             for name in (A, B):
                 st = storms.get(name) or {}
                 if not st:
@@ -125,8 +128,10 @@ def table(result: dict[str, Any]) -> str:
                 q, w = st.get("quiet", {}), st.get("storm", {})
                 rate = st["changes"] / st["seconds"] if st.get("seconds") else None
                 label = name + (f" (ERROR {st['error']})" if st.get("error") else "")
+                ratio = _f(ma / mb if ma and mb else None, "5.2f") if name == A else ""
                 lines.append(f"{label:<44} | {_f(q.get('median_ms'), '9.3f')} {_f(w.get('median_ms'), '9.3f')} "
-                             f"{_f(w.get('p99_ms'), '7.2f')} {_f(w.get('max_ms'), '7.2f')} {_f(rate, '9.1f')}")
+                             f"{_f(w.get('p99_ms'), '7.2f')} {_f(w.get('max_ms'), '7.2f')} {_f(rate, '9.1f')} | "
+                             f"{ratio}")
             st = storms.get(A) or {}
             lines.append(f"(each change: a target created, exported, renamed/updated and deleted, by "
                          f"{st.get('clients')} clients at {st.get('targets')} targets; 'max' is the longest I/O stall)")
