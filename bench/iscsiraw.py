@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 # op, flags, b2, b3, ahslen, dslen, isid, tsih, itt, cid, rsvd, cmdsn, expstatsn
 _BHS = struct.Struct(">BBBBB3s6sHIHHII")
 HDR = 48
-OP_NOP_OUT, OP_TEXT_REQ, OP_LOGIN_REQ, OP_LOGOUT_REQ = 0x00, 0x04, 0x03, 0x06
-OP_NOP_IN, OP_TEXT_RSP, OP_LOGIN_RSP, OP_LOGOUT_RSP, OP_REJECT = 0x20, 0x24, 0x23, 0x26, 0x3F
+OP_NOP_OUT, OP_SCSI_CMD, OP_TEXT_REQ, OP_LOGIN_REQ, OP_LOGOUT_REQ = 0x00, 0x01, 0x04, 0x03, 0x06
+OP_NOP_IN, OP_SCSI_RSP, OP_TEXT_RSP, OP_LOGIN_RSP, OP_LOGOUT_RSP, OP_DATA_IN, OP_REJECT = (
+    0x20, 0x21, 0x24, 0x23, 0x26, 0x25, 0x3F)
 IMMEDIATE = 0x40
 FINAL = 0x80
 CONT = 0x40
@@ -127,6 +128,27 @@ class Session:
                 return _parse_keys(acc)
             ttt = rsp.u32(20)
             payload = b""
+
+    def inquiry(self, lun: int = 0, alloc: int = 96) -> int:
+        """A standard INQUIRY to ``lun`` (single-level LUN); returns the SCSI status."""
+        itt = self._next_itt()
+        bhs = _bhs(OP_SCSI_CMD, FINAL | 0x40 | 1, 0, 0, 0, struct.pack(">HHI", lun & 0x3FFF, 0, 0), 0, itt, 0, 0,
+                   self.cmdsn, self.statsn + 1)
+        struct.pack_into(">I", bhs, 20, alloc)  # ExpectedDataTransferLength
+        struct.pack_into(">II", bhs, 24, self.cmdsn, self.statsn + 1)
+        bhs[32:38] = bytes((0x12, 0, 0, alloc >> 8, alloc & 0xFF, 0))
+        self._send(bhs)
+        self.cmdsn = (self.cmdsn + 1) & 0xFFFFFFFF
+        while True:
+            pdu = self._read_skip_nops()
+            if pdu.opcode == OP_DATA_IN and pdu.flags & 0x01:  # the status came with the data
+                self.statsn = pdu.u32(24)
+                return pdu.bhs[3]
+            if pdu.opcode == OP_SCSI_RSP:
+                self.statsn = pdu.u32(24)
+                return pdu.bhs[3]
+            if pdu.opcode != OP_DATA_IN:
+                raise IscsiError(f"expected Data-In or SCSI Response, got opcode {pdu.opcode:#x}")
 
     def _next_itt(self) -> int:
         self.itt = (self.itt + 1) & 0x7FFFFFFF

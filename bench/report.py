@@ -60,6 +60,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{row['title'][:44]:<44} | {_f(a.get('iops'), '11,.0f')} {_f(a.get('mbps'), '7.1f')} "
                      f"{_f(a.get('cpu_s_per_gb'), '7.2f')} | {_f(b.get('iops'), '10,.0f')} {_f(b.get('mbps'), '7.1f')} "
                      f"{_f(b.get('cpu_s_per_gb'), '7.2f')} | {_f(row.get('ratio'), '5.2f')}{err}")
+    kern = result.get("kernel") or {}
+    if kern:
+        lines.append("")
+        lines.extend(kernel_table(kern))
     derived = result.get("derived", {})
     if derived:
         lines.append("")
@@ -89,19 +93,84 @@ def table(result: dict[str, Any]) -> str:
     if tg:
         lines.append("")
         lines.append(f"{'targets configured (config s: adding them)':<44} | {'pyscsi start s':>14} {'disc. s':>8} "
-                     f"{'config s':>8} | {'tgtd start s':>12} {'disc. s':>8} {'config s':>8} | disc. ratio")
+                     f"{'config s':>8} | {'tgtd start s':>12} {'disc. s':>8} {'config s':>8} | disc. config")
         pts = {n: {p["targets"]: p for p in m.get("points", [])} for n, m in tg.items()}
         for n in sorted({k for v in pts.values() for k in v}):
             a, b = pts.get(A, {}).get(n, {}), pts.get(B, {}).get(n, {})
             da, db = a.get("discovery_s"), b.get("discovery_s")
-            ratio = da / db if da is not None and db else None
+            ca, cb = a.get("configure_s"), b.get("configure_s")
             lines.append(f"{f'{n} targets':<44} | {_f(a.get('startup_s'), '14.3f')} {_f(da, '8.4f')} "
-                         f"{_f(a.get('configure_s'), '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} "
-                         f"{_f(b.get('configure_s'), '8.2f')} | {_f(ratio, '5.2f')}")
+                         f"{_f(ca, '8.2f')} | {_f(b.get('startup_s'), '12.3f')} {_f(db, '8.4f')} {_f(cb, '8.2f')} | "
+                         f"{_f(da / db if da is not None and db else None, '5.2f')} "
+                         f"{_f(ca / cb if ca and cb else None, '6.2f')}")
+        clients = next((p.get("clients") for m in tg.values() for p in m.get("points", [])), None)
+        if clients:
+            lines.append(f"(config s: the targets added since the previous row, by {clients} clients in parallel: REST "
+                         "keep-alive connections / tgtadm processes; ratios pyscsi-target / tgtd, lower is better)")
+        seq = {n: m.get("sequential") or {} for n, m in tg.items()}
+        if any(seq.values()):
+            a, b = seq.get(A, {}), seq.get(B, {})
+            ma, mb = a.get("ms_per_target"), b.get("ms_per_target")
+            ref = a or b
+            where = f"({ref.get('added')} added at {ref.get('at_targets')} targets)"
+            lines.append(f"{'one client, one target at a time (ms/target)':<44} | {_f(ma, '14.2f')} {'':>17} | "
+                         f"{_f(mb, '12.2f')} {'':>17} | {_f(ma / mb if ma and mb else None, '5.2f')}  {where}")
+        storms = {n: m.get("storm") or {} for n, m in tg.items()}
+        if any(storms.values()):
+            lines += ["", f"{'configuration storm: INQUIRY latency (ms)':<44} | {'quiet med':>9} {'storm med':>9} "
+                          f"{'p99':>7} {'max':>7} {'changes/s':>9} | max ratio"]
+            ma = (storms.get(A) or {}).get("storm", {}).get("max_ms")
+            mb = (storms.get(B) or {}).get("storm", {}).get("max_ms")
+            for name in (A, B):
+                st = storms.get(name) or {}
+                if not st:
+                    continue
+                q, w = st.get("quiet", {}), st.get("storm", {})
+                rate = st["changes"] / st["seconds"] if st.get("seconds") else None
+                label = name + (f" (ERROR {st['error']})" if st.get("error") else "")
+                ratio = _f(ma / mb if ma and mb else None, "5.2f") if name == A else ""
+                lines.append(f"{label:<44} | {_f(q.get('median_ms'), '9.3f')} {_f(w.get('median_ms'), '9.3f')} "
+                             f"{_f(w.get('p99_ms'), '7.2f')} {_f(w.get('max_ms'), '7.2f')} {_f(rate, '9.1f')} | "
+                             f"{ratio}")
+            st = storms.get(A) or {}
+            lines.append(f"(each change: a target created, exported, renamed/updated and deleted, by "
+                         f"{st.get('clients')} clients at {st.get('targets')} targets; 'max' is the longest I/O stall)")
         for n, m in tg.items():
             if not m.get("ok"):
                 lines.append(f"  {n}: ERROR {m.get('error')}")
     return "\n".join(lines)
+
+
+def _lat(med: dict[str, Any]) -> str:
+    lat = med.get("read_lat_us") or med.get("write_lat_us") or {}
+    return f"{_f(lat.get('p50'), '6.0f')} {_f(lat.get('p99'), '7.0f')}"
+
+
+def kernel_table(kern: dict[str, Any]) -> list[str]:
+    """The kernel-initiator rows: guest MB/s, each target's CPU s/GB, clat p50/p99, and both ratios."""
+    cfg, guest = kern.get("config", {}), kern.get("guest", {})
+    lines = [f"kernel initiator: fio (libaio, direct=1) in a qemu guest ({guest.get('accel') or cfg.get('accel')}), "
+             f"open-iscsi over virtio-net on a tap link; {cfg.get('rounds')} rounds x {cfg.get('seconds')} s, "
+             "medians, alternating which target goes first."]
+    if (guest.get("accel") or cfg.get("accel")) == "tcg":
+        lines.append("NOTE: the guest runs under TCG and is CPU-bound, so its MB/s mostly measures the emulation; "
+                     "CPU s/GB (the target process's own CPU per GB moved) is the figure that ranks the targets.")
+    hdr = (f"{'kernel load':<40} | {'pyscsi MB/s':>11} {'CPUs/GB':>7} {'p50 us':>6} {'p99 us':>7} | "
+           f"{'tgtd MB/s':>9} {'CPUs/GB':>7} {'p50 us':>6} {'p99 us':>7} | {'MB/s':>5} {'CPU':>5}")
+    lines += [hdr, "-" * len(hdr)]
+    for row in kern.get("rows", []):
+        a, b = row["median"].get(A, {}), row["median"].get(B, {})
+        err = "" if row["ok"] else "  ERROR"
+        lines.append(f"{row['title'][:40]:<40} | {_f(a.get('mbps'), '11.1f')} {_f(a.get('cpu_s_per_gb'), '7.2f')} "
+                     f"{_lat(a)} | {_f(b.get('mbps'), '9.1f')} {_f(b.get('cpu_s_per_gb'), '7.2f')} {_lat(b)} | "
+                     f"{_f(row.get('ratio'), '5.2f')} {_f(row.get('cpu_ratio'), '5.2f')}{err}")
+    lines.append("ratios: MB/s = pyscsi-target / tgtd; CPU = tgtd CPU s/GB / pyscsi-target CPU s/GB "
+                 "(both > 1 when pyscsi-target is ahead)")
+    for name, disk in (guest.get("disks") or {}).items():
+        lines.append(f"  {name}: {disk}")
+    if kern.get("error"):
+        lines.append(f"  kernel rows: ERROR {kern['error']}")
+    return lines
 
 
 def chart(result: dict[str, Any], path: Path) -> str | None:
@@ -114,6 +183,8 @@ def chart(result: dict[str, Any], path: Path) -> str | None:
     except ImportError as e:
         return f"matplotlib not installed ({e}); pip install matplotlib"
     rows = result["loads"]
+    if not rows:
+        return "no libiscsi rows to chart"
     labels = [r["id"] for r in rows]
     av = [r["median"].get(A, {}).get("iops") or 0 for r in rows]
     bv = [r["median"].get(B, {}).get("iops") or 0 for r in rows]

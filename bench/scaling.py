@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import iscsiraw
+from .storm import CLIENTS, storm
 from .targets import PyscsiScaling, TgtdScaling, proc_rss_kib
 
 
@@ -62,13 +63,16 @@ def _wait_discoverable(host: str, port: int, expect: int, timeout: float) -> Non
     raise RuntimeError(f"target count {expect} not discoverable within {timeout}s ({last})")
 
 
-def targets_scaling(sysm: PyscsiScaling | TgtdScaling, counts: list[int], repeat: int) -> dict[str, Any]:
-    """For each N: configure N targets, time SendTargets=All (median of ``repeat``), then restart and time
-    start-up until discovery lists all N.  ``sysm`` is running on entry and stopped on return."""
+def targets_scaling(sysm: PyscsiScaling | TgtdScaling, counts: list[int], repeat: int, *, clients: int,
+                    sequential: int, storm_seconds: float) -> dict[str, Any]:
+    """For each N: configure N targets (``clients`` in parallel), time SendTargets=All (median of
+    ``repeat``), then restart and time start-up until discovery lists all N.  At the largest N:
+    ``sequential`` more targets added by one client (seconds per target), then the configuration
+    storm.  ``sysm`` is running on entry and stopped on return."""
     out: dict[str, Any] = {"ok": True, "error": "", "points": []}
     try:
         for n in counts:
-            cfg_s = sysm.grow_to(n)
+            cfg_s = sysm.grow_to(n, clients=clients)
             _wait_discoverable("127.0.0.1", sysm.port, n, timeout=30)
             times, _ = _time_discovery("127.0.0.1", sysm.port, n, repeat)
             sysm.stop()
@@ -76,10 +80,20 @@ def targets_scaling(sysm: PyscsiScaling | TgtdScaling, counts: list[int], repeat
             sysm.start()
             _wait_discoverable("127.0.0.1", sysm.port, n, timeout=120)
             startup = time.perf_counter() - t0
-            out["points"].append({"targets": n, "configure_s": round(cfg_s, 3),
+            out["points"].append({"targets": n, "configure_s": round(cfg_s, 3), "clients": clients,
                                   "discovery_s": round(statistics.median(times), 5),
                                   "discovery_runs_s": [round(t, 5) for t in times],
                                   "startup_s": round(startup, 3)})
+        top = counts[-1]
+        secs = sysm.grow_to(top + sequential, clients=1)
+        out["sequential"] = {"at_targets": top, "added": sequential, "seconds": round(secs, 3),
+                             "ms_per_target": round(secs / sequential * 1e3, 3)}
+        first = iscsiraw.discover("127.0.0.1", sysm.port)[0]
+        out["storm"] = storm(("127.0.0.1", sysm.port, first), sysm.change, sysm.client,
+                             lambda c: c.close() if c is not None else None, storm_seconds, clients)
+        out["storm"]["targets"] = top + sequential
+        if not out["storm"]["ok"]:
+            raise RuntimeError(f"storm: {out['storm']['error']}")
     except Exception as e:
         out["ok"], out["error"] = False, f"{type(e).__name__}: {e}"
     finally:
@@ -88,7 +102,8 @@ def targets_scaling(sysm: PyscsiScaling | TgtdScaling, counts: list[int], repeat
 
 
 def run_scaling(names: list[str], workdir: Path, *, session_steps: list[int], target_counts: list[int],
-                repeat: int, log: Callable[[str], None]) -> dict[str, Any]:
+                repeat: int, log: Callable[[str], None], clients: int = CLIENTS, sequential: int = 100,
+                storm_seconds: float = 5.0) -> dict[str, Any]:
     """Per system, on a fresh process: idle memory (sessions to its first target), then the target-count rows."""
     res: dict[str, Any] = {"idle_memory": {}, "targets": {}}
     makers: dict[str, Callable[[], Any]] = {"tgtd": lambda: TgtdScaling(workdir),
@@ -107,6 +122,8 @@ def run_scaling(names: list[str], workdir: Path, *, session_steps: list[int], ta
             sysm.stop()
             res["targets"][name] = {"ok": False, "error": "not run (set-up failed)", "points": []}
             continue
-        log(f"start-up and discovery: {name} at {target_counts} targets")
-        res["targets"][name] = targets_scaling(sysm, target_counts, repeat)
+        log(f"start-up and discovery: {name} at {target_counts} targets ({clients} clients), then "
+            f"{sequential} more by one client, then a {storm_seconds:.0f} s configuration storm")
+        res["targets"][name] = targets_scaling(sysm, target_counts, repeat, clients=clients, sequential=sequential,
+                                               storm_seconds=storm_seconds)
     return res

@@ -10,6 +10,7 @@ The daemon and tgtd helpers of the TEST engineer (tests/support/) start and stop
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +25,10 @@ from support.daemon import Daemon, RestError  # noqa: E402
 from support.net import free_port, wait_port  # noqa: E402
 from support.tgtd import SOCKET_DIR, Lun, Tgtd  # noqa: E402
 
+from .storm import RestClient, in_parallel  # noqa: E402
+
 GiB = 1 << 30
+STORM_TIDS = 100000  # tgtd target ids of the storm's short-lived targets, above any grown one
 TiB = 1 << 40
 LUN_NAMES = ("main", "sp1g", "sp1t")
 
@@ -57,18 +61,13 @@ def fill_file(path: Path, size: int, seed: int = 20261122) -> None:
         os.fsync(f.fileno())
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy src over dst in place (dst may be open in a running target; the page cache keeps it coherent)."""
-    size = src.stat().st_size
-    with open(src, "rb") as s, open(dst, "r+b") as d:
-        off = 0
-        while off < size:
-            n = os.copy_file_range(s.fileno(), d.fileno(), size - off, off, off)
-            if n <= 0:
-                raise OSError(f"copy_file_range stalled at {off}")
-            off += n
-        d.truncate(size)
-        os.fsync(d.fileno())
+def copy_image(src: Path, dst: Path) -> None:
+    """A copy of ``src`` at ``dst``, made *before* a target opens it: a target may keep state about
+    its backing file (pyscsi-target's hole map), so nothing writes the file behind its back."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def free_tgtd_control_port() -> int:
@@ -142,8 +141,12 @@ def start_tgtd(workdir: Path, main_image: Path) -> System:
 
 
 def start_pyscsi(workdir: Path, main_image_src: Path) -> System:
-    """The daemon with its --demo LUN 0 (1 GiB), filled from ``main_image_src``, plus two sparse LUNs via REST."""
+    """The daemon with its --demo LUN 0 (1 GiB), filled from ``main_image_src``, plus two sparse LUNs via REST.
+
+    The demo LUN's file is put in place before the daemon starts (it adopts an existing demo.img)."""
     state = workdir / "pyscsi-state"
+    demo_file = state / "extents" / "demo.img"
+    copy_image(main_image_src, demo_file)
     d = Daemon(state, log_level="warning", demo=True)
     d.start()
     try:
@@ -151,7 +154,8 @@ def start_pyscsi(workdir: Path, main_image_src: Path) -> System:
         demo_maps = [m for m in d.rest("GET", "targettoextent/?limit=1000") if m["iscsi_target"] == tgt["id"]]
         ext = {e["id"]: e for e in d.rest("GET", "extent/?limit=1000")}
         demo_path = Path(ext[demo_maps[0]["iscsi_extent"]]["iscsi_target_extent_path"])
-        copy_file(main_image_src, demo_path)
+        if demo_path.resolve() != demo_file.resolve():
+            raise RuntimeError(f"the demo LUN is {demo_path}, not the prepared {demo_file}")
         luns = {"main": demo_maps[0]["iscsi_lunid"] or 0}
         for lun_id, (name, size) in enumerate((("sp1g", GiB), ("sp1t", TiB)), start=1):
             e = d.rest("POST", "extent/", {
@@ -193,19 +197,35 @@ class PyscsiScaling:
         self.daemon.start()
         return time.perf_counter() - t0
 
-    def grow_to(self, n: int) -> float:
-        """Add targets (each with a target group on the default portal group) until there are ``n``; seconds."""
+    def client(self) -> RestClient:
+        assert self.daemon is not None
+        return RestClient(self.daemon.api_port)
+
+    def grow_to(self, n: int, clients: int = 1) -> float:
+        """Add targets (each with a target group on the default portal group) until there are ``n``,
+        over ``clients`` parallel REST connections; seconds."""
         d = self.daemon
         assert d is not None
         if self.portal_group is None:
             self.portal_group = d.rest("GET", "portal/")[0]["id"]
-        t0 = time.perf_counter()
-        while self.targets < n:
-            self.targets += 1
-            t = d.rest("POST", "target/", {"iscsi_target_name": f"bench{self.targets:05d}"})
-            d.rest("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": self.portal_group,
+        pg = self.portal_group
+
+        def add(c: RestClient, i: int) -> None:
+            t = c.call("POST", "target/", {"iscsi_target_name": f"bench{i:05d}"})
+            c.call("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": pg,
                                             "iscsi_target_authtype": "None"})
-        return time.perf_counter() - t0
+
+        secs = in_parallel(clients, list(range(self.targets + 1, n + 1)), add, self.client, RestClient.close)
+        self.targets = max(self.targets, n)
+        return secs
+
+    def change(self, c: RestClient, i: int) -> None:
+        """One step of the configuration storm: a target created, exported, renamed and deleted."""
+        t = c.call("POST", "target/", {"iscsi_target_name": f"storm{i:06d}"})
+        c.call("POST", "targetgroup/", {"iscsi_target": t["id"], "iscsi_target_portalgroup": self.portal_group,
+                                        "iscsi_target_authtype": "None"})
+        c.call("PUT", f"target/{t['id']}/", {"iscsi_target_alias": f"storm alias {i}"})
+        c.call("DELETE", f"target/{t['id']}/")
 
     def stop(self) -> None:
         if self.daemon is not None:
@@ -255,15 +275,29 @@ class TgtdScaling:
         self.grow_to(n)
         return time.perf_counter() - t0
 
-    def grow_to(self, n: int) -> float:
-        t0 = time.perf_counter()
-        while self.targets < n:
-            self.targets += 1
-            tid = str(self.targets)
-            self._adm("--mode", "target", "--op", "new", "--tid", tid, "--targetname",
-                      f"iqn.2026-11.org.pyscsi-target.bench:t{self.targets:05d}")
-            self._adm("--mode", "target", "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
-        return time.perf_counter() - t0
+    def grow_to(self, n: int, clients: int = 1) -> float:
+        """Add targets bound to ALL until there are ``n``, over ``clients`` parallel tgtadm callers."""
+        def add(_c: None, i: int) -> None:
+            self._adm("--mode", "target", "--op", "new", "--tid", str(i), "--targetname",
+                      f"iqn.2026-11.org.pyscsi-target.bench:t{i:05d}")
+            self._adm("--mode", "target", "--op", "bind", "--tid", str(i), "--initiator-address", "ALL")
+
+        secs = in_parallel(clients, list(range(self.targets + 1, n + 1)), add, lambda: None)
+        self.targets = max(self.targets, n)
+        return secs
+
+    def client(self) -> None:
+        return None
+
+    def change(self, _c: None, i: int) -> None:
+        """One step of the configuration storm, as pyscsi-target's: new, bind, a parameter, delete."""
+        tid = str(STORM_TIDS + i)
+        self._adm("--mode", "target", "--op", "new", "--tid", tid, "--targetname",
+                  f"iqn.2026-11.org.pyscsi-target.bench:storm{i:06d}")
+        self._adm("--mode", "target", "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
+        self._adm("--mode", "target", "--op", "update", "--tid", tid, "--name", "MaxRecvDataSegmentLength",
+                  "--value", "65536")
+        self._adm("--mode", "target", "--op", "delete", "--force", "--tid", tid)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

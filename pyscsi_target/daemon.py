@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from .config.service import ConfigService
 from .config.store import ADMIN_PASSWORD_FILE, ConfigStore, StateDbError
 from .iscsi.write_budget import DEFAULT_TOTAL as DEFAULT_WRITE_BUDGET
 from .isns import IsnsClient, default_entity_id, desired_state
+from .isns.registration import DesiredState, Registration
 from .jobs import SanitizeJobs
 from .server.admission import raise_fd_limit
 from .server.engine import Engine
@@ -93,6 +95,11 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     entity_id = default_entity_id(opts.state_dir)
 
     def publish_isns() -> None:  # every apply, whether or not every portal bound
+        if not engine.model.global_config.isns_servers.strip():
+            # No server to register with: skip building the registration (every target's portals),
+            # which would cost every change in proportion to the configuration's size.
+            isns.update(DesiredState((), Registration(entity_id)))
+            return
         isns.update(desired_state(engine.model, engine.bound_portals(), entity_id=entity_id))
 
     engine.on_applied.append(publish_isns)
@@ -127,6 +134,12 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
             if os.environ.get("PYSCSI_TARGET_ADMIN_PASSWORD")
             else str(opts.state_dir / ADMIN_PASSWORD_FILE),
         ).write(opts.state_dir)
+        # What exists now (modules, the API, the configuration and its runtime) lives as long as
+        # the daemon: out of the cyclic collector's way, so that a full collection scans only
+        # what was created since.  With 1000 targets a full collection otherwise held the event
+        # loop 20-45 ms, a stall every I/O in flight waited out.
+        gc.collect()
+        gc.freeze()
         log.info("pyscsi-target ready (state dir %s)", opts.state_dir)
         isns.start()
         # Every portal listens (engine.apply awaited the listeners) and so does the API.

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from functools import lru_cache
 from typing import Literal
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -77,6 +78,7 @@ def format_listen(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@lru_cache(maxsize=4096)  # pure, on immutable results: logins and SendTargets ask again and again
 def parse_listen(text: str, *, default_port: int | None = None, allow_zero: bool = False) -> ListenAddress:
     """``"IP:PORT"`` or ``"[v6]:PORT"`` (the port may be left out when ``default_port`` is
     given).  Host names are refused: a portal binds to an address.  Port 0 (the kernel
@@ -164,6 +166,7 @@ class AccessList:
         return None
 
 
+@lru_cache(maxsize=4096)  # pure, on immutable results: logins and SendTargets ask again and again
 def parse_access_config(text: str) -> AccessList:
     """Entries separated by ``,`` or ``;``: an IP address, a CIDR network or ``*``, each
     optionally followed by ``(ro)`` or ``(rw)`` (default rw).  Blank means everyone."""
@@ -216,6 +219,7 @@ class InitiatorNames:
         return ALL if self.names is None else "\n".join(sorted(self.names))
 
 
+@lru_cache(maxsize=4096)  # pure, on immutable results: logins and SendTargets ask again and again
 def parse_initiator_names(text: str) -> InitiatorNames:
     """Names separated by white space or commas; blank or any ``ALL`` means everyone."""
     words = _words(text)
@@ -253,6 +257,7 @@ class NetworkList:
         return any(_in(ip, net) for net in self.networks)
 
 
+@lru_cache(maxsize=4096)  # pure, on immutable results: logins and SendTargets ask again and again
 def parse_networks(text: str) -> NetworkList:
     words = _words(text)
     if not words or any(w.upper() == ALL for w in words):

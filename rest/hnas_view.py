@@ -160,7 +160,8 @@ def _apply_auth(draft: Draft, t: Target, fields: Fields) -> None:
     secret = fields.get("secret")
     if enable is UNSET and not secret:
         return  # a PATCH of other fields leaves authentication as it is
-    groups = model.groups_of_target(t.id)
+    # Our own copies: the committed groups and credentials are sealed (shared with the model).
+    groups = [draft.own(TARGET_GROUPS, g) for g in model.groups_of_target(t.id)]
     if t.auth_group is None:
         t.auth_group = _adoptable_tag(model, t)
     if isinstance(secret, str) and secret:
@@ -174,6 +175,7 @@ def _apply_auth(draft: Draft, t: Target, fields: Fields) -> None:
                 used += [p.discovery_auth_group or 0 for p in model.portal_groups.values()]
                 tag = max(used, default=0) + 1
             creds = [draft.add(AUTH_CREDENTIALS, AuthCredential(id=0, tag=tag, user=chap_name(t), secret=secret))]
+        creds[0] = draft.own(AUTH_CREDENTIALS, creds[0])
         for extra in creds[1:]:
             del model.auth_credentials[extra.id]
         creds[0].secret = secret  # the user name stays: FreeNAS-side clients may rely on it

@@ -136,3 +136,54 @@ def test_stop_writes_what_is_queued_first() -> None:
         assert [e[1] for e in bs.events] == [0, 512, 1024]
 
     asyncio.run(main())
+
+
+def test_adjacent_writes_of_a_batch_go_down_together() -> None:
+    """A sequential stream costs one write call (one pwritev) per run of adjacent writes; a run
+    that fails is written again one write at a time, so that only the failing write fails."""
+
+    class Recording(FakeBackstore):
+        def write(self, data: Any, offset: int, fua: bool = False) -> None:
+            self.gate.wait(5)
+            blob = b"".join(bytes(d) for d in data)
+            if any(offset <= f < offset + len(blob) for f in self.fail_offsets):
+                raise OSError(28, "No space left on device")
+            self.events.append(("write", offset, blob, fua))
+
+    async def main() -> None:
+        bs = Recording()
+        q = WriteQueue(bs, asyncio.get_running_loop())  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        try:
+            async def submit(items: list[tuple[int, bytes]]) -> list[BaseException | None]:
+                futs = [loop.create_future() for _ in items]
+                for (off, data), fut in zip(items, futs, strict=True):
+                    q.submit(off, [data], False, fut.set_result)
+                return list(await asyncio.wait_for(asyncio.gather(*futs), 5))
+
+            bs.gate.clear()
+            held = asyncio.ensure_future(submit([(0, b"h" * 4)]))
+            await asyncio.sleep(0.05)
+            # 100..112 adjacent (three writes), then a gap, then 200..208 adjacent (two writes).
+            stream = [(100, b"a" * 4), (104, b"b" * 4), (108, b"c" * 4), (200, b"d" * 4), (204, b"e" * 4)]
+            batch = asyncio.ensure_future(submit(stream))
+            await asyncio.sleep(0.05)
+            bs.gate.set()
+            assert await held == [None] and await batch == [None] * 5
+            assert bs.events[1:] == [("write", 100, b"aaaabbbbcccc", False), ("write", 200, b"ddddeeee", False)]
+            bs.events.clear()
+            bs.fail_offsets = {305}
+            bs.gate.clear()
+            held = asyncio.ensure_future(submit([(0, b"h" * 4)]))
+            await asyncio.sleep(0.05)
+            batch = asyncio.ensure_future(submit([(300, b"x" * 4), (304, b"y" * 4), (308, b"z" * 4)]))
+            await asyncio.sleep(0.05)
+            bs.gate.set()
+            assert await held == [None]
+            res = await batch
+            assert res[0] is None and isinstance(res[1], OSError) and res[2] is None
+            assert [e[1] for e in bs.events[1:]] == [300, 308]
+        finally:
+            q.stop()
+
+    asyncio.run(main())

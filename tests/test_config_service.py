@@ -9,6 +9,7 @@ import pytest
 from support.rest_harness import FakeEngine, aio
 
 from pyscsi_target.config.errors import ConflictError, NotFoundError, ValidationError
+from pyscsi_target.config.model import SealedError
 from pyscsi_target.config.portal_groups import is_local_address
 from pyscsi_target.config.service import ConfigService
 from pyscsi_target.config.store import ConfigStore
@@ -32,8 +33,11 @@ async def test_every_change_is_persisted_then_applied(tmp_path: Path) -> None:
     assert engine.last.portal_groups[1].listen == ["127.0.0.1:3260", "[::1]:3260"]
     t = await service.create_target({"name": "t"})
     assert engine.last.targets[t.id].name == "t"
-    # The engine got a copy: mutating it does not touch the service's model.
-    engine.last.targets[t.id].name = "mutated"
+    # The engine shares the committed objects, which are sealed: nobody can change them behind
+    # the service's back; a change of the engine's collections does not reach the service's.
+    with pytest.raises(SealedError):
+        engine.last.targets[t.id].name = "mutated"
+    del engine.last.targets[t.id]
     assert service.model.targets[t.id].name == "t"
     assert ConfigStore(tmp_path).load().targets[t.id].name == "t"
     with pytest.raises(NotFoundError):

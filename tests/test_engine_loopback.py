@@ -575,3 +575,40 @@ def test_backlog_of_immediate_commands_pauses_reading(tmp_path: Path) -> None:
         await c.close()
 
     run(tmp_path, body)
+
+
+def test_a_partly_received_large_pdu_waits_for_its_rest(tmp_path: Path) -> None:
+    """While a WRITE's data segment is only partly in, the connection asks the kernel (SO_RCVLOWAT)
+    to wake it once the rest is there instead of per segment; once complete it is back to 1."""
+
+    async def body(eng: Engine, port: int) -> None:
+        c = await Client.connect("127.0.0.1", port)
+        assert (await c.login(IQN)).status_class == 0
+        await c.scsi(bytes(6))  # the power-on unit attention
+        (proto,) = eng.connections
+        assert proto._lowat == 1
+        data = bytes(range(256)) * 256  # 64 KiB: the FirstBurstLength of this session, as immediate data
+        cmd = P.ScsiCommand(itt=c.next_itt(), cmdsn=c.cmdsn, expstatsn=c.statsn, write=1, edtl=len(data), attr=1,
+                            cdb=struct.pack(">BBIBHB", 0x2A, 0, 100, 0, len(data) // 512, 0).ljust(16, b"\0"))
+        cmd.data = data
+        c.cmdsn += 1
+        wire = cmd.to_bytes()
+        c.w.write(wire[:48 + 4096])  # the header and the first 4 KiB
+        await c.w.drain()
+        for _ in range(100):
+            if proto._lowat != 1:
+                break
+            await asyncio.sleep(0.01)
+        assert proto._lowat == len(wire) - 48 - 4096
+        assert proto._sock is not None
+        assert proto._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == proto._lowat
+        c.w.write(wire[48 + 4096:])
+        await c.w.drain()
+        rsp = await c.recv()
+        assert isinstance(rsp, P.ScsiResponse) and rsp.status == 0
+        assert proto._lowat == 1 and proto._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        r = await c.scsi(struct.pack(">BBIBHB", 0x28, 0, 100, 0, len(data) // 512, 0), read=len(data))
+        assert b"".join(bytes(p.data) for p in r if isinstance(p, P.DataIn)) == data
+        await c.close()
+
+    run(tmp_path, body)

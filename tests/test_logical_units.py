@@ -4,6 +4,7 @@ table follows the configuration (open, reconfigure, reopen, close)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from pyscsi_target.scsi import sense as S
 from pyscsi_target.scsi.registry import ScsiRegistry
 from pyscsi_target.scsi.settings import LuSettings
 from pyscsi_target.server.logical_units import LogicalUnits, lu_settings, naa_of, requested_size
+from pyscsi_target.server.model_index import ModelIndex
 
 
 def test_extent_to_settings() -> None:
@@ -51,35 +53,39 @@ def test_lu_table_follows_the_model(tmp_path: Path) -> None:
         model = M.ConfigModel(targets={1: M.Target(id=1, name="t")}, extents={ext.id: ext},
                               lun_maps={1: M.LunMap(id=1, target=1, extent=ext.id, lunid=0)})
         detached: list[object] = []
-        assert lus.apply(model, detached.append) == []
+
+        def apply(model: M.ConfigModel) -> set[int]:
+            return lus.apply(model, ModelIndex.of(model), set(model.extents) | {ext.id}, detached.append)
+
+        assert apply(model) == {ext.id} and lus.failed == set()
         lu = lus.get(ext.id)
         assert lu is not None and registry.lus[lu.naa] is lu and lu.num_blocks == (8 << 20) // 512
         lu.attach_nexus(("iqn.x,i,0x1", 1), ua=None)
         # a changed size and identity: the same LU, with the unit attentions
         model = model.copy()
-        model.extents[ext.id].filesize = str(16 << 20)
-        model.extents[ext.id].serial = "NEWSERIAL"
-        lus.apply(model, detached.append)
+        model.extents[ext.id] = dataclasses.replace(ext, filesize=str(16 << 20), serial="NEWSERIAL")
+        assert apply(model) == set()
         assert lus.get(ext.id) is lu and lu.num_blocks == (16 << 20) // 512 and lu.serial == "NEWSERIAL"
         assert lu.ua[("iqn.x,i,0x1", 1)] == [S.INQUIRY_DATA_HAS_CHANGED, S.CAPACITY_DATA_HAS_CHANGED]
         # a new block size needs a new LU
         model = model.copy()
-        model.extents[ext.id].blocksize = 4096
-        lus.apply(model, detached.append)
+        model.extents[ext.id] = dataclasses.replace(model.extents[ext.id], blocksize=4096)
+        assert apply(model) == {ext.id}
         new = lus.get(ext.id)
         assert new is not None and new is not lu and lu.closed and detached == [lu] and new.block_size == 4096
         # unmapped: closed and out of the registry
         model = model.copy()
         model.lun_maps.clear()
-        lus.apply(model, detached.append)
+        assert apply(model) == {ext.id}
         assert lus.get(ext.id) is None and new.closed and registry.lus == {}
-        # an extent that cannot be opened is reported, the others are served
+        # an extent that cannot be opened is reported (and retried by every later apply), the others are served
         bad = M.Extent(id=99, name="bad", path=str(tmp_path / "missing" / "x.img"), filesize="1MB")
         model = model.copy()
         model.extents[99] = bad
         model.lun_maps[2] = M.LunMap(id=2, target=1, extent=99, lunid=1)
-        errors = lus.apply(model, detached.append)
-        assert len(errors) == 1 and errors[0].startswith("bad:")
+        assert apply(model) == set() and lus.failed == {99}
+        (tmp_path / "missing").mkdir()
+        assert lus.apply(model, ModelIndex.of(model), set(), detached.append) == {99} and lus.failed == set()
         await lus.close()
 
     asyncio.run(main())

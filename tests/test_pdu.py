@@ -150,6 +150,41 @@ def test_framing_survives_any_fragmentation(cuts: list[int], hd: bool, dd: bool)
     assert got == [(p.itt, bytes(p.data)) for p in pdus]
 
 
+def test_receive_buffer_grows_when_filled_and_shrinks_when_idle() -> None:
+    """An idle connection keeps a small buffer; receives that fill it double it (a busy one soon
+    takes many PDUs per receive); payloads handed out earlier survive every reallocation."""
+    reader = P.PDUReader(max_data=1 << 16, bufsize=4096, max_bufsize=64 * 1024)
+    pdus = [P.DataOut(itt=i, data=bytes([i % 251]) * 1000) for i in range(300)]
+    stream = b"".join(p.to_bytes() for p in pdus)
+    got: list[P.PDU] = []
+    sizes = []
+    pos = 0
+    while pos < len(stream):
+        buf = reader.get_buffer()
+        sizes.append(len(buf))
+        n = min(len(buf), len(stream) - pos)  # a receive that fills what it is offered
+        buf[:n] = stream[pos:pos + n]
+        pos += n
+        got.extend(ev for ev in reader.buffer_updated(n) if isinstance(ev, P.PDU))
+    assert sizes[0] == 4096 and max(sizes) > 32 * 1024 and max(sizes) <= 64 * 1024
+    assert [(g.itt, bytes(g.data)) for g in got] == [(p.itt, bytes(p.data)) for p in pdus]
+    reader.shrink(4096)
+    assert len(reader.get_buffer()) == 4096
+    assert [(g.itt, bytes(g.data)) for g in got] == [(p.itt, bytes(p.data)) for p in pdus]
+    # Receives that leave room do not grow it; a pending partial PDU keeps it from shrinking.
+    wire = P.NopOut(itt=1).to_bytes()
+    for _ in range(20):
+        buf = reader.get_buffer()
+        buf[:len(wire)] = wire
+        assert [ev.itt for ev in reader.buffer_updated(len(wire))] == [1]
+    buf = reader.get_buffer()
+    assert len(buf) == 4096
+    buf[:10] = wire[:10]
+    assert list(reader.buffer_updated(10)) == []
+    reader.shrink(1024)
+    assert len(reader.get_buffer()) > 1024 - 10
+
+
 @given(st.binary(min_size=0, max_size=2000))
 @settings(max_examples=300, deadline=None)
 def test_random_bytes_never_raise_anything_unexpected(junk: bytes) -> None:

@@ -47,7 +47,7 @@ def test_vpd_page_bytes(tmp_path: Path) -> None:
     assert p["86"] == bytes((0, 0x86, 0, 0x3C, 0, 0x07, 0x01, 0x01)) + bytes(56)
     bs = 512
     assert p["b0"] == struct.pack(
-        ">BBHBBHIIIIIIIQIII8x", 0, 0xB0, 0x3C, 0, 255, 8, MAX_TRANSFER_BYTES // bs, (128 << 10) // bs,
+        ">BBHBBHIIIIIIIQIII8x", 0, 0xB0, 0x3C, 0, 255, 8, MAX_TRANSFER_BYTES // bs, (1 << 20) // bs,
         MAX_TRANSFER_BYTES // bs, (256 << 20) // bs, 256, 8, 0x80000000, MAX_TRANSFER_BYTES // bs,
         (1 << 20) // bs, 8, 8)
     assert p["b1"] == struct.pack(">BBHHBB", 0, 0xB1, 0x3C, 7200, 0, 0x40) + bytes(56)
@@ -61,3 +61,6 @@ def test_block_limits_for_4k_blocks(tmp_path: Path) -> None:
     fields = struct.unpack(">BBHBBHIIIIIIIQIII8x", p["b0"])
     assert fields[5] == 1  # optimal granularity: one 4 KiB block is the physical block
     assert fields[6] == MAX_TRANSFER_BYTES // 4096 and fields[11] == 1 and fields[15] == 1
+    # OPTIMAL TRANSFER LENGTH: 1 MiB, which Linux sd takes as max_sectors_kb and io_opt; it must be a
+    # multiple of the physical block (the granularity) and within the maximum, or sd ignores it.
+    assert fields[7] * 4096 == 1 << 20 and fields[7] % fields[5] == 0 and fields[7] <= fields[6]

@@ -1,7 +1,8 @@
 """File backstore: a (normally sparse) regular file.
 
 File extents are thin: created sparse, deallocated with fallocate(PUNCH_HOLE|KEEP_SIZE)
-and their allocation read back with SEEK_DATA/SEEK_HOLE for GET LBA STATUS.
+and their allocation read back with SEEK_DATA/SEEK_HOLE for GET LBA STATUS.  Reads of ranges
+known to be holes are answered with zeroes without a syscall (hole_map.py).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import ctypes.util
 import errno
 import os
 import stat
+from collections.abc import Sequence
 
-from pyscsi_target.backstore.base import Extent, FdBackstore
+from pyscsi_target.backstore.base import Buffer, Extent, FdBackstore
+from pyscsi_target.backstore.hole_map import HoleMap
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -63,13 +66,41 @@ class FileBackstore(FdBackstore):
         self.read_only = read_only
         self.thin = True
         self._punch_ok = True
+        self.holes = HoleMap.scan(fd, size)
+
+    # --- reads of known holes: zeroes, no syscall; every write path marks its range first ---
+
+    def read_nowait(self, buf: bytearray | memoryview, offset: int) -> bool:
+        n = len(buf)
+        if self.holes.covers(offset, offset + n):
+            _zero_fill(buf, n)
+            return True
+        return super().read_nowait(buf, offset)
+
+    def read_into(self, buf: bytearray | memoryview, offset: int) -> None:
+        n = len(buf)
+        if self.holes.covers(offset, offset + n):
+            _zero_fill(buf, n)
+            return
+        super().read_into(buf, offset)
+
+    def write_nowait(self, data: Sequence[Buffer], offset: int) -> bool:
+        if not self.nowait_write:  # the writer thread will write it (and mark it then)
+            return False
+        self.holes.written(offset, offset + _nbytes(data))
+        return super().write_nowait(data, offset)
+
+    def write(self, data: Sequence[Buffer], offset: int, fua: bool = False) -> None:
+        self.holes.written(offset, offset + _nbytes(data))
+        super().write(data, offset, fua)
 
     def discard(self, offset: int, length: int) -> None:
         if length <= 0:
             return
         if self._punch_ok:
             try:
-                fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+                with self.holes.zeroing(offset, offset + length):
+                    fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
                 return
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
@@ -78,12 +109,15 @@ class FileBackstore(FdBackstore):
         self.write_zeroes(offset, length)  # filesystem without holes: keep LBPRZ true
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        try:
-            fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            super().write_zeroes(offset, length)
+        # The range reads as zeroes afterwards either way (a zeroed range or written zeroes):
+        # unless a write raced with it, reads of it need not reach the file.
+        with self.holes.zeroing(offset, offset + length):
+            try:
+                fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                super().write_zeroes(offset, length)  # its writes forget the range: read from the file
 
     def block_status(self, offset: int, length: int, max_runs: int = 1 << 30) -> list[Extent]:
         """Runs from SEEK_DATA/SEEK_HOLE, starting at ``offset``, up to ``offset+length``
@@ -126,4 +160,21 @@ class FileBackstore(FdBackstore):
             return
         if size > current:
             os.ftruncate(self.fd, size)
+            self.holes.add(current, size)  # grown by us: sparse, nobody wrote there
         self.size = size
+
+
+_ZEROES = memoryview(bytes(1 << 20))
+
+
+def _nbytes(data: Sequence[Buffer]) -> int:
+    return sum(d.nbytes if isinstance(d, memoryview) else len(d) for d in data)
+
+
+def _zero_fill(buf: bytearray | memoryview, n: int) -> None:
+    view = memoryview(buf).cast("B") if not isinstance(buf, bytearray) else memoryview(buf)
+    pos = 0
+    while pos < n:
+        k = min(n - pos, len(_ZEROES))
+        view[pos:pos + k] = _ZEROES[:k]
+        pos += k

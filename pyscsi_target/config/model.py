@@ -11,14 +11,39 @@ LUNs of a target.
 The objects are plain dataclasses so that the engine can read a consistent snapshot
 and the store can persist them without an ORM.  Invariants (uniqueness, references)
 are checked by the config service, not here.
+
+Once committed, an object is *sealed*: the current model, every later draft and the engine
+share it (a model copy copies the collections, not the objects, so a change costs what it
+changes, not what the configuration holds).  Assigning to a sealed object raises
+``SealedError``; an edit replaces the object with a copy instead (``Draft.own``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 DEFAULT_BASENAME = "iqn.2026-11.org.pyscsi-target"
+
+
+class SealedError(AttributeError):
+    """An assignment to a model object that the committed configuration shares."""
+
+
+class Sealable:
+    """Base of the model objects: assignable until ``seal()``."""
+
+    _sealed = False  # a class attribute, not a dataclass field: never stored or compared
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self._sealed:
+            raise SealedError(f"{type(self).__name__} {getattr(self, 'id', '')} belongs to the committed "
+                              "configuration: edit a copy (Draft.own)")
+        object.__setattr__(self, name, value)
+
+    def seal(self) -> None:
+        object.__setattr__(self, "_sealed", True)
 
 AUTH_METHODS = ("None", "Auto", "CHAP", "CHAP Mutual")
 EXTENT_TYPES = ("File", "Disk", "RBD")
@@ -27,7 +52,7 @@ BLOCK_SIZES = (512, 1024, 2048, 4096)
 
 
 @dataclass
-class GlobalConfig:
+class GlobalConfig(Sealable):
     id: int = 1
     basename: str = DEFAULT_BASENAME
     isns_servers: str = ""
@@ -35,7 +60,7 @@ class GlobalConfig:
 
 
 @dataclass
-class PortalGroup:
+class PortalGroup(Sealable):
     id: int
     tag: int
     # "IP:PORT" strings, IPv6 as "[addr]:port", exactly as the FreeNAS API shows them.
@@ -46,7 +71,7 @@ class PortalGroup:
 
 
 @dataclass
-class InitiatorGroup:
+class InitiatorGroup(Sealable):
     id: int
     tag: int
     initiators: str = "ALL"  # "ALL" or whitespace-separated initiator names
@@ -55,7 +80,7 @@ class InitiatorGroup:
 
 
 @dataclass
-class AuthCredential:
+class AuthCredential(Sealable):
     id: int
     tag: int  # the auth group number; several credentials may share one tag
     user: str
@@ -65,7 +90,7 @@ class AuthCredential:
 
 
 @dataclass
-class Target:
+class Target(Sealable):
     id: int
     name: str  # short name or a full iqn./eui./naa. name
     alias: str | None = None
@@ -88,7 +113,7 @@ class Target:
 
 
 @dataclass
-class TargetGroup:
+class TargetGroup(Sealable):
     id: int
     target: int
     portal_group: int
@@ -99,7 +124,7 @@ class TargetGroup:
 
 
 @dataclass
-class Extent:
+class Extent(Sealable):
     id: int
     name: str
     type: str = "File"  # "File", "Disk" or "RBD"
@@ -125,7 +150,7 @@ class Extent:
 
 
 @dataclass
-class LunMap:
+class LunMap(Sealable):
     id: int
     target: int
     extent: int
@@ -147,19 +172,33 @@ class ConfigModel:
     service_enabled: bool = True  # FreeNAS services/iscsitarget srv_enable
 
     def copy(self) -> ConfigModel:
-        return dataclasses.replace(
-            self,
-            global_config=dataclasses.replace(self.global_config),
-            portal_groups={k: dataclasses.replace(v, listen=list(v.listen)) for k, v in self.portal_groups.items()},
-            initiator_groups={k: dataclasses.replace(v) for k, v in self.initiator_groups.items()},
-            auth_credentials={k: dataclasses.replace(v) for k, v in self.auth_credentials.items()},
-            targets={k: dataclasses.replace(v) for k, v in self.targets.items()},
-            target_groups={k: dataclasses.replace(v) for k, v in self.target_groups.items()},
-            extents={k: dataclasses.replace(v) for k, v in self.extents.items()},
-            lun_maps={k: dataclasses.replace(v) for k, v in self.lun_maps.items()},
+        """New collections holding the same objects (sealed ones are shared safely: nobody
+        can change them), and a private global configuration."""
+        return ConfigModel(
+            global_config=copy_object(self.global_config),
+            portal_groups=dict(self.portal_groups),
+            initiator_groups=dict(self.initiator_groups),
+            auth_credentials=dict(self.auth_credentials),
+            targets=dict(self.targets),
+            target_groups=dict(self.target_groups),
+            extents=dict(self.extents),
+            lun_maps=dict(self.lun_maps),
+            service_enabled=self.service_enabled,
         )
 
-    # --- derived views the engine uses -------------------------------------------------
+    def seal(self) -> None:
+        """Seal every object (a model loaded from the store, or handed to the engine)."""
+        self.global_config.seal()
+        for objs in self.collections():
+            for obj in objs.values():
+                if not obj._sealed:
+                    obj.seal()
+
+    def collections(self) -> tuple[dict[int, Sealable], ...]:
+        return (self.portal_groups, self.initiator_groups, self.auth_credentials,  # type: ignore[return-value]
+                self.targets, self.target_groups, self.extents, self.lun_maps)
+
+    # --- derived views -------------------------------------------------
 
     def target_iqn(self, target: Target) -> str:
         name = target.name
@@ -183,3 +222,16 @@ class ConfigModel:
             for m in self.lun_maps.values()
             if m.target == target_id and m.extent in self.extents
         }
+
+
+S = TypeVar("S", bound=Sealable)
+
+
+def copy_object(obj: S) -> S:
+    """An unsealed copy of a model object; its list fields are copied too (nothing shared)."""
+    new = dataclasses.replace(obj)  # type: ignore[type-var]
+    for f in dataclasses.fields(new):  # type: ignore[arg-type]
+        value = getattr(new, f.name)
+        if isinstance(value, list):
+            setattr(new, f.name, list(value))
+    return new

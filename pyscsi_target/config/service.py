@@ -132,7 +132,7 @@ class ConfigService:
                         pg = PortalGroup(id=tx.new_id(PORTAL_GROUPS.attr), tag=1, listen=listen, comment="default")
                         model.portal_groups[pg.id] = pg
                     tx.sync(ConfigModel(), model)
-                self._changes.model = model
+                self._changes.adopt(model)
                 log.info("initialised a new configuration in %s", self.store.path)
         if demo and fresh:
             await self.ensure_demo()

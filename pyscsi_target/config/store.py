@@ -334,7 +334,10 @@ class StoreTransaction:
             for obj_id in before.keys() - after.keys():
                 self.conn.execute(f"DELETE FROM {kind} WHERE id = ?", (obj_id,))
             for obj_id, obj in after.items():
-                if before.get(obj_id) != obj or obj_id not in before:
+                prev = before.get(obj_id)
+                if prev is obj:  # shared by both models: unchanged (sealed objects)
+                    continue
+                if prev != obj or obj_id not in before:
                     self.conn.execute(
                         f"INSERT INTO {kind}(id, data) VALUES (?, ?) "
                         "ON CONFLICT(id) DO UPDATE SET data = excluded.data",

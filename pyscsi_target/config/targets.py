@@ -55,6 +55,7 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
     F.allow_warm_reset.assign(t, fields, errs)
     F.allow_cold_reset.assign(t, fields, errs)
     errs.raise_if_any()
+    iqn = model.target_iqn(t)
     for other in model.targets.values():
         if other.id == t.id:
             continue
@@ -62,6 +63,7 @@ def build_target(model: ConfigModel, fields: Mapping[str, object], t: Target) ->
             raise ConflictError({"name": ["Target name already exists"]})
         if t.alias is not None and other.alias == t.alias:
             raise ConflictError({"alias": ["Alias already exists"]})
-        if model.target_iqn(other) == model.target_iqn(t):
+        # Equal IQNs contain the other's name: test that first, it spares building every IQN.
+        if other.name in iqn and model.target_iqn(other) == iqn:
             raise ConflictError({"name": ["Target name already exists"]})
     return t

@@ -1,28 +1,38 @@
 """The commit-and-apply path every configuration change takes.
 
-Changes run one at a time under an asyncio lock (two concurrent creates of the same name
-give one success and one conflict):
+Changes are serialised (two concurrent creates of the same name give one success and one
+conflict) and *group-committed*: every change queued while a commit is in flight joins the
+next batch, which costs one SQLite transaction and one fsync however many changes it holds.
+For each batch:
 
-    edit a copy of the model inside one SQLite transaction (validate, allocate ids)
-    -> commit -> ``await engine.apply(model.copy())`` -> the new model is current.
+    each change edits a copy of the model as its predecessor left it (validate, allocate
+    ids in memory); a change whose edit raises is dropped alone, its ids and undo actions
+    rolled back
+    -> the rows that changed, and the id sequences, are committed in the commit thread
+       (the fsync never runs on the event loop)
+    -> ``await engine.apply(model.copy())``, which reconciles only what changed
+    -> every change of the batch gets its result.
 
-If the edit raises, the transaction rolls back and nothing changed.  If the engine cannot
+A model copy shares its objects (they are sealed once an edit returns: config/model.py), so
+a change costs in proportion to what it changes, not to the size of the configuration.  If
+the commit fails, every change of the batch fails and nothing changed.  If the engine cannot
 apply the result (a portal address bound by another program, say), the database and the
-in-memory model are put back, the old model is re-applied and the change's undo actions
-run, so that the persisted state and the running target never disagree.
+in-memory model are put back and the old model is re-applied; a lone change then fails, a
+batch is retried one change at a time, so that only the culprit fails and the persisted state
+and the running target never disagree.
 
 Gateways of a cluster share one configuration (cluster/shared_config.py, the ``publisher``):
-a committed change is published there before the engine applies it.  When another gateway
-published first, this change is rolled back, theirs is installed, and the edit runs again on
-it; a change made elsewhere arrives through ``install``.
+a committed batch is published there before the engine applies it.  When another gateway
+published first, the batch is rolled back, theirs is installed, and the batch's edits run
+again on it; a change made elsewhere arrives through ``install``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
@@ -34,10 +44,12 @@ from pyscsi_target.config.model import (
     InitiatorGroup,
     LunMap,
     PortalGroup,
+    Sealable,
     Target,
     TargetGroup,
+    copy_object,
 )
-from pyscsi_target.config.store import ConfigStore, StoreTransaction
+from pyscsi_target.config.store import KINDS, ConfigStore, StoreTransaction
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +129,84 @@ def lookup(model: ConfigModel, kind: Kind[O], obj_id: object, label: str) -> O:
     return objs[key]
 
 
-class Draft:
-    """A change in progress: a copy of the model to edit, new ids, undo actions."""
+class IdAllocator:
+    """The next id of every object kind, handed out in memory and persisted (sqlite_sequence)
+    with the commit that uses them; ids are never handed out twice, as with AUTOINCREMENT."""
 
-    def __init__(self, model: ConfigModel, tx: StoreTransaction) -> None:
+    def __init__(self, last: dict[str, int]) -> None:
+        self.last = {kind: last.get(kind, 0) for kind in KINDS}
+
+    def new(self, kind: str) -> int:
+        if kind not in self.last:
+            raise KeyError(kind)
+        self.last[kind] += 1
+        return self.last[kind]
+
+    def raise_to(self, kind: str, last: int) -> None:
+        self.last[kind] = max(self.last[kind], last)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.last)
+
+    def restore(self, snapshot: dict[str, int]) -> None:
+        self.last = dict(snapshot)
+
+
+StoreOp = Callable[[StoreTransaction], None]
+
+
+class DeferredStore:
+    """What an edit may ask of the store besides model rows, done in its batch's commit."""
+
+    def __init__(self, ids: IdAllocator, ops: list[StoreOp]) -> None:
+        self._ids = ids
+        self._ops = ops
+
+    def raise_id_sequence(self, kind: str, last: int) -> None:
+        """Never hand out an id of ``kind`` up to ``last`` again."""
+        self._ids.raise_to(kind, last)
+        self._ops.append(lambda tx: tx.raise_id_sequence(kind, last))
+
+    def replace_api_keys(self, rows: list[dict[str, Any]]) -> None:
+        self._ops.append(lambda tx: tx.replace_api_keys(rows))
+
+
+class Draft:
+    """A change in progress: a copy of the model to edit, new ids, undo actions.
+
+    The copy shares the committed objects, which are sealed: to change one, take your own
+    copy with ``own`` (or build a new object and put it in place)."""
+
+    def __init__(self, model: ConfigModel, ids: IdAllocator) -> None:
         self.model = model
-        self._tx = tx
+        self._ids = ids
+        self.ops: list[StoreOp] = []
         self.undo: list[Callable[[], None]] = []
         self.done: list[Callable[[], None]] = []
 
     def new_id(self, kind: Kind[Any]) -> int:
-        """The next never-used id of ``kind`` (rolled back with the transaction)."""
-        return self._tx.new_id(kind.attr)
+        """The next never-used id of ``kind`` (given back if the change does not commit)."""
+        return self._ids.new(kind.attr)
 
     def add(self, kind: Kind[O], obj: O) -> O:
         obj.id = self.new_id(kind)
         kind.of(self.model)[obj.id] = obj
         return obj
 
+    def own(self, kind: Kind[O], obj: O) -> O:
+        """This draft's own, assignable copy of ``obj``, put in its place in the model."""
+        objs = kind.of(self.model)
+        current = objs[obj.id]
+        if not cast(Sealable, current)._sealed:
+            return current
+        mine = copy_object(cast(Any, current))
+        objs[obj.id] = mine
+        return cast(O, mine)
+
     @property
-    def store(self) -> StoreTransaction:
-        """The store transaction the change is written in (for what the model does not hold:
-        id sequences, API keys)."""
-        return self._tx
+    def store(self) -> DeferredStore:
+        """The store beyond the model rows (id sequences, API keys), written with the change."""
+        return DeferredStore(self._ids, self.ops)
 
     def on_undo(self, action: Callable[[], None]) -> None:
         """Run ``action`` if the change does not take effect (a file created for it, say)."""
@@ -150,6 +217,37 @@ class Draft:
         self.done.append(action)
 
 
+#: Changes committed together at most (a batch's edits run back to back on the loop).
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class _Change:
+    edit: Callable[[Draft], Any]
+    future: asyncio.Future[Any]
+    alone: bool = False  # retried on its own after its batch could not be applied
+    attempts: int = 0  # times another gateway's change came first (cluster)
+    draft: Draft | None = None
+    result: Any = None
+
+
+def _run_undo(draft: Draft | None) -> None:
+    for action in reversed(draft.undo if draft is not None else []):
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - the others must run
+            log.exception("undo action of a failed configuration change")
+
+
+def _settle(ch: _Change, exc: BaseException | None) -> None:
+    if ch.future.done():
+        return
+    if exc is None:
+        ch.future.set_result(ch.result)
+    else:
+        ch.future.set_exception(exc)
+
+
 class Changes:
     """Owns the current model and runs every change through the commit-and-apply path."""
 
@@ -158,17 +256,31 @@ class Changes:
         self.engine = engine
         self.lock = asyncio.Lock()
         self.model = store.load()
+        self.model.seal()
+        self.ids = IdAllocator(store.id_sequences())
+        self._queue: list[_Change] = []
+        self._worker: asyncio.Task[None] | None = None
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="config-commit")
         self.publisher: Publisher | None = None
 
+    def adopt(self, model: ConfigModel) -> None:
+        """Make ``model``, just written to the store by the caller, current (seeding)."""
+        model.seal()
+        self.model = model
+        self.ids = IdAllocator(self.store.id_sequences())
+
     async def run(self, edit: Callable[[Draft], T]) -> T:
-        """Apply ``edit`` to a copy of the model; returns what ``edit`` returned."""
+        """Apply ``edit`` to a copy of the model; returns what ``edit`` returned.
 
-        # Shielded: a client hanging up must not leave a change persisted but half-applied.
-        async def locked() -> T:
-            async with self.lock:
-                return await self._commit(edit)
-
-        return await asyncio.shield(asyncio.ensure_future(locked()))
+        A client hanging up does not cancel the change: once queued it is committed or
+        refused like any other."""
+        loop = asyncio.get_running_loop()
+        ch = _Change(edit, loop.create_future())
+        ch.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved even if nobody waits
+        self._queue.append(ch)
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain(), name="config-changes")
+        return cast(T, await asyncio.shield(ch.future))
 
     async def apply_current(self) -> None:
         """Hand the current model to the engine again (start-up)."""
@@ -176,58 +288,124 @@ class Changes:
             if self.engine is not None:
                 await self.engine.apply(self.model.copy())
 
-    async def _commit(self, edit: Callable[[Draft], T]) -> T:
-        for _attempt in range(PUBLISH_ATTEMPTS):
-            old = self.model
-            draft: Draft | None = None
+    async def _drain(self) -> None:
+        while self._queue:
+            if self._queue[0].alone:
+                batch = [self._queue.pop(0)]
+            else:
+                n = 0
+                while n < len(self._queue) and n < MAX_BATCH and not self._queue[n].alone:
+                    n += 1
+                batch, self._queue = self._queue[:n], self._queue[n:]
             try:
-                with self.store.transaction() as tx:
-                    draft = Draft(old.copy(), tx)
-                    result = edit(draft)
-                    tx.sync(old, draft.model)
-                self.model = draft.model
-                if self.publisher is not None and not await self._publish(old, draft.model):
-                    for action in reversed(draft.undo):
-                        action()
-                    continue  # another gateway's change came first: edit again on top of it
-                if self.engine is not None:
-                    await self._apply(old, draft.model)
-                for action in draft.done:
-                    action()
-            except BaseException:
-                for action in reversed(draft.undo if draft is not None else []):
-                    action()
-                raise
-            return result
-        raise ConflictError({"__all__": ["The configuration kept changing on other gateways; try again."]})
+                async with self.lock:
+                    await self._commit(batch)
+            except BaseException as exc:  # a bug or a cancellation: nobody may wait forever
+                for ch in batch:
+                    _settle(ch, exc if isinstance(exc, Exception) else RuntimeError("configuration change aborted"))
+                if not isinstance(exc, Exception):
+                    raise
+                log.exception("configuration batch failed")
 
-    async def _publish(self, old: ConfigModel, new: ConfigModel) -> bool:
-        """Publish a committed change; False when another gateway's change came first (this
-        one is then rolled back and theirs installed)."""
+    async def _commit(self, batch: list[_Change]) -> None:
+        base = self.model
+        ids_before = self.ids.snapshot()
+        current = base
+        accepted: list[_Change] = []
+        for ch in batch:
+            ids = self.ids.snapshot()
+            draft = Draft(current.copy(), self.ids)
+            try:
+                ch.result = ch.edit(draft)
+            except Exception as exc:
+                self.ids.restore(ids)
+                _run_undo(draft)
+                _settle(ch, exc)
+                continue
+            draft.model.seal()  # what it created or copied: shared from now on
+            ch.draft = draft
+            current = draft.model
+            accepted.append(ch)
+        if not accepted:
+            return
+        loop = asyncio.get_running_loop()
+        sequences = self.ids.snapshot()
+        ops = [op for ch in accepted for op in (ch.draft.ops if ch.draft else [])]
+        try:
+            await loop.run_in_executor(self._commit_thread, self._persist, base, current, sequences, ops)
+        except Exception as exc:
+            self.ids.restore(ids_before)
+            for ch in reversed(accepted):
+                _run_undo(ch.draft)
+                _settle(ch, exc)
+            return
+        self.model = current
+        if self.publisher is not None and not await self._publish(base, current, ids_before, accepted):
+            return
+        if self.engine is not None and not await self._apply(base, current, accepted):
+            return
+        for ch in accepted:
+            for action in ch.draft.done if ch.draft else []:
+                action()
+            _settle(ch, None)
+
+    def _persist(self, old: ConfigModel, new: ConfigModel, sequences: dict[str, int], ops: list[StoreOp]) -> None:
+        """The commit thread: one transaction, one fsync, for the whole batch."""
+        with self.store.transaction() as tx:
+            tx.sync(old, new)
+            for kind, last in sequences.items():
+                if last:
+                    tx.raise_id_sequence(kind, last)
+            for op in ops:
+                op(tx)
+
+    async def _revert(self, current: ConfigModel, previous: ConfigModel) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._commit_thread, self._persist, current, previous, {}, [])
+        self.model = previous
+
+    async def _publish(self, old: ConfigModel, new: ConfigModel, ids_before: dict[str, int],
+                       batch: list[_Change]) -> bool:
+        """Publish a committed batch to the cluster; False when it did not take effect (another
+        gateway's change came first: theirs is installed and the batch edited again on it)."""
         assert self.publisher is not None
+        failure: Exception | None = None
         try:
             newer = await self.publisher.publish(old, new)
-        except BaseException:
-            self._restore(new, old)
-            raise
-        if newer is None:
-            return True
-        self._restore(new, old)
+        except Exception as exc:
+            newer, failure = None, exc
+        else:
+            if newer is None:
+                return True
+        await self._revert(new, old)
+        self.ids.restore(ids_before)
+        for ch in reversed(batch):
+            _run_undo(ch.draft)
+        if failure is not None:
+            for ch in batch:
+                _settle(ch, failure)
+            return False
+        assert newer is not None
         await self.install(newer)
+        retry = []
+        for ch in batch:
+            if ch.attempts + 1 >= PUBLISH_ATTEMPTS:
+                _settle(ch, ConflictError({"__all__": [
+                    "The configuration kept changing on other gateways; try again."]}))
+            else:
+                retry.append(_Change(ch.edit, ch.future, alone=ch.alone, attempts=ch.attempts + 1))
+        self._queue[:0] = retry
         return False
-
-    def _restore(self, current: ConfigModel, previous: ConfigModel) -> None:
-        with self.store.transaction() as tx:
-            tx.sync(current, previous)
-        self.model = previous
 
     async def install(self, shared: SharedModel) -> None:
         """Make a configuration committed by another gateway the current one: stored, then
         applied.  The caller holds ``lock``."""
-        with self.store.transaction() as tx:
-            tx.sync(self.model, shared.model)
-            for kind, last in shared.id_sequences.items():
-                tx.raise_id_sequence(kind, last)
+        shared.model.seal()
+        sequences = {kind: last for kind, last in shared.id_sequences.items() if kind in self.ids.last}
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._commit_thread, self._persist, self.model, shared.model, sequences, [])
+        for kind, last in sequences.items():
+            self.ids.raise_to(kind, last)
         self.model = shared.model
         if self.engine is not None:
             try:
@@ -235,13 +413,15 @@ class Changes:
             except Exception:  # noqa: BLE001 - the configuration stands; what failed is logged
                 log.exception("the engine could not apply the configuration of the cluster")
 
-    async def _apply(self, old: ConfigModel, new: ConfigModel) -> None:
+    async def _apply(self, old: ConfigModel, new: ConfigModel, batch: list[_Change]) -> bool:
+        """Put ``new`` into effect; on failure restore ``old`` and settle ``batch``."""
         assert self.engine is not None
         try:
             await self.engine.apply(new.copy())
+            return True
         except Exception as exc:
             log.exception("engine could not apply the new configuration; reverting it")
-            self._restore(new, old)
+            await self._revert(new, old)
             if self.publisher is not None:
                 try:
                     await self.publisher.publish(new, old)
@@ -251,9 +431,16 @@ class Changes:
                 await self.engine.apply(old.copy())
             except Exception:
                 log.exception("engine could not re-apply the previous configuration either")
-            raise ValidationError(f"The running target could not apply this change: {exc}") from exc
+            for ch in reversed(batch):
+                _run_undo(ch.draft)
+            if len(batch) == 1:
+                _settle(batch[0], ValidationError(f"The running target could not apply this change: {exc}"))
+            else:  # find the culprit: each change again, on its own
+                retry = [_Change(ch.edit, ch.future, alone=True) for ch in batch]
+                self._queue[:0] = retry
+            return False
 
 
 def copy_of(obj: O) -> O:
     """A detached copy of a model object (callers must not edit the service's model)."""
-    return dataclasses.replace(obj)
+    return cast(O, copy_object(cast(Any, obj)))

@@ -489,8 +489,11 @@ class Connection:
                 end = max(end, received)
         buf = None
         if received and cmd.failed is None:
-            buf = bytearray(end)  # the unsolicited burst, immediate data first
-            buf[:received] = pdu.data
+            if end == received:  # the whole burst came with the command: one copy, no zero-fill
+                buf = bytearray(pdu.data)
+            else:
+                buf = bytearray(end)  # the unsolicited burst, immediate data first
+                buf[:received] = pdu.data
         if end > received:
             cmd.seqs[RESERVED_TAG] = seq = Seq(0, end, RESERVED_TAG, buf)
             seq.next_offset = received

@@ -752,32 +752,61 @@ class PDUReader:
     """
 
     def __init__(self, header_digest: bool = False, data_digest: bool = False,
-                 max_data: int = 8192, bufsize: int = 256 * 1024) -> None:
+                 max_data: int = 8192, bufsize: int = 256 * 1024, max_bufsize: int = 256 * 1024) -> None:
         # Set while a capture covers the connection: called with each PDU's bytes as read
         # (and the length of its header), oversized data as it is skipped.
         self.tap: Callable[[memoryview, int], None] | None = None
         self.header_digest = header_digest
         self.data_digest = data_digest
         self.max_data = max_data  # our MaxRecvDataSegmentLength
+        # The receive buffer starts at ``bufsize`` and doubles (up to ``max_bufsize``) each time a
+        # receive fills all the room offered: a busy connection soon takes hundreds of PDUs per
+        # receive, an idle one keeps a small buffer (``shrink`` gives a grown one back).
+        self.bufsize = bufsize
+        self.max_bufsize = max(bufsize, max_bufsize)
         self._buf = bytearray(bufsize)
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._skip = 0  # bytes of an oversized data segment still to discard
+        self._offered = 0  # room handed out by the last get_buffer
+        self._grow = False
         self.broken = False
+        #: Bytes still missing to complete the PDU being received, as of the last parse (0: none
+        #: pending, or its header is not complete yet).  The adapter can wait for that much.
+        self.need = 0
 
     # BufferedProtocol side
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         if self._start == self._end:
             self._start = self._end = 0
-        free = len(self._buf) - self._end
-        if free < 4096 or (self._start and free < len(self._buf) // 4):
-            self._compact()
-        return self._view[self._end :]
+        size = len(self._buf)
+        if self._grow:
+            self._grow = False
+            self._compact(min(self.max_bufsize, 2 * size))
+        else:
+            free = size - self._end
+            if free < min(4096, size // 2) or (self._start and free < size // 4):
+                self._compact()
+        view = self._view[self._end :]
+        self._offered = len(view)
+        return view
 
     def buffer_updated(self, nbytes: int) -> Iterator[Framed]:
+        if nbytes and nbytes >= self._offered and len(self._buf) < self.max_bufsize:
+            self._grow = True  # the receive filled the room: more was probably waiting
         self._end += nbytes
         return self._parse()
+
+    def shrink(self, size: int) -> None:
+        """Make the buffer ``size`` bytes (it grows again when receives fill it), if nothing is
+        pending in it: an idle connection keeps little memory."""
+        if self._start == self._end and not self._skip and len(self._buf) > size:
+            # A fresh buffer: payload views of the old one handed out earlier stay valid.
+            self._buf = bytearray(size)
+            self._view = memoryview(self._buf)
+            self._start = self._end = 0
+            self._grow = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[Framed]:
         out: list[Framed] = []
@@ -816,6 +845,7 @@ class PDUReader:
         hd = DIGEST_LEN if self.header_digest else 0
         dd = DIGEST_LEN if self.data_digest else 0
         tap = self.tap  # None unless capturing: one local test per PDU
+        self.need = 0
         while True:
             if self._skip:
                 n = min(self._skip, self._end - self._start)
@@ -824,6 +854,7 @@ class PDUReader:
                 self._start += n
                 self._skip -= n
                 if self._skip:
+                    self.need = self._skip
                     return
             avail = self._end - self._start
             if avail < BHS_LEN or self.broken:
@@ -838,6 +869,7 @@ class PDUReader:
             total = hlen if oversized else hlen + dlen
             if avail < total:
                 self._ensure(total)
+                self.need = total - avail
                 return
             if hd and _DIGEST.unpack_from(view, s + BHS_LEN + ahs_len)[0] != crc32c(view[s : s + BHS_LEN + ahs_len]):
                 self.broken = True

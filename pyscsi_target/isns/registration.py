@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config.model import ConfigModel
+from ..config.model import ConfigModel, TargetGroup
 from ..values import ListenAddress, parse_isns_servers, parse_listen
 
 DEFAULT_PERIOD = 900  # seconds asked for; the server may impose its own (open-isns does)
@@ -51,6 +51,8 @@ class Portal:
 
 
 def _ordered(tags: dict[Portal, int]) -> tuple[tuple[Portal, int], ...]:
+    if len(tags) < 2:  # the usual node, on one portal: no address to parse for sorting
+        return tuple(tags.items())
     return tuple(sorted(tags.items(), key=lambda item: item[0].sort_key()))
 
 
@@ -166,10 +168,13 @@ def desired_state(
                 if actual is None or actual[1] == 0:
                     continue
                 pg_portals.setdefault(pg.id, []).append(Portal(str(ipaddress.ip_address(actual[0])), actual[1]))
+    groups_by_target: dict[int, list[TargetGroup]] = {}
+    for tg in sorted(model.target_groups.values(), key=lambda g: g.id):  # one pass: O(N), not O(N^2)
+        groups_by_target.setdefault(tg.target, []).append(tg)
     nodes: list[Node] = []
     for target in sorted(model.targets.values(), key=lambda t: t.id):
         tags: dict[Portal, int] = {}
-        for tg in sorted(model.groups_of_target(target.id), key=lambda g: g.id):
+        for tg in groups_by_target.get(target.id, ()):
             group = model.portal_groups.get(tg.portal_group)
             if group is None:
                 continue

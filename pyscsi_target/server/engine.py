@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..cluster.rados import ClusterSettings
 from ..config import model as M
+from ..config.delta import ModelDelta
 from ..iscsi.auth_backoff import AuthBackoff
 from ..iscsi.connection import Connection
 from ..iscsi.params import TargetResets
@@ -33,6 +34,7 @@ from ..workbench import Workbench
 from .admission import Admission
 from .initiator_access import PortalPolicy
 from .logical_units import LogicalUnits
+from .model_index import ModelIndex
 from .portal_groups import EngineError, Listener, Portals
 from .protocol import IscsiProtocol
 from .send_targets import send_targets
@@ -73,6 +75,16 @@ def tune_malloc() -> bool:
     return ok
 
 
+def _before_and_after(old: Mapping[int, object], new: Mapping[int, object], ids: set[int], attr: str) -> set[int]:
+    """``attr`` (a target or extent id) of the objects ``ids`` as they were and as they are."""
+    out: set[int] = set()
+    for i in ids:
+        for obj in (old.get(i), new.get(i)):
+            if obj is not None:
+                out.add(getattr(obj, attr))
+    return out
+
+
 @dataclass
 class TargetRuntime:
     target_id: int
@@ -109,6 +121,7 @@ class Engine:
         self.nop_timeout = nop_timeout
         self.login_timeout = login_timeout
         self.model = M.ConfigModel()
+        self.index = ModelIndex()  # target groups and LUN maps by target / extent, of self.model
         # Who may connect: descriptors kept for the API, caps on connections still in login.
         self.admission = Admission()
         self.portals = Portals(lambda listener: IscsiProtocol(self, listener), self.admission)
@@ -132,11 +145,27 @@ class Engine:
     # --- reconcile ----------------------------------------------------------------------
 
     async def apply(self, model: M.ConfigModel) -> None:
+        """Make ``model`` the running configuration, touching only what differs from the
+        current one (found by identity: the model's objects are sealed and shared)."""
         async with self._lock:
             await self.logical_units.open_remote(model)  # RBD images: in threads
-            self.model = model
-            self.logical_units.apply(model, self._detach_lu)
-            self._apply_targets(model)
+            model.seal()  # whoever handed it over cannot change it behind our back now
+            old, self.model = self.model, model
+            delta = ModelDelta.between(old, model)
+            self.index.update(old, model, delta)
+            extents = delta.extents | _before_and_after(old.lun_maps, model.lun_maps, delta.lun_maps, "extent")
+            for tid in delta.targets:
+                extents.update(m.extent for m in self.index.maps_by_target.get(tid, {}).values())
+            reopened = self.logical_units.apply(model, self.index, extents, self._detach_lu)
+            if delta.basename or delta.portal_groups:
+                targets = set(self._targets) | set(model.targets)  # every IQN or portal group tag may change
+            else:
+                targets = (delta.targets
+                           | _before_and_after(old.target_groups, model.target_groups, delta.target_groups, "target")
+                           | _before_and_after(old.lun_maps, model.lun_maps, delta.lun_maps, "target"))
+                for eid in reopened:
+                    targets |= self.index.targets_of_extent(eid)
+            self._apply_targets(model, targets)
             try:
                 await self.portals.apply(model, model.service_enabled and not self.shutting_down, self.portal_tags)
             finally:
@@ -149,25 +178,30 @@ class Engine:
                 rt.luns = {k: v for k, v in rt.luns.items() if v is not lu}
                 rt.device.set_luns(rt.luns)
 
-    def _apply_targets(self, model: M.ConfigModel) -> None:
-        for tid in list(self._targets):
-            old = self._targets[tid]
+    def _apply_targets(self, model: M.ConfigModel, target_ids: set[int]) -> None:
+        """Reconcile the runtime of these targets: removals (and renames) first, so that a
+        name given up by one target can be taken by another in the same change."""
+        for tid in target_ids:
+            old = self._targets.get(tid)
             t = model.targets.get(tid)
-            if t is None or model.target_iqn(t) != old.iqn:
+            if old is not None and (t is None or model.target_iqn(t) != old.iqn):
                 self._remove_target(old)
-        for tid, t in model.targets.items():
-            iqn = model.target_iqn(t)
+        for tid in sorted(target_ids):
+            t = model.targets.get(tid)
+            if t is None:
+                continue
             rt = self._targets.get(tid)
             if rt is None:
+                iqn = model.target_iqn(t)
                 rt = TargetRuntime(tid, iqn, ScsiDevice(iqn, self.scsi))
                 self._targets[tid] = rt
                 self._by_iqn[iqn] = rt
             luns = {}
-            for lun, ext in model.luns_of_target(tid).items():
+            for lun, ext in self.index.luns_of(model, tid).items():
                 lu = self.logical_units.get(ext.id)
                 if lu is not None:
                     luns[lun] = lu
-            tags = sorted({model.portal_groups[g.portal_group].tag for g in model.groups_of_target(tid)
+            tags = sorted({model.portal_groups[g.portal_group].tag for g in self.index.groups_of(tid)
                            if g.portal_group in model.portal_groups})
             rt.device.set_portal_groups(tags)
             rt.resets.warm, rt.resets.cold = t.allow_warm_reset, t.allow_cold_reset
@@ -220,6 +254,10 @@ class Engine:
 
     def targets_by_id(self) -> list[TargetRuntime]:
         return sorted(self._targets.values(), key=lambda r: r.target_id)
+
+    def groups_of(self, target_id: int) -> list[M.TargetGroup]:
+        """The target groups exporting a target, in id order."""
+        return self.index.groups_of(target_id)
 
     def make_policy(self, listener: Listener, peer_ip: str, local_ip: str, local_port: int) -> PortalPolicy:
         return PortalPolicy(self, listener, peer_ip, local_ip, local_port)

@@ -28,9 +28,9 @@ def chap_credentials(model: M.ConfigModel, auth_group: int | None) -> list[ChapC
     return [ChapCredential(c.user, c.secret, c.peeruser, c.peersecret) for c in model.auth_group(auth_group)]
 
 
-def target_groups_on(model: M.ConfigModel, target_id: int, pg_id: int) -> list[M.TargetGroup]:
+def target_groups_on(engine: Engine, target_id: int, pg_id: int) -> list[M.TargetGroup]:
     """The target groups exporting ``target_id`` through portal group ``pg_id``."""
-    return [g for g in model.groups_of_target(target_id) if g.portal_group == pg_id]
+    return [g for g in engine.groups_of(target_id) if g.portal_group == pg_id]
 
 
 def group_allows(model: M.ConfigModel, tg: M.TargetGroup, initiator_name: str, peer_ip: str) -> bool:
@@ -69,7 +69,7 @@ class PortalPolicy:
                 raise LoginReject(LoginStatus.TARGET_REMOVED, f"target {name!r} was removed")
             return None
         t = m.targets.get(rt.target_id)
-        groups = target_groups_on(m, rt.target_id, self.listener.pg_id)
+        groups = target_groups_on(self.engine, rt.target_id, self.listener.pg_id)
         if t is None or not groups:
             return None
         tg = groups[0]
@@ -87,7 +87,7 @@ class PortalPolicy:
         t = m.targets.get(target.target_id)
         if t is None:
             return False
-        groups = target_groups_on(m, t.id, self.listener.pg_id)
+        groups = target_groups_on(self.engine, t.id, self.listener.pg_id)
         if not any(group_allows(m, g, initiator_name, self.peer_ip) for g in groups):
             return False
         access = parse_access_config(t.access_config).decide(self.peer_ip)

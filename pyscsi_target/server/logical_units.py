@@ -25,6 +25,7 @@ from ..scsi.registry import ScsiRegistry
 from ..scsi.sanitize import resume_sanitize
 from ..scsi.settings import LuSettings
 from ..values import parse_size
+from .model_index import ModelIndex
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class LogicalUnits:
         self.registry = registry
         self.state = StateWriter(store) if store is not None else None
         self.ceph = ceph or ClusterSettings()  # RBD extents' cluster settings left empty
-        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}
+        self._lus: dict[int, tuple[LogicalUnit, M.Extent]] = {}  # the extent as last applied (sealed)
+        self.failed: set[int] = set()  # wanted extents that could not be opened: retried every apply
         # RBD backstores opened in a thread ahead of apply(): extent id -> (extent, outcome)
         self._opened: dict[int, tuple[M.Extent, Backstore | Exception]] = {}
         #: Called with each LU just opened, before any command reaches it (a gateway of a
@@ -153,7 +155,7 @@ class LogicalUnits:
             if ext.type != "RBD" or (cur is not None and not _needs_reopen(cur[1], ext)):
                 continue
             ready = self._opened.get(eid)
-            if ready is not None and vars(ready[0]) == vars(ext):
+            if ready is not None and ready[0] == ext:
                 continue
             self._drop_opened(eid)
             outcome: Backstore | Exception
@@ -161,7 +163,7 @@ class LogicalUnits:
                 outcome = await asyncio.to_thread(open_backstore, ext, self.ceph)
             except Exception as exc:  # noqa: BLE001 - reported by apply(), as for any extent
                 outcome = exc
-            self._opened[eid] = (M.Extent(**vars(ext)), outcome)
+            self._opened[eid] = (ext, outcome)
 
     def _drop_opened(self, eid: int) -> None:
         entry = self._opened.pop(eid, None)
@@ -170,7 +172,7 @@ class LogicalUnits:
 
     def _take_opened(self, ext: M.Extent) -> Backstore | None:
         entry = self._opened.pop(ext.id, None)
-        if entry is None or vars(entry[0]) != vars(ext):
+        if entry is None or entry[0] != ext:
             if entry is not None and isinstance(entry[1], Backstore):
                 entry[1].close()
             return None
@@ -178,42 +180,53 @@ class LogicalUnits:
             raise entry[1]
         return entry[1]
 
-    def apply(self, model: M.ConfigModel, detach: Callable[[LogicalUnit], None]) -> list[str]:
-        """Open, update and close LUs so that every mapped extent has one.  ``detach`` takes
-        an LU out of every target before it is closed.  Returns the extents that could not
-        be opened (logged; the others are served)."""
-        wanted = _wanted(model)
-        for eid in list(self._lus):
-            lu, old = self._lus[eid]
-            new = wanted.get(eid)
-            if new is None or _needs_reopen(old, new):
-                del self._lus[eid]
-                detach(lu)
-                try:
-                    lu.close()
-                except Exception:  # noqa: BLE001 - the others must still be reconciled
-                    log.exception("closing LU %s", lu.name)
+    def apply(self, model: M.ConfigModel, index: ModelIndex, extent_ids: set[int],
+              detach: Callable[[LogicalUnit], None]) -> set[int]:
+        """Open, update and close the LUs of the extents ``extent_ids`` (those a change
+        touched; extents that could not be opened before are retried too) so that every
+        mapped extent has one.  ``detach`` takes an LU out of every target before it is
+        closed.  Returns the extents whose LU was opened, reopened or closed."""
+        changed: set[int] = set()
         errors = []
-        for eid, ext in wanted.items():
+        for eid in sorted(extent_ids | self.failed | set(self._opened)):
+            ext = model.extents.get(eid)
+            wanted = ext is not None and any(m.target in model.targets
+                                             for m in index.maps_by_extent.get(eid, {}).values())
             cur = self._lus.get(eid)
+            if cur is not None and (ext is None or not wanted or _needs_reopen(cur[1], ext)):
+                del self._lus[eid]
+                changed.add(eid)
+                detach(cur[0])
+                try:
+                    cur[0].close()
+                except Exception:  # noqa: BLE001 - the others must still be reconciled
+                    log.exception("closing LU %s", cur[0].name)
+                cur = None
+            if ext is None or not wanted:
+                self.failed.discard(eid)
+                continue
             if cur is None:
                 try:
                     lu = open_logical_unit(ext, self.registry, self.state, self._take_opened(ext))
                 except Exception as e:  # noqa: BLE001 - one bad extent must not block the others
                     log.error("extent %s (%s): cannot open: %s", ext.name, ext.path, e)
                     errors.append(f"{ext.name}: {e}")
+                    self.failed.add(eid)
                     continue
                 for hook in self.on_open:
                     hook(lu)
-                self._lus[eid] = (lu, M.Extent(**vars(ext)))
-            elif vars(cur[1]) != vars(ext):
-                reconfigure(cur[0], ext)
-                self._lus[eid] = (cur[0], M.Extent(**vars(ext)))
+                self.failed.discard(eid)
+                self._lus[eid] = (lu, ext)
+                changed.add(eid)
+            elif cur[1] is not ext:
+                if cur[1] != ext:
+                    reconfigure(cur[0], ext)
+                self._lus[eid] = (cur[0], ext)
         for eid in list(self._opened):  # opened for a model that changed meanwhile
             self._drop_opened(eid)
         if errors:
             log.error("extents not served: %s", "; ".join(errors))
-        return errors
+        return changed
 
     async def reopen_rbd(self, lu: LogicalUnit, close_wait: float = 10.0) -> None:
         """Give ``lu`` a new handle on its RBD image, through a new client instance: its client

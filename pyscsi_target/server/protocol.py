@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -35,10 +36,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LOGIN_MAX_DATA = 8192  # MaxRecvDataSegmentLength before negotiation (RFC 7143 13.12)
-# Initial receive buffer: holds hundreds of command PDUs per recv and keeps an idle
-# session small (issue 5: < 256 KiB each); the framer grows it for large Data-Out PDUs.
+# Receive buffer: 32 KiB during login (a rejected login PDU is read whole, so the close
+# after the reject is a FIN, not a reset that could discard the reject); 4 KiB in full
+# feature phase while idle (RSS per idle session, issue 14).  The framer doubles it whenever
+# a receive fills it, so a busy session soon takes hundreds of command PDUs per recv (up to
+# READ_BUFFER_MAX), and grows it for large Data-Out PDUs.
 READ_BUFFER = 32 * 1024
+IDLE_READ_BUFFER = 4 * 1024
+READ_BUFFER_MAX = 256 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
+# While a large PDU (a WRITE's data) is only partly received, SO_RCVLOWAT asks the kernel to wake
+# the loop once the rest is there, not for every segment: a 128 KiB PDU from the kernel
+# initiator arrives in many segments, and each wake-up costs a loop iteration of Python.
+LOWAT_MIN = 16 * 1024
 
 
 @runtime_checkable
@@ -73,7 +83,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
     def __init__(self, engine: Engine, listener: Listener) -> None:
         self.engine = engine
         self.listener = listener
-        self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER)
+        self.reader = PDUReader(max_data=LOGIN_MAX_DATA, bufsize=READ_BUFFER, max_bufsize=READ_BUFFER_MAX)
         self.output = WireOutput()  # login responses, then everything the connection sends
         self.transport: StreamTransport | None = None
         self.conn: Connection | None = None
@@ -90,6 +100,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         self._paused_writing = False
         self._paused_reading = False
         self._timer: asyncio.TimerHandle | None = None
+        self._sock: socket.socket | None = None  # for SO_RCVLOWAT
+        self._lowat = 1
         self._last_rx = 0.0
         self._logout_deadline: float | None = None
         self.loop = asyncio.get_running_loop()  # protocols are built by the running server
@@ -103,6 +115,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         # A few large Data-In bursts exceed the default 64 KiB high-water mark; pausing
         # reads that early would stall a healthy pipeline.  The CmdSN window bounds it.
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        self._sock = sock if hasattr(sock, "setsockopt") else None
         peer_ip, peer_port = _address(transport.get_extra_info("peername"))
         local_ip, local_port = _address(transport.get_extra_info("sockname"))
         if local_ip.startswith("::ffff:") and "." in local_ip:
@@ -161,6 +175,21 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         finally:
             self._in_batch = False
             self._flush()
+            need = self.reader.need
+            if need >= LOWAT_MIN or self._lowat != 1:
+                self._set_lowat(need if need >= LOWAT_MIN else 1)
+
+    def _set_lowat(self, nbytes: int) -> None:
+        """Readable only once ``nbytes`` are queued (the kernel caps it at half the receive
+        buffer).  Only ever the rest of a PDU whose header arrived: the peer must send it."""
+        if nbytes == self._lowat or self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
+        except OSError:
+            self._sock = None  # not supported here: wake per segment, as without it
+            return
+        self._lowat = nbytes
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -242,6 +271,8 @@ class IscsiProtocol(asyncio.BufferedProtocol):
         if not login.done or login.result is None:
             return False
         self._enter_ffp(login.result)
+        self.login = None  # its negotiation state is not needed any more (RSS per session)
+        self.reader.shrink(IDLE_READ_BUFFER)
         return True
 
     def _enter_ffp(self, result: LoginResult) -> None:
@@ -305,6 +336,7 @@ class IscsiProtocol(asyncio.BufferedProtocol):
             self.close(abort_tasks=True, hard=True)
             return
         if idle >= self.engine.nop_interval and conn.ping_ttt is None:
+            self.reader.shrink(IDLE_READ_BUFFER)  # quiet for a NOP interval: give a grown buffer back
             conn.handle(PING)
             self._flush()
         delay = self.engine.nop_interval if conn.ping_ttt is None else self.engine.nop_timeout

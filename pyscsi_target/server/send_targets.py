@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..config.model import PortalGroup
 from ..values import format_listen, parse_access_config, parse_listen
 from .initiator_access import group_allows
 
@@ -31,26 +32,36 @@ def send_targets(engine: Engine, policy: PortalPolicy, initiator_name: str, whic
         rt = engine.target_by_iqn(name) if name else None
         candidates = [rt] if rt is not None else []
     out = []
+    entries: dict[int, list[str]] = {}  # portal group -> its "addr:port,tag" entries, built once per request
     for rt in candidates:
         t = m.targets.get(rt.target_id)
         if t is None or parse_access_config(t.access_config).decide(policy.peer_ip) is None:
             continue
         addrs: list[str] = []
-        for tg in m.groups_of_target(t.id):
+        for tg in engine.groups_of(t.id):
             if not group_allows(m, tg, initiator_name, policy.peer_ip):
                 continue
             pg = m.portal_groups.get(tg.portal_group)
             if pg is None:
                 continue
-            for addr in pg.listen:
-                a = parse_listen(addr, allow_zero=True)
-                host, port = a.host, engine.portals.bound_port(a.host, a.port)
-                if host in ("0.0.0.0", "::", ""):
-                    # A wildcard listener: report the address this connection came in on.
-                    host = policy.local_ip
-                entry = f"{format_listen(host, port)},{pg.tag}"
+            pg_entries = entries.get(pg.id)
+            if pg_entries is None:
+                pg_entries = entries[pg.id] = _entries(engine, pg, policy.local_ip)
+            for entry in pg_entries:
                 if entry not in addrs:
                     addrs.append(entry)
         if addrs:
             out.append((rt.iqn, addrs))
+    return out
+
+
+def _entries(engine: Engine, pg: PortalGroup, local_ip: str) -> list[str]:
+    out = []
+    for addr in pg.listen:
+        a = parse_listen(addr, allow_zero=True)
+        host, port = a.host, engine.portals.bound_port(a.host, a.port)
+        if host in ("0.0.0.0", "::", ""):
+            # A wildcard listener: report the address this connection came in on.
+            host = local_ip
+        out.append(f"{format_listen(host, port)},{pg.tag}")
     return out
