@@ -472,7 +472,8 @@ def test_target_resets_refused_by_default(tmp_path: Path) -> None:
         (r,) = await a.scsi(bytes(6))  # the asking session goes on too
         assert r.status == 0
         # Allowed later, live: the same sessions may now reset.
-        m = eng.model
+        m = eng.model.copy()  # the engine's objects are sealed: edit copies
+        m.targets[1] = M.copy_object(m.targets[1])
         m.targets[1].allow_warm_reset = True
         await eng.apply(m)
         assert await _tmf(a, 6) == 0
