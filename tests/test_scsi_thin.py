@@ -7,6 +7,7 @@ And the threshold's meaning is FreeNAS's: the percentage of free space that rema
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from pathlib import Path
@@ -187,3 +188,32 @@ def test_full_extent_root_over_iscsi(tmp_path: Path) -> None:
         log = d.log_text()
         assert log.count("is full (No space left on device)") == 1, log[-3000:]
         assert "MEDIUM" not in log and "Traceback" not in log
+
+
+def test_io_errors_name_the_direction(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An EIO from the storage is MEDIUM ERROR with UNRECOVERED READ ERROR on a READ or
+    VERIFY, WRITE ERROR on a WRITE (a failed read is never reported as a write)."""
+
+    def eio(*_args: object) -> bool:
+        raise OSError(errno.EIO, "Input/output error")
+
+    async def body() -> None:
+        h = Harness(tmp_path)
+        try:
+            await h.clear_ua(h.a)
+            monkeypatch.setattr(h.lu.backstore, "read_nowait", eio)
+            monkeypatch.setattr(h.lu.backstore, "submit_read", eio)
+            monkeypatch.setattr(h.lu.backstore, "write_nowait", eio)
+            monkeypatch.setattr(h.lu.backstore, "submit_write", eio)
+            read_error = (S.MEDIUM_ERROR, *S.UNRECOVERED_READ_ERROR)
+            write_error = (S.MEDIUM_ERROR, *S.WRITE_ERROR)
+            r = await h.cmd(rw10(0x28, 0, 8))
+            assert (r.status, r.key_asc) == (CC, read_error)
+            r = await h.cmd(bytes((0x2F, 0x00, 0, 0, 0, 0, 0, 0, 8, 0)))  # VERIFY(10), BYTCHK 0
+            assert (r.status, r.key_asc) == (CC, read_error)
+            r = await h.cmd(rw10(0x2A, 0, 8), b"\x11" * 4096)
+            assert (r.status, r.key_asc) == (CC, write_error)
+        finally:
+            h.close()
+
+    asyncio.run(body())
