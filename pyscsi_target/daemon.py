@@ -38,6 +38,9 @@ log = logging.getLogger("pyscsi_target")
 # EX_CONFIG (sysexits.h): restarting cannot help; the unit's RestartPreventExitStatus= names it.
 EXIT_BAD_STATE = 78
 STATUS_INTERVAL = 10.0  # seconds between STATUS= refreshes (sent only when the text changes)
+# Seconds between re-reads of block-device sizes (one ioctl per Disk LU): a zvol or LV grown
+# underneath reaches the initiators as CAPACITY DATA HAS CHANGED without a reload.
+SIZE_RESCAN_INTERVAL = 10.0
 
 
 @dataclass
@@ -73,6 +76,19 @@ async def _refresh_status(notifier: Notifier, engine: Engine, service: ConfigSer
             last = text
 
 
+def _rescan_sizes(engine: Engine, why: str) -> None:
+    changed = engine.logical_units.rescan_sizes()
+    if why == "SIGHUP":
+        log.info("SIGHUP: device sizes re-read, %d LU(s) changed%s", len(changed),
+                 f" ({', '.join(changed)})" if changed else "")
+
+
+async def _watch_sizes(engine: Engine) -> None:
+    while True:
+        await asyncio.sleep(SIZE_RESCAN_INTERVAL)
+        _rescan_sizes(engine, "periodic")
+
+
 async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     from rest.app import make_app, ssl_context_from_files, start_api  # aiohttp only when serving
     from rest.native import JOBS_KEY
@@ -90,6 +106,9 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP (systemctl reload): re-read device sizes now, as FreeNAS's `ctld reload` after a
+    # zvol grew (democratic-csi's volume expansion).
+    loop.add_signal_handler(signal.SIGHUP, _rescan_sizes, engine, "SIGHUP")
 
     isns = IsnsClient()
     entity_id = default_entity_id(opts.state_dir)
@@ -106,6 +125,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
     engine.on_applied.append(backups.changed)  # the first apply (start-up) takes one at once
     runner = None
     status_task: asyncio.Task[None] | None = None
+    sizes_task: asyncio.Task[None] | None = None
     member = ClusterMember(opts.gateway, opts.ceph) if opts.gateway is not None else None
     try:
         default_portals = [format_listen(h, p) for h, p in opts.portals]
@@ -146,16 +166,18 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
         notifier.ready(_status_line(engine, service, api_url))
         notifier.start_watchdog()
         status_task = loop.create_task(_refresh_status(notifier, engine, service, api_url))
+        sizes_task = loop.create_task(_watch_sizes(engine))
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("shutting down")
         notifier.stopping(f"stopping: logging out {len(engine.connections)} connection(s)")
     finally:
-        if status_task is not None:
-            status_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await status_task
+        for task in (status_task, sizes_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         ApiEndpoint.remove(opts.state_dir, os.getpid())
         if runner is not None:
             await runner.cleanup()

@@ -270,6 +270,9 @@ async def test_probe_create_expand_delete_and_retries(tmp_path: Path, real: bool
             driver.requests.clear()
             pool.resize(dataset, 16 << 20)
             assert driver.requests == []
+            if real:  # the node's rescan (READ CAPACITY) sees the grown zvol, no reload needed
+                rc, out = await run_tool("iscsi-readcapacity16", "-s", url)
+                assert rc == 0 and out.strip() == str(16 << 20), out
 
             # DeleteVolume: GET + DELETE of the target (its groups and LUN go with it), then of the
             # extent (the zvol stays: the driver destroys it with zfs).

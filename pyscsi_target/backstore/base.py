@@ -161,6 +161,10 @@ class Backstore(ABC):
     #: Bytes: the smallest aligned range whose discard really frees space.
     discard_granularity: int
     closed: bool
+    #: The capacity is the storage's own and may change underneath without notice (a zvol's
+    #: volsize, an LV grown): the LU re-reads it (``resize(0)``) at READ CAPACITY and when the
+    #: daemon rescans.  A file has the configured size; an RBD image announces its changes.
+    size_from_storage = False
 
     def __init__(self, name: str, size: int) -> None:
         self.name = name

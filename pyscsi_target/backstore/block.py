@@ -42,6 +42,8 @@ _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS)
 
 
 class BlockBackstore(FdBackstore):
+    size_from_storage = True
+
     def __init__(self, path: str, read_only: bool = False) -> None:
         # O_EXCL on a block device: fail if it is mounted or held by another exclusive user.
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_EXCL

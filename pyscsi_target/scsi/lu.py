@@ -165,15 +165,35 @@ class LogicalUnit:
         if (self.naa, self.serial, self.rpm, self.xen) != old_ident:
             self.add_ua_all(S.INQUIRY_DATA_HAS_CHANGED)
 
-    def resize(self, size: int = 0) -> None:
+    def resize(self, size: int = 0, told: ITKey | None = None) -> None:
         """Resize the backstore to ``size`` bytes (0: adopt the size it reports now, e.g. a
-        device or image grown underneath), with CAPACITY DATA HAS CHANGED when it changed."""
+        device or image grown underneath), with CAPACITY DATA HAS CHANGED when it changed, for
+        every I_T nexus but ``told`` (the one reading the new capacity now)."""
         if size != self.backstore.size:
             self.backstore.resize(size)
         blocks = self.backstore.size // self.block_size
         if blocks != self.num_blocks:
             self.num_blocks = blocks
-            self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED)
+            self.add_ua_all(S.CAPACITY_DATA_HAS_CHANGED, except_key=told)
+
+    def refresh_size(self, asking: ScsiTask | None = None) -> bool:
+        """Adopt a size the storage changed underneath (a block device grown or shrunk
+        outside us); True when it changed.  Storage whose size is configured is left alone.
+        ``asking`` is a READ CAPACITY about to report the new size: its nexus gets no UA."""
+        if not self.backstore.size_from_storage or self.closed:
+            return False
+        before = self.num_blocks
+        try:
+            self.resize(0, self.it_key(asking.nexus) if asking is not None else None)
+        except OSError as exc:
+            _io_log.log(log, logging.WARNING, (self.name, "size"), "LU %s: cannot read the size of %s: %s",
+                        self.name, self.backstore.name, exc)
+            return False
+        if self.num_blocks != before:
+            log.info("LU %s: %s is now %d bytes (was %d): CAPACITY DATA HAS CHANGED", self.name,
+                     self.backstore.name, self.num_blocks * self.block_size, before * self.block_size)
+            return True
+        return False
 
     def close(self) -> None:
         if self.closed:

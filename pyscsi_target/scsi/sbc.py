@@ -219,6 +219,7 @@ def read_capacity10(lu: LogicalUnit, task: ScsiTask) -> None:
     pmi = cdb[8] & 0x01
     if not pmi and lba:
         raise S.invalid_cdb(2)
+    lu.refresh_size(task)  # a device grown underneath shows its new capacity at once
     last = lu.num_blocks - 1
     data = struct.pack(">II", min(last, 0xFFFFFFFF), lu.block_size)
     task.data_in = [data]
@@ -228,6 +229,7 @@ def read_capacity10(lu: LogicalUnit, task: ScsiTask) -> None:
 
 def read_capacity16(lu: LogicalUnit, task: ScsiTask) -> None:
     alloc = _U32.unpack_from(task.cdb, 10)[0]
+    lu.refresh_size(task)
     flags = 0x8000 | (0x4000 if lu.backstore.thin else 0)  # LBPME, LBPRZ
     data = struct.pack(">QIBBH", lu.num_blocks - 1, lu.block_size, 0, lu.lbppbe & 0x0F, flags) + bytes(16)
     set_data_in(task, data, alloc)

@@ -147,6 +147,11 @@ class LogicalUnits:
     def all(self) -> list[LogicalUnit]:
         return [lu for lu, _ext in self._lus.values()]
 
+    def rescan_sizes(self) -> list[str]:
+        """Re-read the size of every LU on storage that sizes itself (block devices): what
+        FreeNAS's ``ctld reload`` did after a zvol grew.  The names of the LUs that changed."""
+        return [lu.settings.name for lu in self.all() if lu.refresh_size()]
+
     async def open_remote(self, model: M.ConfigModel) -> None:
         """Open, each in a thread, the RBD images ``apply(model)`` will need: opening one waits
         for the cluster (a monitor session, the image header), which must not stall the loop."""
