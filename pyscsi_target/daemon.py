@@ -30,6 +30,7 @@ from .isns.registration import DesiredState, Registration
 from .jobs import SanitizeJobs
 from .server.admission import raise_fd_limit
 from .server.engine import Engine
+from .server.portal_groups import check_bindable
 from .systemd import Notifier
 from .values import format_listen
 
@@ -134,6 +135,11 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
             await member.connect()
             await member.join(service, store, engine)
             default_portals = []  # this gateway's own portal group is made by member.start
+        if store.is_empty():
+            # A first start whose portal address is taken (another target on 3260) stops here,
+            # with one line and an untouched state dir: the next start still seeds it (and --demo).
+            for host, port in opts.portals if member is None else ():
+                check_bindable(host, port)
         notifier.status("applying the configuration (portals, targets, LUNs)")
         await service.start(default_portals=default_portals, demo=opts.demo)
         if member is not None:

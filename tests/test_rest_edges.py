@@ -117,3 +117,29 @@ async def test_demo_only_on_an_empty_state_dir(tmp_path: Path) -> None:
     fresh = ConfigService(ConfigStore(tmp_path / "new"), FakeEngine())
     await fresh.start(default_portals=["127.0.0.1:3260"], demo=True)
     assert [t.name for t in fresh.model.targets.values()] == ["demo"]
+
+
+def test_first_start_on_a_taken_portal_fails_in_one_line_and_seeds_nothing(tmp_path: Path) -> None:
+    """`make run` where another target holds the port: one line, exit 1, and the state dir stays
+    unseeded, so the next start (the port freed) still adds the demo."""
+    import socket
+    import subprocess
+    import sys
+
+    from support.daemon import Daemon
+    from support.net import free_port
+
+    state = tmp_path / "state"
+    with socket.socket() as other:
+        port = free_port()
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        out = subprocess.run([sys.executable, "-m", "pyscsi_target", "serve", "--demo", "--state-dir", str(state),
+                              "--portal", f"127.0.0.1:{port}", "--api", f"127.0.0.1:{free_port()}"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(errors) == 1 and f"cannot start: cannot listen on 127.0.0.1:{port}: Address already in use" in errors[0]
+    with Daemon(state, port=port) as d:  # the port free again: the demo is there
+        assert [t["iscsi_target_name"] for t in d.rest("GET", "target/")] == ["demo"]
+        d.assert_clean_log()

@@ -130,6 +130,17 @@ class Listener:
         self.sockets = []
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise EngineError now if ``host:port`` cannot be listened on (taken by another target,
+    say): lets a first start fail before it seeds a state dir it would then have to keep."""
+    try:
+        sockets = _bind(host, port)
+    except OSError as e:
+        raise EngineError(f"cannot listen on {format_listen(host, port)}: {e.strerror or e}") from e
+    for sock in sockets:
+        sock.close()
+
+
 def _bind(host: str, port: int) -> list[socket.socket]:
     """Listening sockets for ``host`` ("" or a wildcard: every family it resolves to)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_UNSPEC
