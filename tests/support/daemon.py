@@ -79,6 +79,7 @@ class Daemon:
         self.host = host
         self.port = port or free_port(host)
         self.api_port = api_port or free_port("127.0.0.1")
+        self._picked_ports = port is None and api_port is None  # ours to pick again if taken
         self.demo = demo
         self.log_level = log_level
         self.extra_args = list(extra_args)
@@ -108,6 +109,23 @@ class Daemon:
 
     # --- lifecycle ---
     def start(self, timeout: float = 60.0) -> Daemon:
+        for attempt in range(3):
+            mark = self.log_mark()
+            try:
+                return self._start(timeout)
+            except RuntimeError:
+                # Ports we picked were taken before the daemon bound them: pick others.
+                text = self.log_text()
+                if not self._picked_ports or attempt == 2 or "address already in use" not in text[mark:].lower():
+                    raise
+                # The failed start's lines go aside, so that a test's log checks see only the real run.
+                with open(self.log_path.with_name(self.log_path.name + ".failed-start"), "a") as aside:
+                    aside.write(text[mark:])
+                self.log_path.write_text(text[:mark])
+                self.port, self.api_port = free_port(self.host), free_port("127.0.0.1")
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pyscsi_target", "serve", "--state-dir", str(self.state_dir),
                "--portal", self.portal, "--api", f"127.0.0.1:{self.api_port}", "--log-level", self.log_level,
