@@ -247,3 +247,22 @@ async def test_full_state_disk_is_507_and_recovers(tmp_path: Path) -> None:
             status, body, _ = await h.call("POST", f"{FN}/target/", {"iscsi_target_name": "after"})
             assert status == 201, body
         assert sorted(t.name for t in ConfigStore(state).load().targets.values()) == sorted([*created, "after"])
+
+
+def test_pr_state_on_a_full_state_disk_is_no_space(tmp_path: Path) -> None:
+    """The SCSI layer hears a full state disk as ENOSPC (and answers a PR OUT 05/55/04),
+    not as a database error."""
+    import errno
+
+    with small_fs(tmp_path / "state", 1 << 20) as state:
+        store = ConfigStore(state)
+        try:
+            prs = store.pr_store
+            prs.save("naa", b"x" * 100)
+            fill(state / "filler")
+            with pytest.raises(OSError) as info:
+                prs.save("naa", os.urandom(512 << 10))
+            assert info.value.errno == errno.ENOSPC
+            assert prs.load("naa") == b"x" * 100  # nothing half saved
+        finally:
+            store.close()

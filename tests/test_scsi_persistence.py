@@ -5,7 +5,10 @@ serving commands while a commit is slow, and unchanged state costs no commit."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -30,12 +33,13 @@ class SlowStore(MemoryPrStore):
         self.saves: list[tuple[str, bytes | None]] = []
         self.threads: set[int] = set()
         self.fail = False
+        self.fail_errno = errno.EIO
 
     def save(self, key: str, data: bytes | None) -> None:
         self.threads.add(threading.get_ident())
         time.sleep(self.delay)
         if self.fail:
-            raise OSError(5, "Input/output error")
+            raise OSError(self.fail_errno, os.strerror(self.fail_errno))
         super().save(key, data)
         self.saves.append((key, data))
 
@@ -161,12 +165,57 @@ def test_failed_commit_fails_the_pr_out(tmp_path: Path) -> None:
             store.fail = True
             cdb, data = pr_out(REGISTER, 0, 0x99, flags=0x01)
             r = await h.cmd(cdb, data)
-            assert r.status == CC and r.key_asc is not None and r.key_asc[0] == S.MEDIUM_ERROR
+            assert r.status == CC and r.key_asc == (S.MEDIUM_ERROR, *S.WRITE_ERROR)
+            assert await _keys(h) == (0, [])  # not saved, so not in effect either
             store.fail = False
             # the next change commits again (the store's content is unknown after a failure)
-            cdb, data = pr_out(REGISTER, 0x99, 0x9A, flags=0x01)
+            cdb, data = pr_out(REGISTER, 0, 0x9A, flags=0x01)
             assert (await h.cmd(cdb, data)).status == GOOD
             assert json.loads(store.data[h.lu.naa.hex()])["registrations"][0]["key"] == 0x9A
+            assert await _keys(h) == (1, [0x9A])
+        finally:
+            h.close()
+
+    asyncio.run(main())
+
+
+async def _keys(h: Harness) -> tuple[int, list[int]]:
+    """PR IN READ KEYS: the generation and the registered keys."""
+    r = await h.cmd(pr_in(0x00))
+    assert r.status == GOOD, r
+    gen, length = struct.unpack_from(">II", r.data)
+    return gen, [struct.unpack_from(">Q", r.data, 8 + i)[0] for i in range(0, length, 8)]
+
+
+def test_full_state_disk_refuses_the_pr_out_and_keeps_the_saved_state(tmp_path: Path) -> None:
+    """A PR OUT whose state cannot be saved for lack of space: ILLEGAL REQUEST / INSUFFICIENT
+    REGISTRATION RESOURCES (05/55/04), and the reservation state stays what is saved."""
+    store = SlowStore()
+
+    async def main() -> None:
+        h = Harness(tmp_path, store=store)
+        try:
+            await h.clear_ua(h.a)
+            await h.clear_ua(h.b)
+            cdb, data = pr_out(REGISTER, 0, 0x11, flags=0x01)
+            assert (await h.cmd(cdb, data)).status == GOOD
+            cdb, data = pr_out(0x01, 0x11, 0, rtype=1)  # RESERVE, write exclusive
+            assert (await h.cmd(cdb, data)).status == GOOD
+            saved = store.data[h.lu.naa.hex()]
+            store.fail, store.fail_errno = True, errno.ENOSPC
+            for sa, key, sark, rtype in ((REGISTER, 0x11, 0x12, 0), (0x02, 0x11, 0, 1), (0x03, 0x11, 0, 0)):
+                cdb, data = pr_out(sa, key, sark, rtype=rtype, flags=0x01 if sa == REGISTER else 0)
+                r = await h.cmd(cdb, data)  # change key, RELEASE, CLEAR: none can be saved
+                assert (r.status, r.key_asc) == (CC, (S.ILLEGAL_REQUEST, *S.INSUFFICIENT_REGISTRATION_RESOURCES)), r
+                assert await _keys(h) == (1, [0x11])
+                assert h.lu.pr.reservation is not None and h.lu.pr.reservation.type == 1
+            r = await h.cmd(bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0)), bytes(512), nx=h.b)
+            assert r.status == 0x18  # the reservation still holds against the other nexus
+            assert store.data[h.lu.naa.hex()] == saved
+            store.fail = False
+            cdb, data = pr_out(0x02, 0x11, 0, rtype=1)  # space again: the RELEASE goes through
+            assert (await h.cmd(cdb, data)).status == GOOD
+            assert h.lu.pr.reservation is None
         finally:
             h.close()
 

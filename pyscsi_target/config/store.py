@@ -381,7 +381,12 @@ class PrStateStore:
         return self._store.load_pr(key)
 
     def save(self, key: str, data: bytes | None) -> None:
-        self._store.save_pr(key, data)
+        try:
+            self._store.save_pr(key, data)
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):  # the SCSI layer's terms: no space (it answers PR OUT 05/55/04)
+                raise OSError(errno.ENOSPC, "the state database's disk is full") from exc
+            raise
 
 
 def _hash_key(key: str) -> str:

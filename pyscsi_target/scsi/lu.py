@@ -51,6 +51,7 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # Commands whose backstore failure is a failed read: READ(6/10/12/16), VERIFY(10/12/16) and
 # PRE-FETCH(10/16) report UNRECOVERED READ ERROR (03/11/00), as LIO and a disk do; the rest
 # (writes, WRITE SAME, UNMAP, SYNCHRONIZE CACHE...) report WRITE ERROR (03/0C/00).
+_PERSISTENT_RESERVE_OUT = 0x5F
 _READ_OPCODES = frozenset((0x08, 0x28, 0xA8, 0x88, 0x2F, 0xAF, 0x8F, 0x34, 0x90))
 # PYSCSI_TRACE_SCSI=1 logs every completed command's status and sense (debugging aid).
 _TRACE = bool(os.environ.get("PYSCSI_TRACE_SCSI"))
@@ -211,12 +212,14 @@ class LogicalUnit:
         self.backstore.close()  # queued writes land before its flush and release
 
     def persist(self, key: str, data: bytes | None, task: ScsiTask | None,
-                then: Callable[[], None] | None = None) -> None:
+                then: Callable[[], None] | None = None, undo: Callable[[], None] | None = None) -> None:
         """Save LU state durably; ``then`` (default: complete ``task`` GOOD) runs once it is
-        on stable storage, and a failed commit fails ``task``."""
+        on stable storage; a failed commit runs ``undo`` and fails ``task``."""
 
         def committed(exc: BaseException | None) -> None:
             if exc is not None:
+                if undo is not None:
+                    undo()
                 if task is not None:
                     self.fail(task, exc)
                 return
@@ -299,6 +302,11 @@ class LogicalUnit:
     def _backstore_failure(self, task: ScsiTask, exc: BaseException) -> S.CheckCondition:
         """The sense for an error that is not a SCSI condition, logged at most once per
         interval per LU and kind."""
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE and task.cdb[0] == _PERSISTENT_RESERVE_OUT:
+            # The state store cannot record the change (SPC-4 6.16: insufficient resources).
+            _io_log.log(log, logging.WARNING, (self.name, "pr-space"),
+                        "LU %s: persistent reservation state cannot be saved (%s)", self.name, exc.strerror)
+            return S.CheckCondition(S.ILLEGAL_REQUEST, S.INSUFFICIENT_REGISTRATION_RESOURCES)
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             _io_log.log(log, logging.WARNING, (self.name, "space"),
                         "LU %s: the storage under it is full (%s): writes fail with SPACE ALLOCATION FAILED",

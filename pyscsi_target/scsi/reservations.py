@@ -43,6 +43,10 @@ class Reservation:
     type: int
 
 
+# registrations, reservation, generation, APTPL: what a failed save rolls back to
+_Snapshot = tuple[dict[ITKey, int], Reservation | None, int, bool]
+
+
 class PersistentReservations:
     def __init__(self, lu: LogicalUnit) -> None:
         self.lu = lu
@@ -51,6 +55,8 @@ class PersistentReservations:
         self.generation = 0
         self.aptpl = False
         self._load()
+        self._durable = self._snapshot()  # the state as last saved (or loaded)
+        self._commits = 0  # changes handed to commit(), to tell the newest
 
     # --- persistence -----------------------------------------------------------------
 
@@ -93,9 +99,33 @@ class PersistentReservations:
         }
         return json.dumps(doc).encode()
 
+    def _snapshot(self) -> _Snapshot:
+        r = self.reservation
+        return dict(self.regs), (Reservation(r.holder, r.type) if r else None), self.generation, self.aptpl
+
+    def _restore(self, snap: _Snapshot) -> None:
+        regs, r, self.generation, self.aptpl = snap
+        self.regs = dict(regs)
+        self.reservation = Reservation(r.holder, r.type) if r else None
+
     def commit(self, task: ScsiTask) -> None:
-        """Complete the PR OUT ``task`` GOOD once the state it left is durable."""
-        self.lu.persist(self.key, self.record(), task)
+        """Complete the PR OUT ``task`` GOOD once the state it left is durable.  If it cannot
+        be saved (a full state disk), the task fails and the state goes back to what is saved,
+        unless a later PR OUT, which built on this one, is still to commit and settles it.
+        (Unit attentions and aborts the change caused are not taken back.)"""
+        self._commits += 1
+        mine = self._commits
+        state = self._snapshot()
+
+        def saved() -> None:
+            self._durable = state
+            self.lu.done(task)
+
+        def not_saved() -> None:
+            if self._commits == mine:
+                self._restore(self._durable)
+
+        self.lu.persist(self.key, self.record(), task, then=saved, undo=not_saved)
 
     def change(self, task: ScsiTask, apply: Callable[[], None]) -> None:
         """Run a PR OUT's ``apply``, which changes the state and completes ``task`` (through
