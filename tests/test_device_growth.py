@@ -9,12 +9,9 @@ import asyncio
 import os
 import signal
 import struct
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from support.loop_device import grow, loop_device
 from test_scsi_support import Harness
 
 from pyscsi_target.config.model import Extent
@@ -24,30 +21,9 @@ MIB = 1 << 20
 READ_CAPACITY10 = bytes((0x25,)) + bytes(9)
 
 
-@contextmanager
-def loop_device(tmp_path: Path, size: int) -> Iterator[tuple[str, Path]]:
-    if not os.path.exists("/dev/loop-control") or os.geteuid() != 0:
-        pytest.skip("needs loop devices (root)")
-    backing = tmp_path / "disk.img"
-    backing.write_bytes(b"")
-    os.truncate(backing, size)
-    out = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"no loop device: {out.stderr.strip()}")
-    dev = out.stdout.strip()
-    try:
-        yield dev, backing
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
-
-
-def grow(dev: str, backing: Path, size: int) -> None:
-    os.truncate(backing, size)
-    subprocess.run(["losetup", "-c", dev], check=True)  # the loop device takes the file's new size
-
-
 def test_read_capacity_sees_a_grown_device(tmp_path: Path) -> None:
-    with loop_device(tmp_path, 16 * MIB) as (dev, backing):
+    backing = tmp_path / "disk.img"
+    with loop_device(backing, 16 * MIB) as dev:
 
         async def body() -> None:
             h = Harness(tmp_path, extent=Extent(id=7, name="zvol", type="Disk", path=dev))
@@ -91,7 +67,8 @@ def test_sighup_rescans_device_sizes(tmp_path: Path) -> None:
     from support.daemon import Daemon, wait_for
     from support.rawclient import login_session
 
-    with loop_device(tmp_path, 16 * MIB) as (dev, backing), Daemon(tmp_path / "state", demo=False) as d:
+    backing = tmp_path / "disk.img"
+    with loop_device(backing, 16 * MIB) as dev, Daemon(tmp_path / "state", demo=False) as d:
         assert d.proc is not None
         target = d.rest("POST", "target/", {"iscsi_target_name": "grow"})
         d.rest("POST", "targetgroup/", {"iscsi_target": target["id"], "iscsi_target_portalgroup": 1})

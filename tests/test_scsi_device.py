@@ -646,19 +646,11 @@ def test_write_same_length_limit(tmp_path: Path) -> None:
 def test_disk_extent_provisioning_on_loop_device(tmp_path: Path) -> None:
     """Disk extent (loop device over a sparse file): UNMAP and SANITIZE BLOCK ERASE use the
     device's own deallocation and GET LBA STATUS reports what was deallocated (inbox 12:40)."""
-    import subprocess
+    from support.loop_device import loop_device
 
     from pyscsi_target.config.model import Extent
 
-    if not os.path.exists("/dev/loop-control") or os.geteuid() != 0:
-        pytest.skip("needs loop devices (root)")
     backing = tmp_path / "disk.img"
-    backing.write_bytes(b"")
-    os.truncate(backing, 16 << 20)
-    out = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"no loop device: {out.stderr.strip()}")
-    dev = out.stdout.strip()
 
     async def body(h: Harness) -> None:
         n = h.lu.num_blocks
@@ -683,11 +675,9 @@ def test_disk_extent_provisioning_on_loop_device(tmp_path: Path) -> None:
         assert (await h.cmd(rw10(0x28, 100, 1))).data == bytes(512)
         assert os.stat(backing).st_blocks == 0  # the erase really freed the backing space
 
-    try:
+    with loop_device(backing, 16 << 20) as dev:
         ext = Extent(id=4242, name="loopdisk", type="Disk", path=dev, pblocksize=True, avail_threshold=1)
         asyncio.run(_with_harness(tmp_path, body, extent=ext))
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_capacity_change_ua(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from types import TracebackType
 
 import pytest
 
+from support.loop_device import grow
+
 ZVOL_DIR = Path("/dev/zvol")
 
 
@@ -72,8 +74,7 @@ class FakePool:
         """Grow the zvol, as ``zfs set volsize=`` does (the loop device re-reads its file)."""
         loop = self._loops[dataset]
         backing = subprocess.run(["losetup", "-n", "-O", "BACK-FILE", loop], capture_output=True, text=True)
-        os.truncate(backing.stdout.strip(), size)
-        subprocess.run(["losetup", "-c", loop], check=True)
+        grow(loop, Path(backing.stdout.strip()), size)
 
     def close(self) -> None:
         shutil.rmtree(MNT / self.pool, ignore_errors=True)
