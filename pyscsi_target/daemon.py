@@ -77,17 +77,16 @@ async def _refresh_status(notifier: Notifier, engine: Engine, service: ConfigSer
             last = text
 
 
-def _rescan_sizes(engine: Engine, why: str) -> None:
+def _reload(engine: Engine) -> None:
     changed = engine.logical_units.rescan_sizes()
-    if why == "SIGHUP":
-        log.info("SIGHUP: device sizes re-read, %d LU(s) changed%s", len(changed),
-                 f" ({', '.join(changed)})" if changed else "")
+    log.info("SIGHUP: device sizes re-read, %d LU(s) changed%s", len(changed),
+             f" ({', '.join(changed)})" if changed else "")
 
 
 async def _watch_sizes(engine: Engine) -> None:
     while True:
         await asyncio.sleep(SIZE_RESCAN_INTERVAL)
-        _rescan_sizes(engine, "periodic")
+        engine.logical_units.rescan_sizes()  # each LU that changed logs it
 
 
 async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
@@ -109,7 +108,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     # SIGHUP (systemctl reload): re-read device sizes now, as FreeNAS's `ctld reload` after a
     # zvol grew (democratic-csi's volume expansion).
-    loop.add_signal_handler(signal.SIGHUP, _rescan_sizes, engine, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, _reload, engine)
 
     isns = IsnsClient()
     entity_id = default_entity_id(opts.state_dir)

@@ -48,10 +48,10 @@ _io_log = LogLimit()
 # Out of space on the storage under a LU: SBC-3 4.7.3.6 (thin provisioning), as LIO maps
 # ENOSPC; a quota exceeded is the same condition seen from the storage.
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_PERSISTENT_RESERVE_OUT = 0x5F
 # Commands whose backstore failure is a failed read: READ(6/10/12/16), VERIFY(10/12/16) and
 # PRE-FETCH(10/16) report UNRECOVERED READ ERROR (03/11/00), as LIO and a disk do; the rest
 # (writes, WRITE SAME, UNMAP, SYNCHRONIZE CACHE...) report WRITE ERROR (03/0C/00).
-_PERSISTENT_RESERVE_OUT = 0x5F
 _READ_OPCODES = frozenset((0x08, 0x28, 0xA8, 0x88, 0x2F, 0xAF, 0x8F, 0x34, 0x90))
 # PYSCSI_TRACE_SCSI=1 logs every completed command's status and sense (debugging aid).
 _TRACE = bool(os.environ.get("PYSCSI_TRACE_SCSI"))
